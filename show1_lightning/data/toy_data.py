@@ -1,0 +1,367 @@
+"""The bundled toy dataset (coloured shapes moving over grey-ish textures) and its prompt-adherence score.
+
+Each clip shows one saturated shape (circle, square or triangle, in a ``TOY_COLORS`` colour) moving
+left, right, up or down over a low-saturation textured background (smooth noise, gradient or
+stripes), captioned e.g. ``"a red circle moving left"``. Clips are 128x80 (W x H), 32 frames at
+16 fps, written as mp4 through :class:`~show1_lightning.data.shards.VideoShardWriter`.
+
+Because the background is never saturated, the colour a generated video shows can be read back
+from its saturated pixels: :func:`color_adherence` is the fraction of videos whose dominant colour
+is the colour their prompt names.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import fcntl
+import multiprocessing
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+
+from show1_lightning.data.shards import VideoShardWriter
+from show1_lightning.data.video_io import encode_mp4
+
+__all__ = [
+    "TOY_COLORS",
+    "TOY_SHAPES",
+    "TOY_MOTIONS",
+    "TOY_WIDTH",
+    "TOY_HEIGHT",
+    "TOY_FRAMES",
+    "TOY_FPS",
+    "GENERATOR_VERSION",
+    "make_toy_clip",
+    "toy_caption",
+    "ensure_toy_dataset",
+    "parse_toy_prompt",
+    "dominant_color",
+    "color_adherence",
+]
+
+# Bump when the clips change: ensure_toy_dataset regenerates caches made by another version.
+GENERATOR_VERSION = 1
+
+# Six saturated colours with hues at least ~45 degrees apart (red 0, yellow ~50, green ~128,
+# cyan ~183, blue ~228, magenta ~304).
+TOY_COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "yellow": (230, 200, 30),
+    "green": (40, 190, 60),
+    "cyan": (30, 190, 200),
+    "blue": (50, 80, 230),
+    "magenta": (210, 50, 200),
+}
+TOY_SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+TOY_MOTIONS: tuple[str, ...] = ("left", "right", "up", "down")
+TOY_WIDTH, TOY_HEIGHT, TOY_FRAMES, TOY_FPS = 128, 80, 32, 16
+
+_MOTION_DIR = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+_PROMPT_RE = re.compile(
+    r"\b(?P<color>" + "|".join(TOY_COLORS) + r")\s+(?P<shape>" + "|".join(TOY_SHAPES) + r")\s+moving\s+(?P<motion>"
+    + "|".join(TOY_MOTIONS) + r")\b",
+    re.IGNORECASE,
+)
+
+# Pixel classification for the adherence score (HSV on [0, 1] RGB).
+_SAT_MIN = 0.45  # background tints stay below ~0.2, shapes are above 0.8
+_VAL_MIN = 0.25
+_MIN_SATURATED_FRACTION = 0.002  # below this many saturated pixels: no dominant colour
+
+
+def toy_caption(color: str, shape: str, motion: str) -> str:
+    """The caption of a toy clip, e.g. ``"a red circle moving left"``."""
+    return f"a {color} {shape} moving {motion}"
+
+
+def parse_toy_prompt(prompt: str) -> dict[str, str | None]:
+    """``{"color", "shape", "motion"}`` named in a toy prompt (None for each part not found)."""
+    m = _PROMPT_RE.search(prompt)
+    if m:
+        return {k: m.group(k).lower() for k in ("color", "shape", "motion")}
+    words = re.findall(r"[a-z]+", prompt.lower())
+    return {
+        "color": next((w for w in words if w in TOY_COLORS), None),
+        "shape": next((w for w in words if w in TOY_SHAPES), None),
+        "motion": next((w for w in words if w in TOY_MOTIONS), None),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Generation
+# ------------------------------------------------------------------------------------------------
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A low-saturation textured background, float ``H x W x 3`` in [0, 255]."""
+    kind = rng.integers(3)
+    base = rng.uniform(90, 170)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    if kind == 0:  # smooth noise: a coarse random grid, bilinearly upsampled
+        gh, gw = int(rng.integers(3, 7)), int(rng.integers(4, 10))
+        grid = rng.normal(0, 18, (gh, gw)).astype(np.float32)
+        gy, gx = yy / (h - 1) * (gh - 1), xx / (w - 1) * (gw - 1)
+        y0, x0 = np.floor(gy).astype(int).clip(0, gh - 2), np.floor(gx).astype(int).clip(0, gw - 2)
+        fy, fx = gy - y0, gx - x0
+        lum = (
+            grid[y0, x0] * (1 - fy) * (1 - fx) + grid[y0 + 1, x0] * fy * (1 - fx)
+            + grid[y0, x0 + 1] * (1 - fy) * fx + grid[y0 + 1, x0 + 1] * fy * fx
+        )
+    elif kind == 1:  # linear gradient in a random direction
+        ang = rng.uniform(0, 2 * np.pi)
+        proj = (xx - w / 2) * np.cos(ang) + (yy - h / 2) * np.sin(ang)
+        lum = proj / (0.5 * np.hypot(h, w)) * rng.uniform(20, 45)
+    else:  # soft stripes
+        ang = rng.uniform(0, np.pi)
+        period = rng.uniform(8, 24)
+        proj = xx * np.cos(ang) + yy * np.sin(ang)
+        lum = np.sin(2 * np.pi * proj / period) * rng.uniform(10, 25)
+    tint = rng.uniform(-10, 10, 3)  # a slight colour cast keeps saturation low (< ~0.2)
+    return np.clip(base + lum[..., None] + tint, 0, 255)
+
+
+def _shape_mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
+    """Soft (1-pixel antialiased) coverage mask in [0, 1] of a shape centred at (cy, cx)."""
+    dy, dx = yy - cy, xx - cx
+    if shape == "circle":
+        sd = np.hypot(dx, dy) - r
+    elif shape == "square":
+        sd = np.maximum(np.abs(dx), np.abs(dy)) - 0.85 * r
+    elif shape == "triangle":  # upward isosceles: apex at cy - r, base at cy + 0.8 r, half-width r
+        slope = 1.8  # height / half-width
+        sd = np.maximum(dy - 0.8 * r, (np.abs(dx) - (dy + r) / slope) * slope / np.hypot(slope, 1.0))
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {TOY_SHAPES}")
+    return np.clip(0.5 - sd, 0.0, 1.0)
+
+
+def make_toy_clip(
+    color: str,
+    shape: str,
+    motion: str,
+    seed: int | tuple[int, ...] = 0,
+    num_frames: int = TOY_FRAMES,
+    height: int = TOY_HEIGHT,
+    width: int = TOY_WIDTH,
+) -> np.ndarray:
+    """Render one toy clip as uint8 ``T x H x W x 3`` frames (deterministic given the arguments)."""
+    if color not in TOY_COLORS:
+        raise ValueError(f"unknown colour {color!r}; expected one of {list(TOY_COLORS)}")
+    if motion not in _MOTION_DIR:
+        raise ValueError(f"unknown motion {motion!r}; expected one of {TOY_MOTIONS}")
+    rng = np.random.default_rng(seed)
+    bg = _background(rng, height, width)
+    r = rng.uniform(8, 13)
+    ddx, ddy = _MOTION_DIR[motion]
+    extent = width if ddx else height
+    dist = rng.uniform(0.35, 0.55) * (extent - 2 * r - 4)  # travel along the motion axis
+    margin = r + 2
+    # Start so that start + travel stays inside the frame.
+    if ddx:
+        x0 = rng.uniform(margin + dist, width - margin) if ddx < 0 else rng.uniform(margin, width - margin - dist)
+        y0 = rng.uniform(margin, height - margin)
+    else:
+        y0 = rng.uniform(margin + dist, height - margin) if ddy < 0 else rng.uniform(margin, height - margin - dist)
+        x0 = rng.uniform(margin, width - margin)
+    rgb = np.asarray(TOY_COLORS[color], np.float32) * rng.uniform(0.85, 1.0)
+    frames = np.empty((num_frames, height, width, 3), np.uint8)
+    jitter = rng.normal(0, 2.0, num_frames).astype(np.float32)  # slight global flicker
+    pad = int(np.ceil(r)) + 2
+    for t in range(num_frames):
+        a = t / max(1, num_frames - 1)
+        cx, cy = x0 + ddx * dist * a, y0 + ddy * dist * a
+        frame = bg + jitter[t]
+        # Only the shape's bounding box needs the mask (the shape always stays inside the frame).
+        ya, yb = max(0, int(cy) - pad), min(height, int(cy) + pad + 1)
+        xa, xb = max(0, int(cx) - pad), min(width, int(cx) + pad + 1)
+        yy, xx = np.mgrid[ya:yb, xa:xb].astype(np.float32)
+        m = _shape_mask(shape, yy, xx, cy, cx, r)[..., None]
+        frame[ya:yb, xa:xb] = frame[ya:yb, xa:xb] * (1 - m) + (rgb + jitter[t]) * m
+        frames[t] = np.clip(frame, 0, 255).round().astype(np.uint8)
+    return frames
+
+
+def _clip_spec(index: int) -> tuple[str, str, str]:
+    """(colour, shape, motion) of clip ``index``: cycles through all 72 combinations."""
+    colors = list(TOY_COLORS)
+    return (
+        colors[index % len(colors)],
+        TOY_SHAPES[(index // len(colors)) % len(TOY_SHAPES)],
+        TOY_MOTIONS[(index // (len(colors) * len(TOY_SHAPES))) % len(TOY_MOTIONS)],
+    )
+
+
+def _encode_clips(split_id: int, indices: range) -> list[tuple[bytes, str, dict]]:
+    """Render and encode the clips ``indices`` of a split: (mp4 bytes, caption, json columns)."""
+    out = []
+    for i in indices:
+        color, shape, motion = _clip_spec(i)
+        frames = make_toy_clip(color, shape, motion, seed=(GENERATOR_VERSION, split_id, i))
+        meta = {"url": f"toy://{'train' if split_id == 0 else 'val'}/{i}", "color": color, "shape": shape,
+                "motion": motion, "fps": TOY_FPS, "width": TOY_WIDTH, "height": TOY_HEIGHT}
+        out.append((encode_mp4(frames, fps=TOY_FPS), toy_caption(color, shape, motion), meta))
+    return out
+
+
+def _write_split(out_dir: Path, split_id: int, num_clips: int, samples_per_shard: int, start_shard: int,
+                 pool: "concurrent.futures.Executor | None") -> None:
+    chunks = [range(a, min(a + samples_per_shard, num_clips)) for a in range(0, num_clips, samples_per_shard)]
+    if pool is None:
+        results = (_encode_clips(split_id, c) for c in chunks)
+    else:
+        results = pool.map(_encode_clips, [split_id] * len(chunks), chunks)
+    with VideoShardWriter(out_dir, samples_per_shard=samples_per_shard, start_shard=start_shard) as writer:
+        for clips in results:  # in order, so keys and contents are deterministic
+            for mp4, caption, meta in clips:
+                writer.write(mp4, caption, meta)
+
+
+def _shard_paths(split_dir: Path) -> list[str]:
+    return sorted(str(p) for p in split_dir.glob("[0-9][0-9][0-9][0-9][0-9].tar"))
+
+
+def ensure_toy_dataset(
+    root: Union[str, Path],
+    num_train: int = 512,
+    num_val: int = 64,
+    samples_per_shard: int = 64,
+) -> dict[str, list[str]]:
+    """Generate the toy dataset under ``root`` on first use; return its shard paths.
+
+    Layout: ``<root>/train/{00000..}.tar`` and ``<root>/val/{NNNNN}.tar`` (validation shard numbers
+    continue after the training ones, so every sample key is unique), each with stats files, plus
+    ``<root>/DONE.json`` recording the generator version and sizes. Safe to call from several
+    processes at once (DDP ranks): an exclusive file lock serialises them, the data is built in a
+    temporary folder and moved into place, and the marker is written last.
+
+    Returns:
+        ``{"train": [shard paths], "val": [shard paths]}``.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    params = {"version": GENERATOR_VERSION, "num_train": num_train, "num_val": num_val,
+              "samples_per_shard": samples_per_shard, "width": TOY_WIDTH, "height": TOY_HEIGHT,
+              "frames": TOY_FRAMES, "fps": TOY_FPS}
+    marker = root / "DONE.json"
+
+    def ready() -> bool:
+        try:
+            return json.loads(marker.read_text()) == params
+        except (OSError, ValueError):
+            return False
+
+    if not ready():
+        with open(root / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # other processes wait here, then find the marker
+            try:
+                if not ready():
+                    _build(root, params)
+                    tmp = marker.with_name("DONE.json.tmp")
+                    tmp.write_text(json.dumps(params))
+                    os.replace(tmp, marker)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    out = {"train": _shard_paths(root / "train"), "val": _shard_paths(root / "val")}
+    if not out["train"] or (num_val > 0 and not out["val"]):
+        raise RuntimeError(f"toy dataset under {root} is incomplete; delete {marker} to regenerate")
+    return out
+
+
+def _build(root: Path, params: dict) -> None:
+    t0 = time.time()
+    if (root / "DONE.json").exists():
+        (root / "DONE.json").unlink()  # stale version: invalidate before touching the data
+    build = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
+    try:
+        n_train_shards = -(-params["num_train"] // params["samples_per_shard"])
+        n_proc = min(4, os.cpu_count() or 1, n_train_shards)
+        # Rendering + H.264 encoding is CPU bound: spread shards over a few forked processes.
+        pool = None
+        if n_proc > 1 and "fork" in multiprocessing.get_all_start_methods():
+            pool = concurrent.futures.ProcessPoolExecutor(n_proc, mp_context=multiprocessing.get_context("fork"))
+        try:
+            _write_split(build / "train", 0, params["num_train"], params["samples_per_shard"], 0, pool)
+            if params["num_val"] > 0:
+                _write_split(build / "val", 1, params["num_val"], params["samples_per_shard"], n_train_shards, pool)
+        finally:
+            if pool is not None:
+                pool.shutdown()
+        for split in ("train", "val"):
+            target = root / split
+            if target.exists():
+                shutil.rmtree(target)
+            if (build / split).exists():
+                os.replace(build / split, target)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    (root / "build_seconds.txt").write_text(f"{time.time() - t0:.2f}\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompt adherence
+# ------------------------------------------------------------------------------------------------
+
+def _rgb_to_hsv(rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hue in degrees [0, 360), saturation and value in [0, 1] of ``3 x ...`` RGB in [0, 1]."""
+    r, g, b = rgb[0], rgb[1], rgb[2]
+    mx, _ = rgb.max(dim=0)
+    mn, _ = rgb.min(dim=0)
+    delta = mx - mn
+    sat = torch.where(mx > 0, delta / mx.clamp_min(1e-8), torch.zeros_like(mx))
+    d = delta.clamp_min(1e-8)
+    hue = torch.where(mx == r, ((g - b) / d) % 6, torch.where(mx == g, (b - r) / d + 2, (r - g) / d + 4)) * 60.0
+    return hue % 360.0, sat, mx
+
+
+def _palette_hues() -> tuple[list[str], torch.Tensor]:
+    names = list(TOY_COLORS)
+    rgb = torch.tensor([TOY_COLORS[n] for n in names], dtype=torch.float32).T / 255.0  # 3 x K
+    hue, _, _ = _rgb_to_hsv(rgb)
+    return names, hue
+
+
+def dominant_color(video: torch.Tensor) -> str | None:
+    """The palette colour of the dominant saturated pixels of a ``C x T x H x W`` video in [-1, 1].
+
+    Each saturated, not-too-dark pixel votes for the palette colour nearest in hue; the colour with
+    most votes wins. Returns None when fewer than 0.2% of the pixels are saturated (e.g. pure
+    background).
+    """
+    if video.ndim != 4 or video.shape[0] != 3:
+        raise ValueError(f"expected a 3 x T x H x W video, got shape {tuple(video.shape)}")
+    rgb = ((video.detach().float().cpu().clamp(-1, 1) + 1.0) / 2.0).reshape(3, -1)
+    hue, sat, val = _rgb_to_hsv(rgb)
+    keep = (sat > _SAT_MIN) & (val > _VAL_MIN)
+    if keep.sum().item() < _MIN_SATURATED_FRACTION * rgb.shape[1]:
+        return None
+    names, pal = _palette_hues()
+    diff = (hue[keep][:, None] - pal[None, :]).abs()
+    dist = torch.minimum(diff, 360.0 - diff)  # circular hue distance
+    votes = torch.bincount(dist.argmin(dim=1), minlength=len(names))
+    return names[int(votes.argmax())]
+
+
+def color_adherence(videos: torch.Tensor, prompts: list[str]) -> float:
+    """Fraction of ``B x C x T x H x W`` videos whose dominant colour is the one their prompt names.
+
+    A video with no dominant colour, or a prompt naming no palette colour, counts as a miss.
+    """
+    if videos.ndim != 5:
+        raise ValueError(f"expected B x C x T x H x W videos, got shape {tuple(videos.shape)}")
+    if len(prompts) != videos.shape[0]:
+        raise ValueError(f"{videos.shape[0]} videos but {len(prompts)} prompts")
+    if len(prompts) == 0:
+        raise ValueError("no videos to score")
+    hits = 0
+    for video, prompt in zip(videos, prompts):
+        wanted = parse_toy_prompt(prompt)["color"]
+        hits += int(wanted is not None and dominant_color(video) == wanted)
+    return hits / len(prompts)
