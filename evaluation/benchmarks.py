@@ -422,7 +422,8 @@ class MSRVTTBenchmark(Benchmark):
             for vid in self.video_ids:
                 caps = self.video_captions[vid]
                 chosen = [caps[self.chosen_caption(vid)]] if self.captions == "one" else caps
-                items.extend(PromptItem(len(items) + j, c, vid) for j, c in enumerate(chosen))
+                for c in chosen:
+                    items.append(PromptItem(len(items), c, vid))
             self._prompts = items
         return self._prompts
 
