@@ -47,7 +47,8 @@ def inception_score_from_probs(
         m = chunk.shape[0]
         for s in range(num_splits):
             part = chunk[s * m // num_splits : (s + 1) * m // num_splits] + eps
-            kl = (part * (part.log() - part.mean(0, keepdim=True).log())).sum(1).mean()
+            # xlogy: 0 * log 0 = 0, so eps = 0 is allowed.
+            kl = (torch.special.xlogy(part, part) - torch.special.xlogy(part, part.mean(0, keepdim=True))).sum(1).mean()
             scores.append(kl.exp())
     scores_t = torch.stack(scores)
     return scores_t.mean(), scores_t.std(unbiased=False)
