@@ -312,8 +312,7 @@ def _build(root: Path, params: dict) -> None:
 def _rgb_to_hsv(rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hue in degrees [0, 360), saturation and value in [0, 1] of ``3 x ...`` RGB in [0, 1]."""
     r, g, b = rgb[0], rgb[1], rgb[2]
-    mx, _ = rgb.max(dim=0)
-    mn, _ = rgb.min(dim=0)
+    mx, mn = rgb.amax(dim=0), rgb.amin(dim=0)
     delta = mx - mn
     sat = torch.where(mx > 0, delta / mx.clamp_min(1e-8), torch.zeros_like(mx))
     d = delta.clamp_min(1e-8)
@@ -338,12 +337,13 @@ def dominant_color(video: torch.Tensor) -> str | None:
     if video.ndim != 4 or video.shape[0] != 3:
         raise ValueError(f"expected a 3 x T x H x W video, got shape {tuple(video.shape)}")
     rgb = ((video.detach().float().cpu().clamp(-1, 1) + 1.0) / 2.0).reshape(3, -1)
-    hue, sat, val = _rgb_to_hsv(rgb)
-    keep = (sat > _SAT_MIN) & (val > _VAL_MIN)
+    mx, mn = rgb.amax(dim=0), rgb.amin(dim=0)
+    keep = ((mx - mn) > _SAT_MIN * mx) & (mx > _VAL_MIN)  # HSV saturation and value thresholds
     if keep.sum().item() < _MIN_SATURATED_FRACTION * rgb.shape[1]:
         return None
+    hue, _, _ = _rgb_to_hsv(rgb[:, keep])  # hue only where it matters: much faster on large videos
     names, pal = _palette_hues()
-    diff = (hue[keep][:, None] - pal[None, :]).abs()
+    diff = (hue[:, None] - pal[None, :]).abs()
     dist = torch.minimum(diff, 360.0 - diff)  # circular hue distance
     votes = torch.bincount(dist.argmin(dim=1), minlength=len(names))
     return names[int(votes.argmax())]
