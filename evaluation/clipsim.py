@@ -164,15 +164,22 @@ class CLIPSim(Metric):
             image = torch.cat(img).reshape(b, t, -1)
         return cosine_per_frame(image, text[:, None, :]).mean(1)
 
-    def update(self, videos: torch.Tensor, captions: Sequence[str]) -> None:
-        """Add a batch of videos ``B x 3 x T x H x W`` in [-1, 1] and their ``B`` captions."""
-        self.update_similarities(self.video_similarities(videos, captions))
+    def update(
+        self, videos: Optional[torch.Tensor] = None, captions: Optional[Sequence[str]] = None, *, similarities: Optional[torch.Tensor] = None
+    ) -> None:
+        """Add videos ``B x 3 x T x H x W`` in [-1, 1] with their ``B`` captions, or precomputed
+        per-video ``similarities`` (mean over frames of the raw cosine)."""
+        if similarities is None:
+            if videos is None or captions is None:
+                raise ValueError("CLIPSim.update needs videos and captions (or similarities=)")
+            similarities = self.video_similarities(videos, captions)
+        sims = torch.as_tensor(similarities, dtype=torch.float64, device=self.sim_sum.device).reshape(-1)
+        self.sim_sum += sims.sum()
+        self.n_videos += sims.numel()
 
     def update_similarities(self, sims: torch.Tensor) -> None:
         """Add precomputed per-video similarities (mean over frames of the raw cosine)."""
-        sims = torch.as_tensor(sims, dtype=torch.float64, device=self.sim_sum.device).reshape(-1)
-        self.sim_sum += sims.sum()
-        self.n_videos += sims.numel()
+        self.update(similarities=sims)
 
     def compute(self) -> torch.Tensor:
         """CLIPSIM (float64 scalar) in the configured scale."""
