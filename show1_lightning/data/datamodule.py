@@ -73,15 +73,30 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tupl
 class SkipCounter:
     """Counts skipped samples inside one worker; batches take (and reset) the running count."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_consecutive: int = 1000) -> None:
         self.pending = 0
+        self.consecutive = 0
+        self.max_consecutive = max_consecutive
         self.reasons: Counter[str] = Counter()
 
     def add(self, reason: str, key: str = "?") -> None:
+        """Count one skipped sample; raises after ``max_consecutive`` skips in a row (unusable data)."""
         self.pending += 1
+        self.consecutive += 1
         category = reason.split(":", 1)[0]
         self.reasons[category] += 1
-        log.warning("skipping sample %s: %s", key, reason)
+        total = sum(self.reasons.values())
+        # Warn about the first few per worker only; the counts travel with the batches (n_skipped).
+        log.log(logging.WARNING if total <= 20 else logging.DEBUG, "skipping sample %s: %s", key, reason)
+        if self.consecutive >= self.max_consecutive:
+            raise RuntimeError(
+                f"{self.consecutive} samples in a row could not be used (reasons so far: {dict(self.reasons)}); "
+                f"last: {key}: {reason}. Check the shards and the num_frames/target_fps/min_side settings."
+            )
+
+    def ok(self) -> None:
+        """A sample was used: resets the consecutive-skip run."""
+        self.consecutive = 0
 
     def take(self) -> int:
         n, self.pending = self.pending, 0
@@ -189,6 +204,7 @@ class _ShuffleDecodeBatch:
             except SampleSkipped as exc:
                 self.counter.add(str(exc), sample.get("__key__", "?"))
                 continue
+            self.counter.ok()
             if len(items) == self.batch_size:
                 yield _collate(items, self.counter.take())
                 items = []
@@ -197,11 +213,12 @@ class _ShuffleDecodeBatch:
 class _ValStream(IterableDataset):
     """Deterministic validation batches for one rank, cycled forever (the loader cuts the epoch)."""
 
-    def __init__(self, urls: list[str], maker: _ClipMaker, batch_size: int, rank: int, world_size: int) -> None:
+    def __init__(self, urls: list[str], maker: _ClipMaker, batch_size: int, rank: int, world_size: int,
+                 counter: SkipCounter) -> None:
         super().__init__()
         self.urls, self.maker, self.batch_size = urls, maker, batch_size
         self.rank, self.world_size = rank, world_size
-        self.counter = SkipCounter()
+        self.counter = counter
 
     def _rank_samples(self) -> Iterator[dict[str, Any]]:
         """This rank's samples, cycled; raises when the rank has none at all."""
@@ -232,6 +249,7 @@ class _ValStream(IterableDataset):
                 for s in chunk:
                     try:
                         items.append(self.maker(s, None, 0))
+                        self.counter.ok()
                     except SampleSkipped as exc:
                         self.counter.add(str(exc), s.get("__key__", "?"))
                 if items:
@@ -265,6 +283,8 @@ class VideoDataModule(L.LightningDataModule):
         rank / world_size: override the distributed rank (default: the trainer's, else env
             RANK/WORLD_SIZE, else torch.distributed, else 0/1).
         pin_memory: DataLoader ``pin_memory``.
+        max_consecutive_skips: a worker that skips this many samples in a row raises (the data or
+            the clip settings are unusable) instead of looping forever.
     """
 
     def __init__(
@@ -289,6 +309,7 @@ class VideoDataModule(L.LightningDataModule):
         rank: int | None = None,
         world_size: int | None = None,
         pin_memory: bool = False,
+        max_consecutive_skips: int = 1000,
     ) -> None:
         super().__init__()
         for name, value in (("num_frames", num_frames), ("height", height), ("width", width),
@@ -313,6 +334,7 @@ class VideoDataModule(L.LightningDataModule):
         self.toy_root, self.min_side = toy_root, int(min_side)
         self._rank, self._world_size = rank, world_size
         self.pin_memory = pin_memory
+        self.max_consecutive_skips = int(max_consecutive_skips)
         self._train_urls: list[str] | None = None
         self._val_urls: list[str] | None = None
         self._text_cache = None
@@ -386,7 +408,7 @@ class VideoDataModule(L.LightningDataModule):
         """The per-rank infinite training pipeline (batches of ``batch_size``)."""
         self.setup()
         rank, world_size = self._resolved_rank()
-        counter = SkipCounter()
+        counter = SkipCounter(self.max_consecutive_skips)
         return wds.DataPipeline(
             wds.ResampledShards(self._train_urls, seed=self.seed, worker_seed=_WorkerSeed(rank), deterministic=True),
             wds.tarfile_to_samples(handler=counter.handler),
@@ -399,7 +421,8 @@ class VideoDataModule(L.LightningDataModule):
         if not self._val_urls:
             raise ValueError("no validation shards: set val_shards (or toy_root)")
         rank, world_size = self._resolved_rank()
-        return _ValStream(self._val_urls, self._maker(), self.batch_size, rank, world_size)
+        return _ValStream(self._val_urls, self._maker(), self.batch_size, rank, world_size,
+                          SkipCounter(self.max_consecutive_skips))
 
     def train_dataloader(self) -> wds.WebLoader:
         return self._loader(self.train_dataset(), self.epoch_length)
