@@ -1,0 +1,185 @@
+"""The evaluation runner: sharding, 2-process metric equality, resume, and evaluate.py end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import fixtures_eval as fx
+from evaluation.benchmarks import MSRVTTBenchmark
+from evaluation.clipsim import CLIPSim
+from evaluation.fvd import FVD
+from evaluation.inception_score import InceptionScore
+from evaluation.runner import run_evaluation, sample_seed, shard_indices
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+def test_shard_indices_cover_everything_once():
+    for world in (1, 2, 3, 5):
+        shards = [shard_indices(11, r, world) for r in range(world)]
+        assert sorted(i for s in shards for i in s) == list(range(11))
+    assert shard_indices(5, 1, 2) == [1, 3]
+    assert sample_seed(100, 7) == 107
+    with pytest.raises(ValueError):
+        shard_indices(5, 2, 2)
+
+
+# ---------------------------------------------------------------------------- 2 processes
+
+
+def _metric_inputs():
+    g = torch.Generator().manual_seed(1)
+    videos = torch.rand(7, 3, 16, 24, 32, generator=g) * 2 - 1
+    captions = [f"caption number {i}" for i in range(7)]
+    return videos, captions
+
+
+def _compute_metrics(rank: int, world: int) -> dict[str, float]:
+    videos, captions = _metric_inputs()
+    is_metric = InceptionScore(classifier=fx.TinyClassifier(seed=0), num_splits=2, batch_size=3)
+    clip = CLIPSim(fx.tiny_clip(seed=0), frame_batch_size=8)
+    fvd = FVD(feature_extractor=fx.TinyVideoFeatures(seed=0), feature_batch_size=4)
+    for i in shard_indices(7, rank, world):
+        is_metric.update(videos[i : i + 1], indices=torch.tensor([i]))
+        clip.update(videos[i : i + 1], captions[i : i + 1])
+        fvd.update(videos[i : i + 1], real=False)
+        fvd.update(videos[i : i + 1].flip(-1), real=True)
+    mean, std = is_metric.compute()
+    return {"is_mean": float(mean), "is_std": float(std), "clipsim": float(clip.compute()), "fvd": float(fvd.compute())}
+
+
+def _worker(rank: int, world: int, init_file: str, out: str) -> None:
+    sys.path.insert(0, str(TESTS))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        res = _compute_metrics(rank, world)
+        Path(f"{out}.{rank}").write_text(json.dumps(res))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_equal_one_process(tmp_path):
+    single = _compute_metrics(0, 1)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "res")), nprocs=2, join=True)
+    for rank in range(2):
+        multi = json.loads((tmp_path / f"res.{rank}").read_text())
+        for k, v in single.items():
+            assert multi[k] == pytest.approx(v, abs=1e-9, rel=0), k
+    assert single["is_mean"] > 1.05  # the tiny classifier is not uniform: a real score
+
+
+# ---------------------------------------------------------------------------- runner, resume
+
+
+@pytest.fixture(scope="module")
+def eval_env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalenv")
+    ucf = fx.make_ucf101(root / "ucf", num_frames=20)
+    msr = fx.make_msrvtt(root / "msr", num_frames=20)
+    conf = root / "conf"
+    fx.write_tiny_metrics_conf(conf)
+    (conf / "generator").mkdir(parents=True, exist_ok=True)
+    (conf / "generator" / "pattern.yaml").write_text("_target_: fixtures_eval.PatternGenerator\nnum_frames: 16\n")
+    return {"root": root, "ucf": ucf, "msr": msr, "conf": conf}
+
+
+def _compose(env, out: Path, *extra: str):
+    overrides = [
+        f"hydra.searchpath=[file://{env['conf']}]",
+        "eval_metrics=tiny",
+        "generator=pattern",
+        f"assets.ucf101_root={env['ucf']}",
+        "benchmark.adapter.num_samples=8",
+        "benchmark.adapter.real_clips=5",
+        f"output_dir={out}",
+        f"fvd_cache_dir={env['root'] / 'cache'}",
+        "logger.wandb=false",
+        "batch_size=3",
+        "score_batch_size=3",
+        *extra,
+    ]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="eval", overrides=overrides)
+
+
+def _comparable(report: dict) -> dict:
+    r = {k: v for k, v in report.items() if k != "run"}
+    r["protocol"] = {k: v for k, v in r["protocol"].items() if k != "fvd_real_stats"}
+    return r
+
+
+def test_interrupted_evaluation_resumes_to_the_same_report(eval_env, tmp_path):
+    full = run_evaluation(_compose(eval_env, tmp_path / "full"))
+    assert set(full["metrics"]) == {"is_mean", "is_std", "fvd"}
+    assert full["run"]["generated_this_run"] == 8 and full["protocol"]["num_samples"] == 8
+    assert full["protocol"]["fvd"]["covariance"] == "unbiased" and full["protocol"]["benchmark"]["real"]["real_clips"] == 5
+    assert (tmp_path / "full" / "report.md").read_text().count("| ucf101 |") == 2
+
+    out = tmp_path / "resumed"
+    assert run_evaluation(_compose(eval_env, out, "stop_after=3")) is None  # "killed" after 3 videos
+    assert len(list((out / "videos").glob("*.mp4"))) == 3 and not (out / "report.json").exists()
+    resumed = run_evaluation(_compose(eval_env, out))
+    assert resumed["run"]["generated_this_run"] == 5 and resumed["run"]["found_on_disk"] == 3
+    assert resumed["protocol"]["fvd_real_stats"]["source"] == "cache"
+    assert _comparable(resumed) == _comparable(full)
+
+    for name in ("000001.mp4", "000006.mp4"):  # lost videos are made again, same numbers
+        (out / "videos" / name).unlink()
+    again = run_evaluation(_compose(eval_env, out, "precision=bf16"))
+    assert again["run"]["generated_this_run"] == 2
+    assert again["metrics"] == full["metrics"]
+    assert json.loads((out / "report.json").read_text())["metrics"] == full["metrics"]
+
+
+def test_runner_rejects_unknown_metric(eval_env, tmp_path):
+    with pytest.raises(ValueError, match="unknown metrics"):
+        run_evaluation(_compose(eval_env, tmp_path / "bad", "metrics=[is,psnr]"))
+
+
+# ---------------------------------------------------------------------------- evaluate.py end to end
+
+
+def test_evaluate_py_end_to_end_msrvtt_folder_generator(eval_env, tmp_path):
+    bench = MSRVTTBenchmark(eval_env["msr"], expected_videos=4)
+    prompts = [it.prompt for it in bench.prompts()]
+    folder = fx.make_generated_folder(tmp_path / "generated", prompts, [sample_seed(0, i) for i in range(len(prompts))])
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{TESTS}", WANDB_MODE="offline", WANDB_SILENT="true")
+    cmd = [
+        sys.executable, "evaluate.py",
+        "--config-dir", str(eval_env["conf"]),
+        "benchmark=msrvtt", "eval_metrics=tiny",
+        f"assets.msrvtt_root={eval_env['msr']}", "benchmark.adapter.expected_videos=4",
+        "benchmark.resolution=[64,64]",
+        f"generator.root={folder}", "generator.name=fixture-folder",
+        f"output_dir={out}", "fvd_cache_dir=null", "logger.wandb=true",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["benchmark"]["name"] == "msrvtt" and report["metrics_run"] == ["clipsim", "fvd"]
+    assert -1 <= report["metrics"]["clipsim"] <= 1 and report["metrics"]["fvd"] > 0
+    p = report["protocol"]
+    assert p["num_samples"] == 4 and p["benchmark"]["captions"] == "one" and p["clipsim"]["scale"] == "raw"
+    assert p["generated_clip"]["resolution"] == [64, 64] and p["fvd"]["resize"] == "tf1_bilinear"
+    assert report["generator"]["name"] == "fixture-folder" and report["run"]["world_size"] == 1
+    assert report["paper"]["clipsim"]["Show-1"] == 0.3072
+    md = (out / "report.md").read_text()
+    assert "CLIPSIM" in md and "0.3072" in md and "FVD" in md
+    assert any((out / "wandb").glob("offline-run-*"))
+    # The generated videos were written by index, with the manifest: the folder can be re-scored.
+    assert sorted(x.name for x in (out / "videos").glob("*.mp4")) == [f"{i:06d}.mp4" for i in range(4)]
+    assert (out / "videos" / "manifest.jsonl").read_text().count("\n") == 4
