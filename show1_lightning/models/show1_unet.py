@@ -8,8 +8,8 @@
 - :class:`Show1SR2UNet3DConditionModel`: show-1-sr2, the zeroscope / ModelScope layout (diffusers' stock
   ``UNet3DConditionModel``), with the input temporal transformer ``transformer_in`` optional.
 - :func:`build_show1_unet`: the Hydra factory (released config name or path, optional folder of released weights).
-- Released-pipeline behaviours that change numbers, as explicit options: ``legacy_temporal_reshape`` (config key),
-  :func:`released_train_mode_dropout` (sampling with dropout on), :func:`split_learned_variance`.
+- Released-pipeline behaviours that change numbers, as explicit helpers: :func:`released_train_mode_dropout`
+  (sampling with dropout on) and :func:`split_learned_variance` (6 output channels = eps + learned variance).
 
 All models take and return videos as ``(batch, channels, frames, height, width)``.
 """
@@ -30,16 +30,15 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.activations import get_activation
 from diffusers.models.embeddings import TextTimeEmbedding, TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
 from diffusers.models.unets.unet_3d_condition import UNet3DConditionOutput
 from diffusers.utils import logging
 
 from show1_lightning.models.show1_unet_blocks import (
     BlockConfig,
-    Show1TransformerTemporalModel,
     UNetMidBlock3DSimpleCrossAttn,
     get_down_block,
     get_up_block,
-    set_legacy_temporal_reshape,
 )
 
 logger = logging.get_logger(__name__)
@@ -83,10 +82,8 @@ def _mask_to_bias(mask: torch.Tensor | None, batch: int, num_frames: int, dtype:
 class Show1UNet3DConditionModel(ModelMixin, ConfigMixin):
     """Show-1 pixel UNet (show-1-base / -interpolation / -sr1): DeepFloyd IF's UNet inflated to video.
 
-    Config keys are those of the released ``unet/config.json``; two keys are ours and default to the current
-    diffusers behaviour: ``legacy_temporal_reshape`` (``True`` reproduces the released diffusers 0.19.3 temporal
-    transformer) and ``temporal_conv_dropout`` (0.1 as released). Unsupported released options (e.g. Fourier
-    time embeddings, image projections) raise ``ValueError``.
+    Config keys are those of the released ``unet/config.json``; one key is ours: ``temporal_conv_dropout`` (0.1, as
+    released). Unsupported options (e.g. Fourier time embeddings, image projections) raise ``ValueError``.
     """
 
     _supports_gradient_checkpointing = True
@@ -150,7 +147,6 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin):
         cross_attention_norm: str | None = "group_norm",
         addition_embed_type_num_heads: int = 64,
         transfromer_in_opt: bool = False,  # sic: the released key name
-        legacy_temporal_reshape: bool = False,
         temporal_conv_dropout: float = 0.1,
     ) -> None:
         super().__init__()
@@ -185,7 +181,7 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin):
         # Optional temporal transformer right after conv_in (released: 8 heads x 64, one layer).
         self.transformer_in = None
         if transfromer_in_opt:
-            self.transformer_in = Show1TransformerTemporalModel(
+            self.transformer_in = TransformerTemporalModel(
                 num_attention_heads=8, attention_head_dim=64, in_channels=block_out_channels[0], num_layers=1
             )
 
@@ -252,7 +248,6 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin):
                 only_cross_attention=only_cross_flag,
                 cross_attention_norm=cross_attention_norm,
                 temporal_conv_dropout=temporal_conv_dropout,
-                legacy_temporal_reshape=legacy_temporal_reshape,
             )
 
         # down
@@ -297,12 +292,6 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin):
         self.conv_out = nn.Conv2d(
             block_out_channels[0], out_channels, kernel_size=conv_out_kernel, padding=(conv_out_kernel - 1) // 2
         )
-
-    # ------------------------------------------------------------------ options
-    def set_legacy_temporal_reshape(self, enabled: bool) -> None:
-        """Switch all temporal transformers to (``True``) or from the released diffusers 0.19.3 output reshape."""
-        set_legacy_temporal_reshape(self, enabled)
-        self.register_to_config(legacy_temporal_reshape=bool(enabled))
 
     @classmethod
     def from_config_file(cls, config: str | os.PathLike | dict, **overrides: Any) -> "Show1UNet3DConditionModel":
@@ -436,7 +425,6 @@ class Show1SR2UNet3DConditionModel(UNet3DConditionModel):
     - ``use_transformer_in`` (default ``True``, as stock and zeroscope): set ``False`` for checkpoints without
       the input temporal transformer. The official Show-1 class's key ``transfromer_in_opt`` is honoured when
       present in a config (it overrides ``use_transformer_in``).
-    - ``legacy_temporal_reshape``: the released diffusers 0.19.3 temporal-transformer output reshape.
     - ``forward`` also accepts ``encoder_attention_mask`` (ignored, with a one-time warning: the ModelScope lineage
       never masks its CLIP text tokens, and the stock blocks have no cross-attention mask input) and
       ``class_labels`` (must be ``None``).
@@ -468,7 +456,6 @@ class Show1SR2UNet3DConditionModel(UNet3DConditionModel):
         time_cond_proj_dim: int | None = None,
         use_transformer_in: bool = True,
         transfromer_in_opt: bool | None = None,  # sic: the official Show-1 key
-        legacy_temporal_reshape: bool = False,
     ) -> None:
         super().__init__(
             sample_size=sample_size,
@@ -492,13 +479,7 @@ class Show1SR2UNet3DConditionModel(UNet3DConditionModel):
             use_transformer_in = bool(transfromer_in_opt)
         if not use_transformer_in:
             self.transformer_in = _PassThroughTemporal()
-        set_legacy_temporal_reshape(self, legacy_temporal_reshape)
         self._warned_mask = False
-
-    def set_legacy_temporal_reshape(self, enabled: bool) -> None:
-        """Switch all temporal transformers to (``True``) or from the released diffusers 0.19.3 output reshape."""
-        set_legacy_temporal_reshape(self, enabled)
-        self.register_to_config(legacy_temporal_reshape=bool(enabled))
 
     @classmethod
     def from_config_file(cls, config: str | os.PathLike | dict, **overrides: Any) -> "Show1SR2UNet3DConditionModel":
@@ -575,7 +556,6 @@ def _model_class_for(config: dict) -> type[ModelMixin]:
 def build_show1_unet(
     config: str | os.PathLike | dict,
     pretrained_path: str | os.PathLike | None = None,
-    legacy_temporal_reshape: bool | None = None,
     gradient_checkpointing: bool = False,
     torch_dtype: torch.dtype | None = None,
     **overrides: Any,
@@ -589,7 +569,6 @@ def build_show1_unet(
         pretrained_path: optional folder of released weights: a model repo (``<folder>/unet/config.json``) or the
             UNet folder itself. When given, its own ``config.json`` defines the architecture and ``config`` only
             picks the class; loading fails on any missing or unexpected key.
-        legacy_temporal_reshape: ``True``/``False`` sets the option explicitly; ``None`` keeps the config's value.
         gradient_checkpointing: enable activation checkpointing.
         torch_dtype: optional dtype for loaded weights.
         overrides: config keys to override when building from ``config`` (ignored keys raise).
@@ -618,8 +597,6 @@ def build_show1_unet(
         model = cls.from_config({**cfg, **overrides})
         if torch_dtype is not None:
             model = model.to(torch_dtype)
-    if legacy_temporal_reshape is not None:
-        model.set_legacy_temporal_reshape(legacy_temporal_reshape)
     if gradient_checkpointing:
         model.enable_gradient_checkpointing()
     return model

@@ -23,15 +23,11 @@ from torch import nn
 
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D, TemporalConvLayer
-from diffusers.models.transformers.transformer_temporal import (
-    TransformerTemporalModel,
-    TransformerTemporalModelOutput,
-)
+from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
 
 __all__ = [
     "AddedKVAttnProcessor",
     "BlockConfig",
-    "Show1TransformerTemporalModel",
     "ResnetDownsampleBlock3D",
     "SimpleCrossAttnDownBlock3D",
     "UNetMidBlock3DSimpleCrossAttn",
@@ -41,80 +37,7 @@ __all__ = [
     "UP_BLOCK_TYPES",
     "get_down_block",
     "get_up_block",
-    "set_legacy_temporal_reshape",
 ]
-
-
-class Show1TransformerTemporalModel(TransformerTemporalModel):
-    """diffusers' ``TransformerTemporalModel`` with the diffusers 0.19.3 output reshape available as an option.
-
-    The released Show-1 code ran on diffusers 0.19.3, whose temporal transformer un-flattened its output
-    ``(batch*height*width, frames, channels)`` as if it were ``(..., channels, frames)``: frames and channels are
-    scrambled before the residual add (fixed upstream later). The released weights were produced with that
-    behaviour, so reproducing released numbers needs ``legacy_reshape = True``; the default (``False``) is the
-    corrected maths of current diffusers. Same parameters and names as the parent class.
-    """
-
-    #: Use the diffusers 0.19.3 (frames/channels swapped) output reshape.
-    legacy_reshape: bool = False
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        timestep: torch.LongTensor | None = None,
-        class_labels: torch.LongTensor | None = None,
-        num_frames: int = 1,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        return_dict: bool = True,
-    ) -> TransformerTemporalModelOutput | tuple[torch.Tensor]:
-        """Attend over frames at every spatial position; input/output ``(batch*frames, C, H, W)``."""
-        batch_frames, channel, height, width = hidden_states.shape
-        if batch_frames % num_frames != 0:
-            raise ValueError(f"batch*frames={batch_frames} is not a multiple of num_frames={num_frames}")
-        batch_size = batch_frames // num_frames
-        residual = hidden_states
-
-        x = hidden_states.reshape(batch_size, num_frames, channel, height, width).permute(0, 2, 1, 3, 4)
-        x = self.norm(x)
-        x = x.permute(0, 3, 4, 2, 1).reshape(batch_size * height * width, num_frames, channel)
-        x = self.proj_in(x)
-        for block in self.transformer_blocks:
-            x = block(
-                x,
-                encoder_hidden_states=encoder_hidden_states,
-                timestep=timestep,
-                cross_attention_kwargs=cross_attention_kwargs,
-                class_labels=class_labels,
-            )
-        x = self.proj_out(x)
-        if self.legacy_reshape:
-            # diffusers 0.19.3: the (frames, channels) trailing axes are read as (channels, frames).
-            x = x.reshape(batch_size, height, width, channel, num_frames)
-        else:
-            x = x.reshape(batch_size, height, width, num_frames, channel)
-        x = x.permute(0, 3, 4, 1, 2).contiguous().reshape(batch_frames, channel, height, width)
-        output = x + residual
-        if not return_dict:
-            return (output,)
-        return TransformerTemporalModelOutput(sample=output)
-
-
-def set_legacy_temporal_reshape(module: nn.Module, enabled: bool) -> int:
-    """Switch every temporal transformer inside ``module`` to (or from) the diffusers 0.19.3 output reshape.
-
-    Plain diffusers ``TransformerTemporalModel`` instances (e.g. inside diffusers' stock ``UNet3DConditionModel``)
-    are re-typed to :class:`Show1TransformerTemporalModel`, which has the same parameters and only adds the
-    option. Returns the number of temporal transformers touched.
-    """
-    count = 0
-    for sub in module.modules():
-        if isinstance(sub, TransformerTemporalModel):
-            if not isinstance(sub, Show1TransformerTemporalModel):
-                sub.__class__ = Show1TransformerTemporalModel
-            sub.legacy_reshape = bool(enabled)
-            count += 1
-    return count
 
 
 class AddedKVAttnProcessor:
@@ -210,9 +133,11 @@ def _added_kv_attention(channels: int, cfg: "BlockConfig") -> Attention:
     )
 
 
-def _temporal_attention(channels: int, cfg: "BlockConfig") -> Show1TransformerTemporalModel:
+def _temporal_attention(channels: int, cfg: "BlockConfig") -> TransformerTemporalModel:
     # As released: heads = attention_head_dim and head width = channels // attention_head_dim (inner dim = channels).
-    module = Show1TransformerTemporalModel(
+    # The released code ran diffusers 0.19.3, whose output un-flattening `reshape(b, h, w, channel, frames)` looks
+    # like a frames/channels swap but is numerically identical to today's (tests/test_show1_unet.py proves it).
+    return TransformerTemporalModel(
         num_attention_heads=cfg.attention_head_dim,
         attention_head_dim=channels // cfg.attention_head_dim,
         in_channels=channels,
@@ -220,8 +145,6 @@ def _temporal_attention(channels: int, cfg: "BlockConfig") -> Show1TransformerTe
         cross_attention_dim=cfg.cross_attention_dim,
         norm_num_groups=cfg.resnet_groups,
     )
-    module.legacy_reshape = cfg.legacy_temporal_reshape
-    return module
 
 
 class BlockConfig:
@@ -242,7 +165,6 @@ class BlockConfig:
         only_cross_attention: bool = False,
         cross_attention_norm: str | None = None,
         temporal_conv_dropout: float = 0.1,
-        legacy_temporal_reshape: bool = False,
     ) -> None:
         self.temb_channels = temb_channels
         self.resnet_eps = resnet_eps
@@ -257,7 +179,6 @@ class BlockConfig:
         self.only_cross_attention = only_cross_attention
         self.cross_attention_norm = cross_attention_norm
         self.temporal_conv_dropout = temporal_conv_dropout
-        self.legacy_temporal_reshape = legacy_temporal_reshape
 
     def replace(self, **changes: Any) -> "BlockConfig":
         """Copy with some fields changed (e.g. the mid block's own scale factor)."""
