@@ -96,14 +96,20 @@ def preprocess_for_fvd(videos: Tensor, clip_length: int = 16, resize: str = "tf1
 
 @contextlib.contextmanager
 def exact_float32() -> Iterator[None]:
-    """Disable TF32 (cuBLAS and cuDNN) inside the block; restore the previous settings after."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    """Full float32 inside the block: TF32 off for cuBLAS and cuDNN, matmul precision "highest".
+
+    The previous settings are restored after the block.
+    """
+    saved = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.allow_tf32)
+    torch.set_float32_matmul_precision("highest")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[1:]
 
 
 def protocol_hash(protocol: Mapping[str, Any]) -> str:
@@ -183,8 +189,9 @@ class FVD(Metric):
     def features(self, videos: Tensor) -> Tensor:
         """float64 ``(B, D)`` features of float ``(B, C, T, H, W)`` videos in [-1, 1] (float32 network)."""
         net = self.feature_extractor
-        param = next(iter(net.parameters()), None)
-        device = param.device if param is not None else videos.device
+        device = self.device  # the network follows the metric (e.g. after Lightning moves it)
+        if any(t.device != device for t in (*net.parameters(), *net.buffers())):
+            net.to(device)
         out = []
         with exact_float32(), torch.autocast(device_type=device.type, enabled=False):
             for chunk in videos.split(self.feature_batch_size):

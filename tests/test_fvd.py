@@ -28,10 +28,12 @@ class LookupFeatures(nn.Module):
         super().__init__()
         self.register_buffer("table", table.double())
         self.calls_dtypes: list[torch.dtype] = []
+        self.calls_tf32: list[bool] = []
 
     def forward(self, clip: torch.Tensor) -> torch.Tensor:
         assert clip.shape[1:] == (3, clip.shape[2], 224, 224)
         self.calls_dtypes.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else clip.dtype)
+        self.calls_tf32.append(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
         levels = ((clip[:, :2, 0, 0, 0] + 1) * 127.5).round().long()
         return self.table[levels[:, 0] + 256 * levels[:, 1]]
 
@@ -185,6 +187,7 @@ def test_fvd_of_set_with_itself_is_zero_and_float32() -> None:
         fvd.update(videos, real=True)
         fvd.update(videos, real=False)
     assert set(net.calls_dtypes) == {torch.float32} and len(net.calls_dtypes) == 2 * 7
+    assert not any(net.calls_tf32) and torch.backends.cudnn.allow_tf32  # off inside, restored after
     assert fvd.real_count == 20 and fvd.real_sum.dtype == torch.float64
     assert abs(float(fvd.compute())) < 1e-9
     assert fvd.compute().dtype == torch.float64
