@@ -532,3 +532,26 @@ def test_hydra_model_nodes_instantiate(node, name):
     # pretrained_path is honoured through the node (architecture then comes from the folder)
     with pytest.raises(InstantiationException, match="holds neither unet/config.json"):
         instantiate(cfg, pretrained_path="/nonexistent/show-1-weights")
+
+
+# ----------------------------------------------------------------------------- full size, real memory (slow)
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, shape, text_dim",
+    [("show-1-base", (1, 3, 2, 40, 64), 4096), ("show-1-sr1", (1, 6, 2, 32, 32), 4096),
+     ("show-1-sr2", (1, 4, 2, 40, 72), 1024)],
+)
+def test_full_size_forward_bf16(name, shape, text_dim):
+    """Full-size models run a forward pass (bf16 on CPU, random weights; ~1-2 min and ~6 GB each)."""
+    with torch.device("meta"):
+        model = build_show1_unet(name)
+    model = model.to_empty(device="cpu").to(torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        kw = {"class_labels": torch.tensor([250])} if name == "show-1-sr1" else {}
+        out = model(torch.randn(shape).bfloat16(), torch.tensor([500]), torch.randn(1, 77, text_dim).bfloat16(),
+                    **kw).sample
+    assert out.shape == (1, model.config.out_channels, *shape[2:])
+    assert torch.isfinite(out).all()
