@@ -171,7 +171,7 @@ is:
 fvd:
   _target_: evaluation.fvd.FVD
   feature_extractor: {_target_: fixtures_eval.TinyVideoFeatures, seed: 0}
-  clip_length: 16
+  clip_length: 8
   resize: tf1_bilinear
   covariance: unbiased
   feature_batch_size: 4
