@@ -193,3 +193,33 @@ def test_evaluate_py_end_to_end_msrvtt_folder_generator(eval_env, tmp_path):
     # The generated videos were written by index, with the manifest: the folder can be re-scored.
     assert sorted(x.name for x in (out / "videos").glob("*.mp4")) == [f"{i:06d}.mp4" for i in range(4)]
     assert (out / "videos" / "manifest.jsonl").read_text().count("\n") == 4
+
+
+def _runner_worker(rank: int, world: int, port: int, env: dict, out: str, result: str) -> None:
+    sys.path.insert(0, str(TESTS))
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    report = run_evaluation(_compose(env, Path(out), "score_batch_size=1"))
+    if rank == 0:
+        Path(result).write_text(json.dumps(report))
+
+
+@pytest.mark.slow
+def test_two_process_runner_gives_the_one_process_report(eval_env, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = run_evaluation(_compose(eval_env, tmp_path / "one", "score_batch_size=1"))
+    finally:
+        torch.set_num_threads(threads)
+    mp.spawn(_runner_worker, args=(2, port, eval_env, str(tmp_path / "two"), str(tmp_path / "two.json")), nprocs=2, join=True)
+    multi = json.loads((tmp_path / "two.json").read_text())
+    assert multi["run"]["world_size"] == 2
+    for k, v in single["metrics"].items():
+        assert multi["metrics"][k] == pytest.approx(v, abs=1e-9, rel=0), k
+    assert _comparable(multi)["protocol"] == _comparable(single)["protocol"]
