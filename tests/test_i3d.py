@@ -132,8 +132,11 @@ def test_fused_matches_unfused(model: torch.nn.Module, clip: torch.Tensor, cache
     plain = load_i3d(cache_dir=cache_dir, fuse=False)
     assert any(type(m).__name__ == "Unit3D" and not m.folded for m in plain.modules())
     with torch.inference_mode():
-        a, b = model(clip[1:]), plain(clip[1:])
+        a, b = model(clip[1:]), plain(clip[1:])  # fused: oneDNN fused conv+ReLU, channels-last
     assert (a - b).norm() / b.norm() < 1e-5
+    with torch.enable_grad():  # the fast path needs no-grad; this runs the plain F.conv3d fallback
+        c = model(clip[1:])
+    assert (c - b).norm() / b.norm() < 1e-5
 
 
 @pytest.mark.parametrize("shape, match", [
