@@ -361,6 +361,21 @@ def _log_wandb(cfg: DictConfig, report: Mapping[str, Any], md_path: Path) -> Non
 # ---------------------------------------------------------------------------- entry
 
 
+def _check_existing_manifest(video_dir: Path, prompts: Sequence[str], base_seed: int) -> None:
+    """Refuse to resume into a folder whose videos were made for other prompts or seeds."""
+    from evaluation.generators import MANIFEST_NAME, read_manifest
+
+    if not (video_dir / MANIFEST_NAME).is_file():
+        return
+    for e in read_manifest(video_dir):
+        i = int(e["index"])
+        if i < len(prompts) and (e["prompt"] != prompts[i] or int(e["seed"]) != sample_seed(base_seed, i)):
+            raise ValueError(
+                f"{video_dir} holds videos made for another prompt list or seed (sample {i}: "
+                f"{e['prompt']!r}, seed {e['seed']}); use another run_name / output_dir"
+            )
+
+
 def run_evaluation(cfg: DictConfig) -> Optional[dict[str, Any]]:
     """Run one evaluation described by ``cfg`` (see ``conf/eval.yaml``) in every process.
 
@@ -378,6 +393,10 @@ def run_evaluation(cfg: DictConfig) -> Optional[dict[str, Any]]:
         video_dir = out_dir / "videos"
         started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
+        names = [m for m in cfg.metrics]
+        unknown = set(names) - set(METRIC_NAMES)
+        if unknown:
+            raise ValueError(f"unknown metrics {sorted(unknown)}; available: {METRIC_NAMES}")
         benchmark: Benchmark = instantiate(cfg.benchmark.adapter)
         items = benchmark.prompts()
         if cfg.get("limit_samples") is not None:
@@ -387,6 +406,8 @@ def run_evaluation(cfg: DictConfig) -> Optional[dict[str, Any]]:
         if n == 0:
             raise ValueError("the benchmark produced no prompts")
         base_seed = int(cfg.seed)
+        _check_existing_manifest(video_dir, prompts, base_seed)
+        ctx.barrier()  # every rank has read the old manifest before rank 0 replaces it
         if ctx.is_main:
             write_manifest(video_dir, ({"index": i, "prompt": p, "seed": sample_seed(base_seed, i)} for i, p in enumerate(prompts)))
         ctx.barrier()
@@ -411,10 +432,6 @@ def run_evaluation(cfg: DictConfig) -> Optional[dict[str, Any]]:
             gen_info.update(generator.describe())
         del generator  # free its memory before the metric networks load
 
-        names = [m for m in cfg.metrics]
-        unknown = set(names) - set(METRIC_NAMES)
-        if unknown:
-            raise ValueError(f"unknown metrics {sorted(unknown)}; available: {METRIC_NAMES}")
         metrics = {m: instantiate(cfg.eval_metrics[m]).to(ctx.device) for m in names}
         if "fvd" in metrics:  # the FVD metric does not register its network as a submodule
             metrics["fvd"].feature_extractor.to(ctx.device)

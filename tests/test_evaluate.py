@@ -154,9 +154,13 @@ def test_interrupted_evaluation_resumes_to_the_same_report(eval_env, tmp_path):
     assert json.loads((out / "report.json").read_text())["metrics"] == full["metrics"]
 
 
-def test_runner_rejects_unknown_metric(eval_env, tmp_path):
+def test_runner_rejects_unknown_metric_and_foreign_video_folder(eval_env, tmp_path):
     with pytest.raises(ValueError, match="unknown metrics"):
         run_evaluation(_compose(eval_env, tmp_path / "bad", "metrics=[is,psnr]"))
+    # Resuming into a folder made for other prompts would score the wrong videos: refused.
+    assert run_evaluation(_compose(eval_env, tmp_path / "bad", "stop_after=1")) is None
+    with pytest.raises(ValueError, match="another prompt list"):
+        run_evaluation(_compose(eval_env, tmp_path / "bad", "benchmark.adapter.template='a clip of {words}'"))
 
 
 # ---------------------------------------------------------------------------- evaluate.py end to end
