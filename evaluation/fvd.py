@@ -142,6 +142,9 @@ class FVD(Metric):
         feature_batch_size: clips per feature-network call (bounds memory).
         num_features: D, the feature size (400 for I3D logits).
         reset_real_features: if False, :meth:`reset` keeps the real statistics.
+
+    The feature network is not a registered submodule (it stays out of ``state_dict``); it is
+    moved to the metric's device (``fvd.to(device)``) on each :meth:`update`.
     """
 
     full_state_update = False
