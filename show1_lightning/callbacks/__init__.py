@@ -1,0 +1,1 @@
+"""Lightning callbacks: validation samples, toy prompt adherence, EMA export, throughput."""

@@ -1,0 +1,84 @@
+"""Validation samples: fixed prompts and seeds, written as mp4 and logged to wandb."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from show1_lightning.data.video_io import to_uint8_frames, write_mp4
+
+
+def slug(text: str, max_len: int = 40) -> str:
+    """A file-name-safe short form of a prompt."""
+    return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_")[:max_len] or "empty"
+
+
+def log_videos_to_wandb(trainer: L.Trainer, key: str, paths: Sequence[Path], captions: Sequence[str]) -> None:
+    """Log mp4 files to every WandbLogger of the trainer (passing paths avoids moviepy)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            videos = [wandb.Video(str(p), caption=c, format="mp4") for p, c in zip(paths, captions)]
+            logger.experiment.log({key: videos, "trainer/global_step": trainer.global_step})
+
+
+class VideoSampleCallback(L.Callback):
+    """Every ``every_n_steps`` optimizer steps (and at the end of fit), sample fixed prompts with fixed
+    seeds using the EMA weights, write ``<dirpath>/step_XXXXXXX/NN_<prompt>.mp4`` and log them.
+
+    Runs on global rank 0 only; sampling uses no collective operations, so other ranks go on.
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int] | None = None,
+        every_n_steps: int = 500,
+        dirpath: str = "samples",
+        fps: float = 4.0,
+        num_steps: int | None = None,
+        guidance_scale: float | None = None,
+        at_fit_end: bool = True,
+    ) -> None:
+        self.prompts = list(prompts)
+        self.seeds = list(seeds) if seeds is not None else list(range(len(self.prompts)))
+        if len(self.seeds) != len(self.prompts):
+            raise ValueError(f"{len(self.prompts)} sample prompts but {len(self.seeds)} seeds")
+        self.every_n_steps = every_n_steps
+        self.dirpath = Path(dirpath)
+        self.fps = fps
+        self.num_steps = num_steps
+        self.guidance_scale = guidance_scale
+        self.at_fit_end = at_fit_end
+        self._last_step = -1
+
+    @rank_zero_only
+    def write_samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Path]:
+        """Generate, write and log the samples for the current step; returns the mp4 paths."""
+        step = trainer.global_step
+        if step == self._last_step:
+            return []
+        self._last_step = step
+        videos = pl_module.generate(self.prompts, self.seeds, num_steps=self.num_steps,
+                                    guidance_scale=self.guidance_scale)
+        out_dir = self.dirpath / f"step_{step:07d}"
+        paths = [
+            write_mp4(out_dir / f"{i:02d}_{slug(p)}.mp4", to_uint8_frames(v), fps=self.fps)
+            for i, (p, v) in enumerate(zip(self.prompts, videos))
+        ]
+        log_videos_to_wandb(trainer, "samples", paths, self.prompts)
+        return paths
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps > 0 and trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0:
+            self.write_samples(trainer, pl_module)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.at_fit_end:
+            self.write_samples(trainer, pl_module)

@@ -1,0 +1,55 @@
+"""Prompt adherence on the bundled toy data, measured before and after training."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+
+from show1_lightning.data.toy_data import TOY_COLORS, TOY_MOTIONS, TOY_SHAPES, color_adherence, toy_caption
+
+
+def toy_eval_prompts(per_color: int = 2) -> list[str]:
+    """``per_color`` prompts for every palette colour, cycling through shapes and motions."""
+    prompts = []
+    for i, color in enumerate(TOY_COLORS):
+        for j in range(per_color):
+            k = i * per_color + j
+            prompts.append(toy_caption(color, TOY_SHAPES[k % len(TOY_SHAPES)], TOY_MOTIONS[k % len(TOY_MOTIONS)]))
+    return prompts
+
+
+class ToyColorAdherence(L.Callback):
+    """At fit start and fit end, sample prompts naming every toy colour and score whether each sample's
+    dominant colour is the prompted one (chance level: 1 / number of colours). Prints and logs
+    ``toy/color_adherence_before`` and ``toy/color_adherence_after``; the values are also kept in
+    ``self.results`` for the entry point to report."""
+
+    def __init__(self, per_color: int = 2, seed: int = 1234, num_steps: int | None = None,
+                 guidance_scale: float | None = None, prompts: Sequence[str] | None = None) -> None:
+        self.prompts = list(prompts) if prompts else toy_eval_prompts(per_color)
+        self.seeds = [seed + i for i in range(len(self.prompts))]
+        self.num_steps = num_steps
+        self.guidance_scale = guidance_scale
+        self.results: dict[str, float] = {}
+
+    @rank_zero_only
+    def score(self, trainer: L.Trainer, pl_module: L.LightningModule, when: str) -> float:
+        """Generate the prompts, compute the adherence and report it under ``toy/color_adherence_<when>``."""
+        videos = pl_module.generate(self.prompts, self.seeds, num_steps=self.num_steps,
+                                    guidance_scale=self.guidance_scale)
+        value = color_adherence(videos.float().cpu(), self.prompts)
+        self.results[when] = value
+        chance = 1.0 / len(TOY_COLORS)
+        print(f"[toy] colour adherence {when} training: {value:.3f} "
+              f"({len(self.prompts)} prompts, chance {chance:.3f})", flush=True)
+        for logger in trainer.loggers:
+            logger.log_metrics({f"toy/color_adherence_{when}": value}, step=trainer.global_step)
+        return value
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.score(trainer, pl_module, "before")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self.score(trainer, pl_module, "after")

@@ -1,0 +1,324 @@
+"""The shared diffusion LightningModule every stage builds on.
+
+A stage subclass only says what differs: how a training pair is made from a batch of clips
+(``training_inputs``), which conditioning tensors enter the UNet, and the shape of its samples.
+Schedule, loss, caption dropout, EMA, optimizer, guided sampling and checkpoint contents live here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import lightning as L
+import torch
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from torch import nn
+
+from show1_lightning.diffusion.guidance import drop_captions
+from show1_lightning.diffusion.objectives import (
+    diffusion_loss,
+    sample_timesteps,
+    split_learned_variance,
+    training_target,
+)
+from show1_lightning.diffusion.sampling import denoise, make_sampler, seeded_noise
+
+
+@dataclass
+class StageCondition:
+    """Per-sample conditioning besides text.
+
+    concat: channels concatenated to the noisy sample (interpolation, pixel SR), B x c x T x H x W.
+    class_labels: B integers fed to the UNet's class embedding (SR noise-augmentation level).
+    """
+
+    concat: torch.Tensor | None = None
+    class_labels: torch.Tensor | None = None
+
+    def repeat_to(self, batch: int) -> "StageCondition":
+        """Tile along the batch axis (the guided batch is uncond + cond = 2B)."""
+
+        def rep(x: torch.Tensor | None) -> torch.Tensor | None:
+            if x is None or x.shape[0] == batch:
+                return x
+            return x.repeat(batch // x.shape[0], *([1] * (x.ndim - 1)))
+
+        return StageCondition(rep(self.concat), rep(self.class_labels))
+
+
+class DiffusionStage(L.LightningModule):
+    """Base LightningModule: a UNet denoiser trained with the DDPM objective and sampled with DPM-Solver++.
+
+    Args:
+        unet: the denoiser; called as ``unet(x, t, encoder_hidden_states=..., [class_labels=...],
+            [encoder_attention_mask=...]).sample``.
+        noise_scheduler: the training schedule (Show-1: cosine ``squaredcos_cap_v2``, 1000 steps).
+        optimizer: a partial optimizer (``_partial_: true`` in Hydra), called with the UNet parameters.
+        text_encoder: frozen text encoder with ``encode(captions) -> (emb, mask)``; None when every batch
+            carries cached ``text_emb`` and ``null_text_cache_dir`` provides the empty-caption embedding.
+        sample_channels: channels of the generated sample (3 pixels, 4 latents).
+        caption_dropout: probability of training on the empty caption (classifier-free guidance).
+        t_min, t_max: closed range of training timesteps (None: the whole schedule).
+        lr_scheduler: diffusers scheduler name and warmup steps.
+        ema: ``decay``, ``use_ema_warmup``, ``power``, ``enabled``; EMA weights are used for sampling.
+        sampling: defaults for ``generate`` (num_steps, guidance_scale, negative_prompt, solver args).
+        gradient_checkpointing: trade compute for memory in the UNet.
+    """
+
+    #: channels a stage concatenates to the noisy sample (interpolation: 4, pixel SR: 3).
+    condition_channels: int = 0
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        noise_scheduler: DDPMScheduler,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        text_encoder: nn.Module | None = None,
+        sample_channels: int = 3,
+        caption_dropout: float = 0.1,
+        t_min: int = 0,
+        t_max: int | None = None,
+        lr_scheduler: dict | None = None,
+        ema: dict | None = None,
+        sampling: dict | None = None,
+        gradient_checkpointing: bool = False,
+        null_text_cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.unet = unet
+        self.noise_scheduler = noise_scheduler
+        self.optimizer_factory = optimizer
+        # Kept out of the module tree: frozen, possibly huge, never in checkpoints or DDP.
+        self._frozen: dict[str, Any] = {"text_encoder": text_encoder}
+        self.sample_channels = sample_channels
+        self.caption_dropout = caption_dropout
+        n_train = noise_scheduler.config.num_train_timesteps
+        self.t_min = t_min
+        self.t_max = n_train - 1 if t_max is None else t_max
+        if not 0 <= self.t_min <= self.t_max < n_train:
+            raise ValueError(f"training timestep range [{t_min}, {t_max}] must lie in [0, {n_train - 1}]")
+        self.lr_scheduler_cfg = dict(lr_scheduler or {"name": "constant_with_warmup", "num_warmup_steps": 0})
+        self.sampling_cfg = dict(sampling or {})
+        self.null_text_cache_dir = null_text_cache_dir
+        self._null_text: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._negative_text: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.stage_config: dict | None = None  # set by train.py: rebuilds the stage from a checkpoint
+        unet_in = getattr(getattr(unet, "config", None), "in_channels", None)
+        if unet_in is not None and unet_in != sample_channels + self.condition_channels:
+            raise ValueError(
+                f"{type(self).__name__} feeds the UNet {sample_channels} sample + {self.condition_channels} condition "
+                f"channels, but the UNet config has in_channels={unet_in} (set model.in_channels)"
+            )
+        if gradient_checkpointing and hasattr(unet, "enable_gradient_checkpointing"):
+            unet.enable_gradient_checkpointing()
+        forward_params = inspect.signature(unet.forward).parameters
+        self._unet_takes_mask = "encoder_attention_mask" in forward_params
+        ema = dict(ema or {})
+        self.ema: EMAModel | None = None
+        if ema.pop("enabled", True):
+            self.ema = EMAModel(self.unet.parameters(), **ema)
+        self.register_buffer("skipped_samples", torch.zeros((), dtype=torch.long), persistent=True)
+
+    # ------------------------------------------------------------------ stage hooks
+    def training_inputs(self, batch: dict) -> tuple[torch.Tensor, StageCondition]:
+        """The clean target x0 (B x C x T x H x W) and the non-text conditioning of a batch."""
+        return batch["video"], StageCondition()
+
+    def sample_shape(self) -> tuple[int, ...]:
+        """C x T x H x W of one generated sample."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ text
+    @property
+    def text_encoder(self) -> nn.Module | None:
+        return self._frozen["text_encoder"]
+
+    def encode_text(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the frozen text encoder on this module's device."""
+        te = self.text_encoder
+        if te is None:
+            raise RuntimeError("this stage has no text encoder (text_encoder: null); provide cached text_emb")
+        if next(te.parameters()).device != self.device:
+            te.to(self.device)
+        with torch.no_grad():
+            emb, mask = te.encode(list(captions))
+        return emb.to(self.device), mask.to(self.device)
+
+    def null_text(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty caption's 1 x L x D embedding and mask (from the encoder or the text cache)."""
+        if self._null_text is None:
+            if self.text_encoder is not None:
+                self._null_text = self.encode_text([""])
+            elif self.null_text_cache_dir:
+                from show1_lightning.data.text_cache import TextEmbeddingCache
+
+                emb, mask = TextEmbeddingCache(self.null_text_cache_dir).null_embedding()
+                self._null_text = (emb.reshape(1, *emb.shape[-2:]), mask.reshape(1, -1).bool())
+            else:
+                raise RuntimeError("no text encoder and no null_text_cache_dir: cannot build the empty caption")
+        emb, mask = self._null_text
+        return emb.to(self.device), mask.to(self.device)
+
+    def negative_text(self, prompt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embedding of the negative prompt used as the unconditional branch ('' = empty caption)."""
+        if not prompt:
+            return self.null_text()
+        if prompt not in self._negative_text:
+            self._negative_text[prompt] = self.encode_text([prompt])
+        emb, mask = self._negative_text[prompt]
+        return emb.to(self.device), mask.to(self.device)
+
+    def batch_text(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached embeddings when the batch carries them, else run the encoder on the captions."""
+        if "text_emb" in batch:
+            return batch["text_emb"].to(self.device), batch["text_mask"].to(self.device).bool()
+        return self.encode_text(batch["caption"])
+
+    # ------------------------------------------------------------------ network
+    def predict(
+        self, x_t: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor, cond: StageCondition
+    ) -> torch.Tensor:
+        """UNet prediction for the noisy sample, with the stage's extra channels and class labels."""
+        cond = cond.repeat_to(x_t.shape[0])
+        x_in = x_t if cond.concat is None else torch.cat([x_t, cond.concat.to(x_t.dtype)], dim=1)
+        kwargs: dict[str, Any] = {"encoder_hidden_states": emb}
+        if cond.class_labels is not None:
+            kwargs["class_labels"] = cond.class_labels
+        if self._unet_takes_mask:
+            kwargs["encoder_attention_mask"] = mask
+        out = self.unet(x_in, t, **kwargs).sample
+        return split_learned_variance(out, x_t.shape[1])
+
+    # ------------------------------------------------------------------ training
+    def diffusion_step(
+        self, batch: dict, generator: torch.Generator | None = None, timesteps: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss of one batch; returns (loss, timesteps used)."""
+        x0, cond = self.training_inputs(batch)
+        emb, mask = self.batch_text(batch)
+        if self.training and self.caption_dropout > 0:
+            emb, mask, _ = drop_captions(emb, mask, *self.null_text(), self.caption_dropout, generator)
+        b = x0.shape[0]
+        t = timesteps if timesteps is not None else sample_timesteps(b, self.t_min, self.t_max, x0.device, generator)
+        if generator is None:
+            noise = torch.randn_like(x0)
+        else:
+            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        x_t = self.noise_scheduler.add_noise(x0, noise, t)
+        pred = self.predict(x_t, t, emb, mask, cond)
+        return diffusion_loss(pred, training_target(self.noise_scheduler, x0, noise, t)), t
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, _ = self.diffusion_step(batch)
+        b = batch["video"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        if "n_skipped" in batch:
+            self.skipped_samples += batch["n_skipped"].to(self.skipped_samples.device).sum()
+            # Cumulative per rank; summed over ranks: each rank counts what its own workers skipped.
+            self.log("data/skipped_samples", self.skipped_samples.float(), on_step=True, on_epoch=False,
+                     reduce_fx="sum", sync_dist=True, batch_size=b)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # Fixed noise and timesteps per batch index: the validation loss is comparable across evaluations.
+        g = torch.Generator("cpu").manual_seed(10_000 + batch_idx)
+        loss, _ = self.diffusion_step(batch, generator=g)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["video"].shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.step(self.unet.parameters())
+
+    def on_fit_start(self) -> None:
+        if self.ema is not None:
+            self.ema.to(self.device)
+
+    def configure_optimizers(self) -> dict:
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        opt = self.optimizer_factory(params=params)
+        cfg = dict(self.lr_scheduler_cfg)
+        name = cfg.pop("name", "constant_with_warmup")
+        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps and self.trainer.max_steps > 0 else None
+        sched = get_scheduler(name, opt, num_training_steps=total, **cfg)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+        if self.stage_config is not None:
+            checkpoint["stage_config"] = self.stage_config
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+
+    @contextlib.contextmanager
+    def ema_weights(self, enabled: bool = True) -> Iterator[None]:
+        """Temporarily swap the EMA weights into the UNet."""
+        if not enabled or self.ema is None:
+            yield
+            return
+        self.ema.to(self.device)
+        self.ema.store(self.unet.parameters())
+        self.ema.copy_to(self.unet.parameters())
+        try:
+            yield
+        finally:
+            self.ema.restore(self.unet.parameters())
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        cond: StageCondition | None = None,
+        init: torch.Tensor | None = None,
+        strength: float = 1.0,
+        shape: Sequence[int] | None = None,
+        num_steps: int | None = None,
+        guidance_scale: float | None = None,
+        negative_prompt: str | None = None,
+        use_ema: bool = True,
+        progress: bool = False,
+        text: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Generate one sample per prompt (B x C x T x H x W), sample i from noise seeded by ``seeds[i]``.
+
+        ``text`` may carry precomputed (emb, mask) instead of running the encoder on ``prompts``.
+        """
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        s = self.sampling_cfg
+        num_steps = num_steps or s.get("num_steps", 50)
+        guidance_scale = s.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
+        negative_prompt = s.get("negative_prompt", "") if negative_prompt is None else negative_prompt
+        solver = {k: v for k, v in s.items() if k not in ("num_steps", "guidance_scale", "negative_prompt",
+                                                           "train_mode_dropout")}
+        sampler = make_sampler(self.noise_scheduler, **solver)
+        shape = tuple(shape) if shape is not None else self.sample_shape()
+        emb, mask = text if text is not None else self.encode_text(prompts)
+        null_emb, null_mask = self.negative_text(negative_prompt)
+        cond = cond or StageCondition()
+        noise = seeded_noise(shape, seeds, self.device)
+        was_training = self.unet.training
+        # Released Show-1 base sampling keeps dropout on (UNet in train mode): an explicit option.
+        self.unet.train(bool(s.get("train_mode_dropout", False)))
+        try:
+            with self.ema_weights(use_ema):
+                out = denoise(
+                    lambda x, t, e, m: self.predict(x, t, e, m, cond),
+                    sampler, noise, emb.to(self.device), mask.to(self.device), null_emb, null_mask,
+                    num_steps=num_steps, guidance_scale=guidance_scale, init=init, strength=strength,
+                    progress=progress,
+                )
+        finally:
+            self.unet.train(was_training)
+        return out

@@ -1,0 +1,59 @@
+"""Training objective: timestep sampling, noising and the regression target (epsilon or v)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def sample_timesteps(
+    batch_size: int,
+    t_min: int,
+    t_max: int,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Uniform integer timesteps in the closed range [t_min, t_max].
+
+    The latent "expert" stage trains on t in [0, 900] only; the other stages on [0, T-1].
+    """
+    if not 0 <= t_min <= t_max:
+        raise ValueError(f"need 0 <= t_min <= t_max, got t_min={t_min}, t_max={t_max}")
+    t = torch.randint(t_min, t_max + 1, (batch_size,), generator=generator, device="cpu")
+    return t.to(device)
+
+
+def training_target(
+    scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """The regression target of the configured prediction type."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, timesteps)
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {kind!r}")
+
+
+def split_learned_variance(model_output: torch.Tensor, channels: int) -> torch.Tensor:
+    """Keep the first ``channels`` output channels.
+
+    UNets with learned variance (DeepFloyd IF, Show-1 base/sr1) predict 2x channels: the mean
+    part first, the variance interpolation second. Sampling with a fixed-variance scheduler and the
+    simple MSE loss use only the first half.
+    """
+    if model_output.shape[1] == channels:
+        return model_output
+    if model_output.shape[1] == 2 * channels:
+        return model_output[:, :channels]
+    raise ValueError(
+        f"UNet returned {model_output.shape[1]} channels; expected {channels} or {2 * channels} (learned variance)"
+    )
+
+
+def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error, computed in float32 whatever the autocast dtype."""
+    return F.mse_loss(prediction.float(), target.float())

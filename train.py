@@ -1,0 +1,77 @@
+"""Train one Show-1 stage: `python train.py [experiment=NAME] [key=value ...]`.
+
+The default experiment (`toy`) trains the keyframe stage on the bundled toy data on a CPU in a few
+minutes and writes sample videos. See README.md for GPUs, DDP, SLURM, sweeps and resuming.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from show1_lightning.runtime import (
+    find_resume_checkpoint,
+    hydra_multirun_info,
+    instantiate_group,
+    register_resolvers,
+    set_in,
+    task_wrapper,
+    validate_train_config,
+)
+
+log = logging.getLogger("train")
+register_resolvers()
+
+
+@task_wrapper
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Build the datamodule, stage, loggers, callbacks and trainer from ``cfg`` and fit (resuming from
+    the run's last.ckpt when there is one). Returns the final callback metrics."""
+    validate_train_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+
+    multirun, sweep, label = hydra_multirun_info()
+    if cfg.get("logger") and cfg.logger.get("wandb"):
+        if cfg.logger.wandb.get("group") is None:
+            set_in(cfg, "logger.wandb.group", sweep or cfg.experiment_name)
+        if multirun:
+            set_in(cfg, "logger.wandb.name", f"{cfg.run_name}[{label}]")
+
+    log.info("output dir: %s", cfg.paths.output_dir)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    stage = hydra.utils.instantiate(cfg.stage)
+    stage.stage_config = OmegaConf.to_container(cfg.stage, resolve=True)
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    ckpt_path = find_resume_checkpoint(cfg)
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+    trainer.fit(stage, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    for cb in callbacks:
+        for when, value in getattr(cb, "results", {}).items():
+            metrics[f"toy/color_adherence_{when}"] = value
+    if trainer.is_global_zero:
+        log.info("final metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
+        log.info("outputs in %s", cfg.paths.output_dir)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train.yaml")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    # Returned for Hydra sweepers (e.g. optuna) that optimise a metric.
+    return None if not metrics else metrics.get("val/loss")
+
+
+if __name__ == "__main__":
+    main()
