@@ -43,7 +43,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     log.info("output dir: %s", cfg.paths.output_dir)
     datamodule = hydra.utils.instantiate(cfg.data)
-    stage = hydra.utils.instantiate(cfg.stage)
+    stage = hydra.utils.instantiate(cfg.stage, _convert_="all")
     stage.stage_config = OmegaConf.to_container(cfg.stage, resolve=True)
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))

@@ -231,7 +231,10 @@ class DiffusionStage(L.LightningModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["video"].shape[0])
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: callbacks (ModelCheckpoint) run before the module's batch-end
+        # hook, and a checkpoint must hold the EMA of the step it records.
         if self.ema is not None:
             self.ema.step(self.unet.parameters())
 

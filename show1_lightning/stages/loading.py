@@ -19,7 +19,7 @@ def load_stage_from_checkpoint(path: str | Path, map_location: str | torch.devic
     ckpt = torch.load(path, map_location=map_location, weights_only=False)
     if "stage_config" not in ckpt:
         raise KeyError(f"{path} has no 'stage_config': not a checkpoint written by train.py")
-    stage: DiffusionStage = hydra.utils.instantiate(ckpt["stage_config"])
+    stage: DiffusionStage = hydra.utils.instantiate(ckpt["stage_config"], _convert_="all")
     stage.load_state_dict(ckpt["state_dict"])
     stage.on_load_checkpoint(ckpt)
     stage.stage_config = ckpt["stage_config"]

@@ -1,0 +1,138 @@
+"""Integration tests of train.py: compose API runs, resume, config errors, multirun and DDP subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from show1_lightning.runtime import ConfigError, validate_train_config
+from show1_lightning.stages.loading import load_stage_from_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_short_run_writes_checkpoint_samples_export_and_adherence(compose_train, tmp_path):
+    cfg = compose_train(tmp_path)
+    metrics = train.train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert "val/loss" in metrics
+    assert 0.0 <= metrics["toy/color_adherence_before"] <= 1.0
+    assert 0.0 <= metrics["toy/color_adherence_after"] <= 1.0
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    mp4s = sorted((tmp_path / "samples").rglob("*.mp4"))
+    assert len(mp4s) == 4  # the 4 fixed prompts, at the end of fit
+    unet_dir = tmp_path / "export" / "unet"
+    assert (unet_dir / "config.json").exists() and (unet_dir / "diffusion_pytorch_model.safetensors").exists()
+    # The export holds the EMA weights and loads with diffusers.
+    from diffusers import UNet3DConditionModel
+
+    exported = UNet3DConditionModel.from_pretrained(unet_dir)
+    stage = load_stage_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    with stage.ema_weights():
+        for (name, p), q in zip(stage.unet.named_parameters(), exported.parameters()):
+            torch.testing.assert_close(p, q, msg=name)
+    # The stage rebuilt from the checkpoint samples at the configured shape.
+    video = stage.generate(["a red circle moving left"], [0], num_steps=2)
+    assert video.shape == (1, 3, cfg.stage.num_frames, cfg.stage.height, cfg.stage.width)
+
+
+def test_resume_continues_from_last_ckpt(compose_train, tmp_path):
+    lean = ("callbacks.samples=null", "callbacks.toy_adherence=null", "callbacks.export=null")
+    train.train(compose_train(tmp_path, *lean))
+    first = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert first["global_step"] == 2
+    cfg = compose_train(tmp_path, *lean, "trainer.max_steps=4")
+    with_ckpt = train.train(cfg)
+    resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["global_step"] == 4
+    assert "ema" in resumed and resumed["ema"]["optimization_step"] == 4
+    assert with_ckpt["train/loss"] == with_ckpt["train/loss"]  # finite, not NaN
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("stage.caption_dropout=1.5", "stage.caption_dropout"),
+        ("stage.noise_scheduler.prediction_type=sample", "stage.noise_scheduler.prediction_type"),
+        ("stage.t_max=1000", "stage.t_min/t_max"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("trainer.precision=fp8", "trainer.precision"),
+    ],
+)
+def test_impossible_values_fail_at_start_naming_the_key(compose_train, tmp_path, override, key):
+    cfg = compose_train(tmp_path, override)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("/", "/")):
+        validate_train_config(cfg)
+
+
+def test_unknown_key_fails_naming_it(compose_train, tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="stage.no_such_key"):
+        compose_train(tmp_path, "stage.no_such_key=1")
+
+
+def test_unet_channel_mismatch_is_reported(compose_train, tmp_path):
+    import hydra
+
+    cfg = compose_train(tmp_path, "model.in_channels=7")
+    with pytest.raises(ValueError, match="in_channels=7"):
+        hydra.utils.instantiate(cfg.stage)
+
+
+def _run(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _tiny_cli(tmp_path: Path) -> list[str]:
+    from tests.conftest import TINY_TRAIN
+
+    return [a for a in TINY_TRAIN if not a.startswith("logger=")] + [
+        f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}",
+        "callbacks.samples.at_fit_end=false",
+    ]
+
+
+def test_multirun_two_seeds_separate_dirs_and_wandb_runs(tmp_path):
+    res = _run(["train.py", "-m", "seed=1,2", *_tiny_cli(tmp_path)], ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    sweeps = list((tmp_path / "logs" / "train" / "multiruns").iterdir())
+    assert len(sweeps) == 1
+    jobs = sorted(p for p in sweeps[0].iterdir() if p.is_dir() and p.name.isdigit())
+    assert [j.name for j in jobs] == ["0", "1"]
+    run_ids = set()
+    for job in jobs:
+        assert (job / "checkpoints" / "last.ckpt").exists()
+        runs = list((job / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1
+        run_ids.add(runs[0].name.rsplit("-", 1)[-1])
+    assert len(run_ids) == 2
+
+
+def test_multirun_survives_a_failing_job(tmp_path):
+    # Job 0 fails at start-up (impossible dropout), job 1 must still run.
+    res = _run(["train.py", "-m", "stage.caption_dropout=2.0,0.1", *_tiny_cli(tmp_path),
+                "callbacks.toy_adherence=null"], ROOT)
+    sweep = next((tmp_path / "logs" / "train" / "multiruns").iterdir())
+    assert (sweep / "0" / "error.txt").exists()
+    assert "stage.caption_dropout" in (sweep / "0" / "error.txt").read_text()
+    assert (sweep / "1" / "checkpoints" / "last.ckpt").exists(), res.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_bf16(tmp_path):
+    res = _run(["train.py", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                "trainer.precision=bf16-mixed", "run_name=ddp", *_tiny_cli(tmp_path),
+                "callbacks.toy_adherence=null"], ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "logs" / "train" / "runs" / "ddp" / "checkpoints" / "last.ckpt",
+                      weights_only=False)
+    assert ckpt["global_step"] == 2
