@@ -215,7 +215,6 @@ def test_errors(stage: PixelSRStage) -> None:
         stage.upsample(video(1, 2, 4, 8), ["a"], [0], noise_level=1000)
 
 
-@pytest.mark.slow
 def test_toy_experiment_trains_through_hydra(compose_train, tmp_path: Path) -> None:
     """`python train.py experiment=toy_pixel_sr`, shortened: compose, 2 steps, checkpoint and EMA export."""
     import train
