@@ -1,7 +1,7 @@
 """Inference FLOPs and peak memory: Show-1's hybrid cascade vs an all-pixel cascade (the paper's 15 GB vs 72 GB).
 
     python bench/efficiency.py            # full-size estimate (meta device) + real CPU validation, ~2-3 min
-    python bench/efficiency.py --quick    # smaller validation runs (one width pair), for tests
+    python bench/efficiency.py --quick    # estimate only, fused-attention costing only, no validation (tests)
 
 Part 1 (estimate, meta device, bf16): for every model of both cascades at the paper's sizes, FLOPs of one forward
 (torch.utils.flop_counter: matmuls/convs/attention only) x forwards per generation (steps x windows, CFG batch 2),
@@ -57,15 +57,15 @@ def _fmt_flops(x: float) -> str:
     return f"{x:.0f}"
 
 
-def estimate_cascades(divisor: int = 1) -> dict[str, list[StageEstimate]]:
-    """Estimate every stage of both cascades (shared stages are costed once)."""
+def estimate_cascades(divisor: int = 1, policies: tuple[str, ...] = POLICIES) -> dict[str, list[StageEstimate]]:
+    """Estimate every stage of both cascades (shared stages are costed once) under the given attention policies."""
     cache: dict[str, StageEstimate] = {}
     result: dict[str, list[StageEstimate]] = {}
     for cascade, specs in paper_stages(divisor).items():
         result[cascade] = []
         for spec in specs:
             if spec.name not in cache:
-                cache[spec.name] = estimate_stage(spec)
+                cache[spec.name] = estimate_stage(spec, policies=policies)
             result[cascade].append(cache[spec.name])
     return result
 
@@ -78,9 +78,10 @@ def cascade_peak(stages: list[StageEstimate], policy: str) -> tuple[int, str]:
 
 def print_estimates(estimates: dict[str, list[StageEstimate]]) -> dict[str, float]:
     """Print the per-stage table and the totals; return the (b)/(a) peak ratios per policy."""
+    policies = tuple(estimates["hybrid"][0].activation_bytes)
     head = (
         f"{'cascade':9s} | {'stage':26s} | {'schedule':52s} | {'FLOPs/fwd':>10s} | {'FLOPs/gen':>10s} | "
-        f"{'weights':>8s} | " + " | ".join(f"{'mem ' + SHORT[p]:>10s}" for p in POLICIES)
+        f"{'weights':>8s} | " + " | ".join(f"{'mem ' + SHORT[p]:>10s}" for p in policies)
     )
     print("Part 1: estimate at paper size (meta device, bf16). mem = weights + inputs + peak activations of one "
           "forward, GiB")
@@ -90,14 +91,14 @@ def print_estimates(estimates: dict[str, list[StageEstimate]]) -> dict[str, floa
     peaks: dict[str, dict[str, tuple[int, str]]] = {}
     for cascade, stages in estimates.items():
         for s in stages:
-            mems = " | ".join(f"{s.peak_bytes(p) / GiB:10.2f}" for p in POLICIES)
+            mems = " | ".join(f"{s.peak_bytes(p) / GiB:10.2f}" for p in policies)
             print(
                 f"{cascade:9s} | {s.name:26s} | {s.schedule:52s} | {_fmt_flops(s.flops_per_forward):>10s} | "
                 f"{_fmt_flops(s.flops_per_generation):>10s} | {s.weight_bytes / GiB:8.2f} | {mems}"
             )
         total = sum(s.flops_per_generation for s in stages)
-        peaks[cascade] = {p: cascade_peak(stages, p) for p in POLICIES}
-        mems = " | ".join(f"{peaks[cascade][p][0] / GiB:10.2f}" for p in POLICIES)
+        peaks[cascade] = {p: cascade_peak(stages, p) for p in policies}
+        mems = " | ".join(f"{peaks[cascade][p][0] / GiB:10.2f}" for p in policies)
         print(f"{cascade:9s} | {'TOTAL (peak = max stage)':26s} | {'':52s} | {'':>10s} | {_fmt_flops(total):>10s} | "
               f"{'':>8s} | {mems}")
         print("-" * len(head))
@@ -106,12 +107,12 @@ def print_estimates(estimates: dict[str, list[StageEstimate]]) -> dict[str, floa
     print(f"FLOPs per generation, all-pixel / hybrid: {pixel_flops / hybrid_flops:.2f}x")
     print(f"Peak memory ratio (b) all-pixel / (a) hybrid   [paper: {PAPER_PIXEL_GB:.0f} GB / {PAPER_HYBRID_GB:.0f} GB "
           f"= {PAPER_PIXEL_GB / PAPER_HYBRID_GB:.2f}]")
-    for p in POLICIES:
+    for p in policies:
         (a, a_stage), (b, b_stage) = peaks["hybrid"][p], peaks["all_pixel"][p]
         ratios[p] = b / a
         print(f"  attention {p:18s}: hybrid {a / GiB:6.2f} GiB ({a_stage}), all-pixel {b / GiB:6.2f} GiB ({b_stage})"
               f" -> ratio {b / a:.2f}")
-    for p in POLICIES:  # the same ratio over the UNet stages only (text encoders set aside: T5-XXL weights)
+    for p in policies:  # the same ratio over the UNet stages only (text encoders set aside: T5-XXL weights)
         a = max(s.peak_bytes(p) for s in estimates["hybrid"] if "text" not in s.name)
         b = max(s.peak_bytes(p) for s in estimates["all_pixel"] if "text" not in s.name)
         print(f"  without text encoders, {p:18s}: hybrid {a / GiB:6.2f} GiB, all-pixel {b / GiB:6.2f} GiB -> "
@@ -144,16 +145,15 @@ def run_validation(divisors: list[int]) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="validation at two small widths only (for tests)")
+    parser.add_argument("--quick", action="store_true", help="estimate with the efficient-attention costing only, no validation (for tests)")
     parser.add_argument("--divisors", type=int, nargs="+", default=None, help="validation width divisors")
     parser.add_argument("--no-validate", action="store_true", help="skip the real-tensor CPU validation")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.time()
-    print_estimates(estimate_cascades())
-    if not args.no_validate:
-        divisors = args.divisors or ([32, 16] if args.quick else [32, 16, 8])
-        run_validation(divisors)
+    print_estimates(estimate_cascades(policies=("efficient",) if args.quick else POLICIES))
+    if not (args.no_validate or args.quick):
+        run_validation(args.divisors or [32, 16, 8])
     print(f"\n(total {time.time() - t0:.0f} s)")
 
 
