@@ -1,0 +1,134 @@
+"""Training-step benchmark: the Lightning stage vs a plain PyTorch loop, float32 vs bf16-mixed.
+
+Same model, same batch, same optimizer, measured side by side in one run:
+
+    python bench/bench_train.py [--experiment toy] [--steps 6] [--warmup 2] [--threads 2]
+
+Prints a table of seconds per optimizer step (median over ``--steps`` after ``--warmup``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from torch.utils.data import DataLoader, Dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import train  # noqa: E402,F401  (registers the config resolvers)
+
+
+class RepeatBatch(Dataset):
+    """The same batch, ``n`` times (collated already: the loader uses batch_size=None)."""
+
+    def __init__(self, batch: dict, n: int) -> None:
+        self.batch, self.n = batch, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return self.batch
+
+
+class StepTimer(L.Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._t = 0.0
+
+    def on_train_batch_start(self, *a) -> None:
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, *a) -> None:
+        self.times.append(time.perf_counter() - self._t)
+
+
+def build(experiment: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}", "paths.output_dir=/tmp/bench_train",
+                                          "data.num_workers=0", *overrides])
+    return cfg
+
+
+def one_batch(cfg) -> dict:
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
+
+
+def lightning_steps(cfg, batch: dict, precision: str, n: int) -> list[float]:
+    L.seed_everything(0)
+    stage = hydra.utils.instantiate(cfg.stage, _convert_="all")
+    timer = StepTimer()
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=n, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[timer], gradient_clip_val=cfg.trainer.gradient_clip_val,
+                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(stage, train_dataloaders=DataLoader(RepeatBatch(batch, n), batch_size=None))
+    return timer.times
+
+
+def plain_steps(cfg, batch: dict, precision: str, n: int) -> list[float]:
+    """The same work without Lightning: loss, backward, clipping, AdamW, EMA."""
+    L.seed_everything(0)
+    stage = hydra.utils.instantiate(cfg.stage, _convert_="all")
+    stage.train()
+    optimizer = stage.optimizer_factory(params=[p for p in stage.unet.parameters() if p.requires_grad])
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            loss, _ = stage.diffusion_step(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(stage.unet.parameters(), cfg.trainer.gradient_clip_val)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stage.ema.step(stage.unet.parameters())
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experiment", default="toy")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = build(args.experiment, args.overrides)
+    batch = one_batch(cfg)
+    n = args.steps + args.warmup
+    rows = []
+    for precision in ("32-true", "bf16-mixed"):
+        for name, fn in (("plain PyTorch loop", plain_steps), ("Lightning stage", lightning_steps)):
+            times = fn(cfg, batch, precision, n)[args.warmup:]
+            rows.append((name, precision, statistics.median(times), min(times)))
+    clips = batch["video"].shape[0]
+    shape = "x".join(str(s) for s in batch["video"].shape[1:])
+    print(f"\nexperiment={args.experiment}  batch={clips} clips of {shape}  threads={args.threads}  "
+          f"torch {torch.__version__}")
+    print(f"{'loop':<20} {'precision':<11} {'s/step (median)':>16} {'s/step (min)':>13} {'clips/s':>8}")
+    base = {p: t for (name, p, t, _) in rows if name.startswith("plain")}
+    for name, p, med, mn in rows:
+        rel = f"  ({med / base[p]:.2f}x plain)" if not name.startswith("plain") else ""
+        print(f"{name:<20} {p:<11} {med:>16.3f} {mn:>13.3f} {clips / med:>8.2f}{rel}")
+    f32 = {name: t for (name, p, t, _) in rows if p == "32-true"}
+    for name, p, med, _ in rows:
+        if p == "bf16-mixed":
+            print(f"bf16-mixed vs float32, {name}: {f32[name] / med:.2f}x speed-up")
+
+
+if __name__ == "__main__":
+    main()
