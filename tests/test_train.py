@@ -136,3 +136,18 @@ def test_ddp_two_cpu_processes_bf16(tmp_path):
     ckpt = torch.load(tmp_path / "logs" / "train" / "runs" / "ddp" / "checkpoints" / "last.ckpt",
                       weights_only=False)
     assert ckpt["global_step"] == 2
+
+
+def test_paper_keyframe_config_builds_the_released_structure_on_meta(compose_train, tmp_path):
+    import hydra
+
+    cfg = compose_train(tmp_path, "experiment=paper_keyframe", "text_encoder.pretrained_path=/models/t5",
+                        "data.train_shards=/x/0.tar", "data.val_shards=/x/0.tar", tiny=False)
+    validate_train_config(cfg)
+    assert (cfg.stage.num_frames, cfg.stage.height, cfg.stage.width) == (8, 40, 64)
+    assert cfg.stage.sampling.num_steps == 75 and cfg.stage.sampling.guidance_scale == 9.0
+    assert cfg.stage.noise_scheduler.beta_schedule == "squaredcos_cap_v2"
+    with torch.device("meta"):
+        unet = hydra.utils.instantiate(cfg.model, _convert_="all")
+    assert unet.config.in_channels == 3 and unet.config.out_channels == 6  # eps + learned variance
+    assert unet.config.encoder_hid_dim == cfg.text_dim == 4096
