@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import nn
 
-__all__ = ["VideoVAE", "tiny_autoencoder", "build_video_vae", "fit_vae", "ensure_toy_vae", "TOY_VAE_VERSION"]
+__all__ = ["VideoVAE", "tiny_autoencoder", "build_video_vae", "fit_vae", "ensure_toy_vae", "reconstruction_psnr",
+           "TOY_VAE_VERSION"]
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,9 @@ class VideoVAE(nn.Module):
         if chunk_frames < 1:
             raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
         self.dtype = _as_dtype(dtype)
-        self.vae = vae.to(self.dtype)
+        if next(vae.parameters()).dtype != self.dtype:
+            vae = vae.to(self.dtype)
+        self.vae = vae
         self.vae.requires_grad_(False)
         self.vae.eval()
         self.chunk_frames = int(chunk_frames)
@@ -149,7 +152,7 @@ class VideoVAE(nn.Module):
         if not (target / "config.json").exists():
             hint = "" if subfolder or not (path / "vae" / "config.json").exists() else " (set subfolder: vae)"
             raise FileNotFoundError(f"no AutoencoderKL config.json in {target}{hint}")
-        vae = AutoencoderKL.from_pretrained(str(path), subfolder=subfolder)
+        vae = AutoencoderKL.from_pretrained(str(path), subfolder=subfolder, low_cpu_mem_usage=False)
         return cls(vae, **kwargs)
 
     def train(self, mode: bool = True) -> "VideoVAE":
@@ -283,23 +286,37 @@ def fit_vae(
         means = torch.cat([vae.encode(frames[i:i + 16]).latent_dist.mean for i in range(0, n, 16)])
         std = float(means.std())
     vae.register_to_config(scaling_factor=1.0 / std)
-    return {"rec_loss": float(rec), "kl": float(kl), "latent_std": std, "steps": done,
+    return {"rec_loss": float(rec.detach()), "kl": float(kl.detach()), "latent_std": std, "steps": done,
             "seconds": time.time() - start}
 
 
 def _toy_frames(toy_root: str | Path, height: int, width: int, num_clips: int, frames_per_clip: int,
-                seed: int) -> torch.Tensor:
-    """Frames of the toy training clips, through the same decode/resize as training (N x 3 x H x W)."""
+                seed: int, split: str = "train") -> torch.Tensor:
+    """Frames of toy clips (``split`` "train" or "val"), decoded and resized as in training (N x 3 x H x W)."""
     from show1_lightning.data.datamodule import VideoDataModule  # lazy: models stay importable without data
 
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    n_batches = max(1, math.ceil(num_clips / 8))
     dm = VideoDataModule(toy_root=toy_root, num_frames=frames_per_clip, target_fps=4, height=height, width=width,
-                         batch_size=8, num_workers=0, epoch_length=max(1, math.ceil(num_clips / 8)),
+                         batch_size=8, num_workers=0, epoch_length=n_batches, val_batches=n_batches,
                          shuffle_buffer=64, seed=seed, rank=0, world_size=1)
     dm.prepare_data()
     dm.setup("fit")
-    videos = [batch["video"] for batch in dm.train_dataloader()]
-    video = torch.cat(videos)[:num_clips]
+    loader = dm.train_dataloader() if split == "train" else dm.val_dataloader()
+    video = torch.cat([batch["video"] for batch in loader])[:num_clips]
     return video.permute(0, 2, 1, 3, 4).reshape(-1, 3, height, width).contiguous()
+
+
+@torch.no_grad()
+def reconstruction_psnr(vae: VideoVAE, toy_root: str | Path, height: int, width: int, num_clips: int = 8,
+                        frames_per_clip: int = 4) -> float:
+    """PSNR (dB, signal range [-1, 1]) of ``vae``'s reconstruction of held-out toy validation frames."""
+    frames = _toy_frames(toy_root, height, width, num_clips, frames_per_clip, seed=0, split="val")
+    video = frames.unsqueeze(0).permute(0, 2, 1, 3, 4)  # 1 x 3 x N x H x W: one long clip, chunked
+    rec = vae(video).clamp(-1, 1).cpu()
+    mse = float(((rec - video) ** 2).mean())
+    return 10.0 * math.log10(4.0 / max(mse, 1e-12))
 
 
 def ensure_toy_vae(

@@ -1,0 +1,192 @@
+"""Stage 4: latent expert super-resolution ("expert translation", zeroscope / ModelScope lineage).
+
+Inference (``upscale``): the 256x160 output of pixel SR is resized to 576x320, encoded by a frozen SD
+``AutoencoderKL`` (f=8: 4 x 40 x 72 latents per frame), noised to strength 0.8 (t = 799 of 1000 with 50
+DPM-Solver++ steps) and denoised by a text-to-video latent UNet with classifier-free guidance (paper:
+CFG 15 against the negative prompt "low resolution, blur"), then decoded. There is no channel
+concatenation: the low-resolution video enters only as the SDEdit starting point.
+
+Training: the clip at the output resolution is the target; it is encoded to latents and the UNet is
+trained with the usual DDPM objective, but **only on timesteps 0..900** (``t_max: 900``; the show-1-sr2
+model card: "finetuned using diffusion timesteps 0-900"). That specialises the model in turning an already
+laid-out video into a detailed one, the only regime ``upscale`` uses (it starts at t <= 799).
+
+Why clean targets and no degradation: the noised latent of the clean clip at t in [0, 900] is what the
+sampler meets at inference (the upsampled video's latent noised to t=799 looks, to the UNet, like a noisy
+clean video: the high-t noise drowns the difference between blurry and sharp). Degrading the *target*
+would teach the model to produce blur, and feeding a degraded latent as a condition would be a different
+model (concat conditioning, like pixel SR) than the released one. So Show-1's recipe is used as is.
+
+The VAE is frozen and kept out of the module tree (like the text encoder): it is not trained, not in the
+optimizer, not in checkpoints, and is rebuilt from its own config (``vae`` node) when a checkpoint loads.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from show1_lightning.diffusion.module import DiffusionStage, StageCondition
+from show1_lightning.models.vae import VideoVAE
+
+_RESIZE_MODES = ("bicubic", "bilinear", "area", "nearest")
+
+
+class LatentSRStage(DiffusionStage):
+    """Low-resolution video + text -> 576x320 video through a latent text-to-video UNet.
+
+    Args:
+        vae: the frozen :class:`~show1_lightning.models.vae.VideoVAE` (scaled SD ``AutoencoderKL``).
+        num_frames, height, width: training clip size at the output resolution (paper: 576x320, W x H);
+            height and width must be multiples of the VAE factor (8).
+        strength: default SDEdit strength of ``upscale`` (paper: 0.8, i.e. start at t=799 with 50 steps).
+        resize_mode: interpolation that brings the input video to the output size (the released code
+            resizes with PIL's default, bicubic).
+        text_attention_mask: pass the text padding mask to the UNet's cross-attention when it accepts one.
+            Default False: the released zeroscope / show-1-sr2 pipeline attends to every CLIP token.
+        **kwargs: the shared diffusion settings (``DiffusionStage``); ``sample_channels`` must equal the
+            VAE's latent channels (4).
+    """
+
+    def __init__(
+        self,
+        vae: VideoVAE,
+        num_frames: int = 8,
+        height: int = 320,
+        width: int = 576,
+        strength: float = 0.8,
+        resize_mode: str = "bicubic",
+        text_attention_mask: bool = False,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(vae, VideoVAE):
+            raise TypeError(f"vae must be a VideoVAE (show1_lightning.models.vae), got {type(vae).__name__}")
+        if vae.latent_channels != self.sample_channels:
+            raise ValueError(f"the VAE has {vae.latent_channels} latent channels but sample_channels="
+                             f"{self.sample_channels}; set stage.sample_channels: {vae.latent_channels}")
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if resize_mode not in _RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {_RESIZE_MODES}, got {resize_mode!r}")
+        self.num_frames, self.height, self.width = int(num_frames), int(height), int(width)
+        self.latent_height, self.latent_width = vae.latent_size(self.height, self.width)
+        self.strength = float(strength)
+        self.resize_mode = resize_mode
+        self._unet_takes_mask = self._unet_takes_mask and bool(text_attention_mask)
+        # Kept out of the module tree: frozen, loaded from its own path, never in checkpoints or DDP.
+        self._frozen["vae"] = vae
+
+    # ------------------------------------------------------------------ VAE
+    @property
+    def vae(self) -> VideoVAE:
+        """The frozen VAE, moved to this module's device on first use."""
+        vae: VideoVAE = self._frozen["vae"]
+        if vae.device != self.device:
+            vae.to(self.device)
+        return vae
+
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """B x 3 x T x H x W in [-1, 1] -> scaled latents B x 4 x T x H/8 x W/8 (float32, no gradient)."""
+        return self.vae.encode(video.to(self.device))
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> video in [-1, 1] (clamped), float32."""
+        return self.vae.decode(latents.to(self.device)).clamp(-1.0, 1.0)
+
+    # ------------------------------------------------------------------ stage hooks
+    def training_inputs(self, batch: dict) -> tuple[torch.Tensor, StageCondition]:
+        """Target = the latents of the clip at the output resolution; no extra conditioning."""
+        video = batch["video"]
+        if video.shape[-2:] != (self.height, self.width):
+            raise ValueError(f"training clips are {video.shape[-1]}x{video.shape[-2]} (W x H) but the stage "
+                             f"trains at {self.width}x{self.height}: set data.height/width from stage.*")
+        return self.encode_video(video), StageCondition()
+
+    def sample_shape(self) -> tuple[int, int, int, int]:
+        """Latent C x T x h x w of one sample."""
+        return (self.sample_channels, self.num_frames, self.latent_height, self.latent_width)
+
+    # ------------------------------------------------------------------ sampling
+    def resize_to_output(self, video: torch.Tensor, height: int | None = None, width: int | None = None
+                         ) -> torch.Tensor:
+        """Resize every frame of B x 3 x T x h x w to the output size (default: the stage's), clamped to [-1, 1]."""
+        if video.ndim != 5 or video.shape[1] != 3:
+            raise ValueError(f"video must be B x 3 x T x H x W, got {tuple(video.shape)}")
+        height, width = height or self.height, width or self.width
+        b, c, t, h, w = video.shape
+        if (h, w) == (height, width):
+            return video.float().clamp(-1.0, 1.0)
+        frames = video.float().permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        align = {"align_corners": False} if self.resize_mode in ("bicubic", "bilinear") else {}
+        antialias = {"antialias": True} if self.resize_mode in ("bicubic", "bilinear") else {}
+        frames = F.interpolate(frames, size=(height, width), mode=self.resize_mode, **align, **antialias)
+        return frames.reshape(b, t, c, height, width).permute(0, 2, 1, 3, 4).clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        cond: StageCondition | None = None,
+        init: torch.Tensor | None = None,
+        strength: float = 1.0,
+        shape: Sequence[int] | None = None,
+        num_steps: int | None = None,
+        guidance_scale: float | None = None,
+        negative_prompt: str | None = None,
+        use_ema: bool = True,
+        progress: bool = False,
+        text: tuple[torch.Tensor, torch.Tensor] | None = None,
+        return_latents: bool = False,
+    ) -> torch.Tensor:
+        """Sample videos in **pixel** space (B x 3 x T x H x W in [-1, 1]), the generator interface.
+
+        Unlike the base method, ``init`` is a pixel video at the output size (encoded here); the latent
+        shape follows it (else ``shape`` / ``sample_shape()``). ``return_latents`` skips decoding.
+        Without ``init`` this is plain text-to-video from noise (strength 1).
+        """
+        latents_init = None
+        if init is not None:
+            latents_init = self.encode_video(init)
+            shape = tuple(latents_init.shape[1:])
+        latents = super().generate(
+            prompts, seeds, cond=cond, init=latents_init, strength=strength, shape=shape, num_steps=num_steps,
+            guidance_scale=guidance_scale, negative_prompt=negative_prompt, use_ema=use_ema, progress=progress,
+            text=text,
+        )
+        return latents if return_latents else self.decode_latents(latents)
+
+    @torch.no_grad()
+    def upscale(
+        self,
+        video: torch.Tensor,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        strength: float | None = None,
+        num_steps: int | None = None,
+        guidance_scale: float | None = None,
+        negative_prompt: str | None = None,
+        use_ema: bool = True,
+        progress: bool = False,
+        text: tuple[torch.Tensor, torch.Tensor] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> torch.Tensor:
+        """Expert translation: B x 3 x T x h x w (e.g. 256x160) -> B x 3 x T x H x W (576x320) in [-1, 1].
+
+        Resize to the output size, encode, noise to ``strength`` (default the stage's, 0.8), denoise with
+        guidance (defaults: ``sampling`` config: 50 steps, CFG 15, negative prompt "low resolution, blur"),
+        decode. ``seeds[i]`` seeds the noise of video i. ``height``/``width`` override the output size
+        (multiples of 8; the UNet is convolutional).
+        """
+        if video.shape[0] != len(prompts):
+            raise ValueError(f"{video.shape[0]} videos but {len(prompts)} prompts")
+        init = self.resize_to_output(video, height, width)
+        return self.generate(
+            prompts, seeds, init=init, strength=self.strength if strength is None else strength,
+            num_steps=num_steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+            use_ema=use_ema, progress=progress, text=text,
+        )
