@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import lightning as L
@@ -11,8 +12,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 def export_stage(pl_module: L.LightningModule, out_dir: str | Path, use_ema: bool = True) -> Path:
     """Save the stage's UNet (EMA weights when available) with ``save_pretrained`` into ``out_dir/unet``
-    (``config.json`` + ``diffusion_pytorch_model.safetensors``) and its noise schedule into
-    ``out_dir/scheduler``."""
+    (``config.json`` + ``diffusion_pytorch_model.safetensors``), its noise schedule into
+    ``out_dir/scheduler`` and, when known, the stage config as ``out_dir/stage.json`` (so the cascade can
+    rebuild the stage from the folder)."""
     out_dir = Path(out_dir)
     unet = copy.deepcopy(pl_module.unet).to("cpu")
     if use_ema and getattr(pl_module, "ema", None) is not None:
@@ -21,6 +23,8 @@ def export_stage(pl_module: L.LightningModule, out_dir: str | Path, use_ema: boo
         ema.copy_to(unet.parameters())
     unet.save_pretrained(out_dir / "unet", safe_serialization=True)
     pl_module.noise_scheduler.save_pretrained(out_dir / "scheduler")
+    if getattr(pl_module, "stage_config", None):
+        (out_dir / "stage.json").write_text(json.dumps(pl_module.stage_config, indent=2))
     return out_dir
 
 

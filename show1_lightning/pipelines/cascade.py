@@ -1,0 +1,169 @@
+"""The Show-1 cascade: text -> keyframes -> interpolation -> pixel SR -> latent expert SR.
+
+Only one stage's networks sit on the accelerator at a time: a stage is moved there, run on the
+batch, and moved back to the CPU before the next stage starts. Each stage's wall time and peak
+memory are recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import hydra
+import torch
+
+from show1_lightning.diffusion.module import DiffusionStage
+from show1_lightning.stages.loading import load_stage_from_checkpoint
+
+STAGE_ORDER = ("keyframe", "interpolation", "pixel_sr", "latent_sr")
+
+
+def load_stage(source: str | Path) -> DiffusionStage:
+    """A stage from a Lightning checkpoint (``*.ckpt`` written by train.py) or from an export folder
+    (``stage.json`` + ``unet/`` in the diffusers layout, written at the end of fit by ExportEMACallback)."""
+    source = Path(source)
+    if source.is_file():
+        return load_stage_from_checkpoint(source)
+    spec = source / "stage.json"
+    weights = source / "unet" / "diffusion_pytorch_model.safetensors"
+    if not spec.exists() or not weights.exists():
+        raise FileNotFoundError(f"{source}: neither a checkpoint file nor an export folder (stage.json + unet/)")
+    from safetensors.torch import load_file
+
+    config = json.loads(spec.read_text())
+    stage: DiffusionStage = hydra.utils.instantiate(config, _convert_="all")
+    stage.unet.load_state_dict(load_file(str(weights)))
+    stage.stage_config = config
+    stage.ema = None  # the export holds the EMA weights already
+    return stage.eval()
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated memory of the device since the last reset (CUDA), else the process's peak RSS."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+@dataclass
+class StageReport:
+    """Time and peak memory of one stage over one batch."""
+
+    name: str
+    seconds: float
+    peak_bytes: int
+    output_shape: tuple[int, ...]
+
+
+@dataclass
+class CascadeResult:
+    """The final video (B x 3 x T x H x W in [-1, 1]), every stage's output and the stage reports."""
+
+    video: torch.Tensor
+    intermediates: dict[str, torch.Tensor] = field(default_factory=dict)
+    reports: list[StageReport] = field(default_factory=list)
+
+
+class Show1Cascade:
+    """Runs the configured stages in Show-1's order; any suffix may be left out (None).
+
+    Args:
+        keyframe / interpolation / pixel_sr / latent_sr: a stage, or a path to a checkpoint or export.
+        device: where each stage runs ("auto": CUDA when available).
+        precision: "32" or "bf16" (autocast around the stages; the VAE and text encoders follow it).
+        sampling: per-stage overrides for the stage's sampling call, e.g.
+            ``{"keyframe": {"num_steps": 75, "guidance_scale": 9.0}}``.
+    """
+
+    def __init__(
+        self,
+        keyframe: DiffusionStage | str | Path,
+        interpolation: DiffusionStage | str | Path | None = None,
+        pixel_sr: DiffusionStage | str | Path | None = None,
+        latent_sr: DiffusionStage | str | Path | None = None,
+        device: str = "auto",
+        precision: str = "32",
+        sampling: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        given = {"keyframe": keyframe, "interpolation": interpolation, "pixel_sr": pixel_sr, "latent_sr": latent_sr}
+        self.stages: dict[str, DiffusionStage] = {}
+        for name in STAGE_ORDER:
+            src = given[name]
+            if src is None:
+                continue
+            stage = src if isinstance(src, DiffusionStage) else load_stage(src)
+            self.stages[name] = stage.to("cpu").eval()
+        missing = [n for n in STAGE_ORDER if n not in self.stages]
+        present = [n for n in STAGE_ORDER if n in self.stages]
+        if present != list(STAGE_ORDER[: len(present)]):
+            raise ValueError(f"stages must form a prefix of {STAGE_ORDER}; got {present} (missing {missing})")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if precision not in ("32", "bf16"):
+            raise ValueError(f"precision must be '32' or 'bf16', got {precision!r}")
+        self.precision = precision
+        self.sampling = {k: dict(v) for k, v in (sampling or {}).items()}
+        unknown = set(self.sampling) - set(STAGE_ORDER)
+        if unknown:
+            raise ValueError(f"sampling overrides for unknown stages: {sorted(unknown)}")
+
+    @property
+    def fps(self) -> float:
+        """Frame rate of the final video (from the last stage's config, default 8)."""
+        last = self.stages[list(self.stages)[-1]]
+        return float(getattr(last, "output_fps", 8.0))
+
+    def _run(self, name: str, prompts: Sequence[str], seeds: Sequence[int], x: torch.Tensor | None) -> torch.Tensor:
+        stage = self.stages[name]
+        kw = self.sampling.get(name, {})
+        if name == "keyframe":
+            return stage.generate(list(prompts), list(seeds), **kw)
+        assert x is not None
+        x = x.to(self.device)
+        if name == "interpolation":
+            return stage.interpolate(x, list(prompts), list(seeds), **kw)
+        if name == "pixel_sr":
+            return stage.upsample(x, list(prompts), list(seeds), **kw)
+        return stage.upscale(x, list(prompts), list(seeds), **kw)
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], seeds: Sequence[int]) -> CascadeResult:
+        """Generate one video per prompt; sample i of every stage is seeded by ``seeds[i]``."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        result = CascadeResult(video=torch.empty(0))
+        x: torch.Tensor | None = None
+        for name, stage in self.stages.items():
+            stage.to(self.device)
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+                torch.cuda.synchronize(self.device)
+            t0 = time.perf_counter()
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                x = self._run(name, prompts, seeds, x)
+            x = x.float().clamp(-1, 1)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - t0
+            result.reports.append(StageReport(name, seconds, peak_memory_bytes(self.device), tuple(x.shape)))
+            result.intermediates[name] = x.cpu()
+            stage.to("cpu")  # one stage on the accelerator at a time
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        assert x is not None
+        result.video = x.cpu()
+        return result
+
+
+def format_reports(reports: Sequence[StageReport]) -> str:
+    """A small text table of per-stage time and peak memory."""
+    lines = [f"{'stage':<14} {'seconds':>9} {'peak memory':>12}  output (B, C, T, H, W)"]
+    for r in reports:
+        lines.append(f"{r.name:<14} {r.seconds:>9.2f} {r.peak_bytes / 2**30:>9.2f} GiB  {r.output_shape}")
+    return "\n".join(lines)
