@@ -1,0 +1,136 @@
+"""The cascade: toy stages end to end (pipeline, export loading, generate.py) and the paper's shapes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from show1_lightning.callbacks.export import export_stage
+from show1_lightning.pipelines.cascade import Show1Cascade, load_stage
+from show1_lightning.pipelines.generator import CascadeGenerator
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("keyframe", "interpolation", "pixel_sr", "latent_sr")
+TOY = {"keyframe": "toy", "interpolation": "toy_interpolation", "pixel_sr": "toy_pixel_sr",
+       "latent_sr": "toy_latent_sr"}
+TWO_STEPS = {name: {"num_steps": 2} for name in STAGES}
+
+
+def build_stage(compose_train, tmp_path: Path, experiment: str, *overrides: str):
+    extra = ["vae@stage.vae=tiny"] if "latent_sr" in experiment else []
+    cfg = compose_train(tmp_path, f"experiment={experiment}", *extra, *overrides, tiny=False)
+    torch.manual_seed(0)
+    stage = hydra.utils.instantiate(cfg.stage, _convert_="all")
+    stage.stage_config = OmegaConf.to_container(cfg.stage, resolve=True)
+    return stage.eval()
+
+
+@pytest.fixture
+def toy_stages(compose_train, tmp_path):
+    return {name: build_stage(compose_train, tmp_path, exp) for name, exp in TOY.items()}
+
+
+def test_toy_cascade_shapes_and_reports(toy_stages):
+    cascade = Show1Cascade(**toy_stages, device="cpu", sampling=TWO_STEPS)
+    result = cascade(["a red circle moving left"], [3])
+    shapes = {r.name: r.output_shape for r in result.reports}
+    assert shapes == {
+        "keyframe": (1, 3, 8, 20, 32),
+        "interpolation": (1, 3, 29, 20, 32),
+        "pixel_sr": (1, 3, 29, 80, 128),
+        "latent_sr": (1, 3, 29, 160, 256),
+    }
+    assert result.video.shape == (1, 3, 29, 160, 256)
+    assert result.video.min() >= -1 and result.video.max() <= 1
+    # The interpolation keeps the keyframes at every 4th frame.
+    torch.testing.assert_close(result.intermediates["interpolation"][:, :, ::4],
+                               result.intermediates["keyframe"])
+    assert all(r.seconds > 0 and r.peak_bytes > 0 for r in result.reports)
+
+
+def test_cascade_prefix_and_order_checks(toy_stages):
+    two = Show1Cascade(toy_stages["keyframe"], toy_stages["interpolation"], device="cpu", sampling=TWO_STEPS)
+    assert two(["a blue square moving up"], [0]).video.shape == (1, 3, 29, 20, 32)
+    with pytest.raises(ValueError, match="prefix"):
+        Show1Cascade(toy_stages["keyframe"], pixel_sr=toy_stages["pixel_sr"], device="cpu")
+    with pytest.raises(ValueError, match="unknown stages"):
+        Show1Cascade(toy_stages["keyframe"], device="cpu", sampling={"sr3": {}})
+
+
+def test_exports_reload_and_generate_py_writes_mp4s(toy_stages, tmp_path):
+    exports = {}
+    for name, stage in toy_stages.items():
+        exports[name] = export_stage(stage, tmp_path / "exports" / name)
+    # An export rebuilds the same UNet weights (EMA copied in).
+    reloaded = load_stage(exports["keyframe"])
+    with toy_stages["keyframe"].ema_weights():
+        for p, q in zip(toy_stages["keyframe"].unet.parameters(), reloaded.unet.parameters()):
+            torch.testing.assert_close(p, q)
+    out = tmp_path / "gen"
+    args = [sys.executable, "generate.py", f"output_dir={out}", "prompts=[a green triangle moving right]",
+            "batch_size=1", *[f"stages.{n}={p}" for n, p in exports.items()],
+            *[f"+sampling.{n}.num_steps=2" for n in STAGES]]
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
+    res = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "latent_sr" in res.stdout and "peak memory" in res.stdout
+    finals = list(out.glob("000_*.mp4"))
+    assert len(finals) == 1
+    from show1_lightning.data.video_io import decode_video
+
+    video = decode_video(finals[0])
+    assert video.frames.shape == (29, 160, 256, 3)
+    assert len(list((out / "stages").glob("000_*.mp4"))) == 4
+
+
+def test_cascade_generator_satisfies_the_evaluation_interface(toy_stages, tmp_path):
+    from evaluation.generators import VideoGenerator
+
+    path = export_stage(toy_stages["keyframe"], tmp_path / "kf")
+    gen = CascadeGenerator(keyframe=path, device="cpu", sampling={"keyframe": {"num_steps": 2}})
+    assert isinstance(gen, VideoGenerator)
+    videos = gen.generate(["a red circle moving left", "a blue square moving up"], [0, 1])
+    assert videos.shape == (2, 3, 8, 20, 32)
+    # Seeded per sample: the second video does not depend on its batch neighbour. (Same batch size:
+    # at t ~ T the x0 estimate divides by a tiny alpha, which amplifies float rounding differences of
+    # other batch shapes far beyond a tolerance that would still be meaningful.)
+    again = gen.generate(["a yellow circle moving down", "a blue square moving up"], [7, 1])
+    torch.testing.assert_close(videos[1], again[1])
+    assert not torch.allclose(videos[0], again[0])
+    assert gen.describe()["stages"] == {"keyframe": str(path)}
+
+
+@pytest.mark.slow
+def test_paper_shapes_29_frames_at_576x320_with_tiny_widths(compose_train, tmp_path):
+    """The paper experiments' resolutions, frame counts and UNet types, at tiny widths on CPU."""
+    tiny_text = "text_encoder=tiny_t5"
+    stages = {
+        "keyframe": build_stage(compose_train, tmp_path, "paper_keyframe", tiny_text,
+                                "model.+block_out_channels=[32,32,32,32]", "+model.attention_head_dim=8",
+                                "+model.encoder_hid_dim=64", "+model.cross_attention_dim=32"),
+        "interpolation": build_stage(compose_train, tmp_path, "paper_interpolation", tiny_text,
+                                     "+model.block_out_channels=[32,32,32,32]", "+model.attention_head_dim=8",
+                                     "+model.encoder_hid_dim=64", "+model.cross_attention_dim=32"),
+        "pixel_sr": build_stage(compose_train, tmp_path, "paper_pixel_sr", tiny_text,
+                                "+model.block_out_channels=[32,32,32,32,32]", "+model.attention_head_dim=8",
+                                "+model.encoder_hid_dim=64", "+model.cross_attention_dim=32"),
+        "latent_sr": build_stage(compose_train, tmp_path, "paper_latent_sr", "text_encoder=tiny_clip",
+                                 "+model.block_out_channels=[32,32,32,32]", "+model.attention_head_dim=8",
+                                 "+model.cross_attention_dim=64"),
+    }
+    cascade = Show1Cascade(**stages, device="cpu", sampling=TWO_STEPS)
+    result = cascade(["a panda playing guitar"], [0])
+    shapes = {r.name: r.output_shape for r in result.reports}
+    assert shapes == {
+        "keyframe": (1, 3, 8, 40, 64),
+        "interpolation": (1, 3, 29, 40, 64),
+        "pixel_sr": (1, 3, 29, 160, 256),
+        "latent_sr": (1, 3, 29, 320, 576),
+    }
