@@ -165,6 +165,16 @@ def test_generate_returns_pixels_or_latents(stage: LatentSRStage) -> None:
     torch.testing.assert_close(stage.decode_latents(latents), video)
 
 
+def test_stage_device_moves_carry_the_vae_but_not_dtype_changes() -> None:
+    st = _stage("stage.height=32", "stage.width=48", "stage.num_frames=1")
+    st.double()  # dtype changes leave the VAE in its configured dtype
+    assert next(st.unet.parameters()).dtype == torch.float64
+    assert next(st._frozen["vae"].parameters()).dtype == torch.float32
+    st.to("meta")  # a device move (no GPU in CI: the meta device stands in for one)
+    assert next(st.unet.parameters()).device.type == "meta"
+    assert st._frozen["vae"].device.type == "meta"
+
+
 def test_resize_to_output(stage: LatentSRStage) -> None:
     low = _batch(b=1, t=3, h=16, w=24)["video"]
     up = stage.resize_to_output(low)
