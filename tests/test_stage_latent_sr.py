@@ -235,6 +235,7 @@ def test_toy_experiment_with_fitted_toy_vae(tmp_path: Path) -> None:
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
         cfg.paths.work_dir = str(tmp_path)
+        cfg.callbacks = {}  # the experiment's model_checkpoint tweak has no base node under callbacks=none
     metrics = train.train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert (data_dir / "toy_vae_160x256" / "DONE.json").exists()
