@@ -134,3 +134,10 @@ def test_paper_shapes_29_frames_at_576x320_with_tiny_widths(compose_train, tmp_p
         "pixel_sr": (1, 3, 29, 160, 256),
         "latent_sr": (1, 3, 29, 320, 576),
     }
+
+
+def test_frozen_modules_follow_device_moves(toy_stages):
+    stage = toy_stages["latent_sr"]
+    stage.to("meta")
+    assert next(stage.text_encoder.parameters()).device.type == "meta"
+    assert next(stage._frozen["vae"].parameters()).device.type == "meta"

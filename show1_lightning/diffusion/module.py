@@ -133,6 +133,21 @@ class DiffusionStage(L.LightningModule):
         """C x T x H x W of one generated sample."""
         raise NotImplementedError
 
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "DiffusionStage":
+        """Device moves of the stage (``.to(device)``, ``.cuda()``, ``.cpu()``) also move the frozen modules
+        kept outside the module tree (text encoder, VAE), so a stage sent back to the CPU (the cascade keeps
+        one stage on the accelerator) frees them too. Their dtype is left alone: they run in their own."""
+        out = super()._apply(fn, *args, **kwargs)
+        frozen = self.__dict__.get("_frozen", {})
+        if frozen and any(True for _ in self.unet.parameters()):
+            device = next(self.unet.parameters()).device
+            for module in frozen.values():
+                if isinstance(module, nn.Module):
+                    first = next(module.parameters(), None)
+                    if first is not None and first.device != device:
+                        module.to(device)
+        return out
+
     # ------------------------------------------------------------------ text
     @property
     def text_encoder(self) -> nn.Module | None:

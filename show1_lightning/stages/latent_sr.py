@@ -80,18 +80,6 @@ class LatentSRStage(DiffusionStage):
         self._frozen["vae"] = vae
 
     # ------------------------------------------------------------------ VAE
-    def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN202
-        """Device moves of the stage (``.to(device)``, ``.cuda()``, ``.cpu()``) also move the frozen VAE, so a
-        stage sent back to the CPU (the cascade keeps one stage on the accelerator) frees its VAE too. Dtype
-        changes are not applied: the VAE runs in its own configured dtype."""
-        out = super()._apply(fn, *args, **kwargs)
-        vae = self._frozen.get("vae") if hasattr(self, "_frozen") else None
-        if vae is not None:
-            device = next(self.unet.parameters()).device
-            if vae.device != device:
-                vae.to(device)
-        return out
-
     @property
     def vae(self) -> VideoVAE:
         """The frozen VAE, moved to this module's device on first use."""
