@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 # Bump when the clips change: ensure_toy_dataset regenerates caches made by another version.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # Six saturated colours with hues at least ~45 degrees apart (red 0, yellow ~50, green ~128,
 # cyan ~183, blue ~228, magenta ~304).
@@ -159,7 +159,7 @@ def make_toy_clip(
         raise ValueError(f"unknown motion {motion!r}; expected one of {TOY_MOTIONS}")
     rng = np.random.default_rng(seed)
     bg = _background(rng, height, width)
-    r = rng.uniform(8, 13)
+    r = rng.uniform(16, 22)  # large shapes: the colour stays visible at the keyframe stage's 32x20
     ddx, ddy = _MOTION_DIR[motion]
     extent = width if ddx else height
     dist = rng.uniform(0.35, 0.55) * (extent - 2 * r - 4)  # travel along the motion axis
