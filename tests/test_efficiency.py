@@ -108,7 +108,8 @@ def test_reduced_sr1_meta_prediction_matches_real_cpu_run():
     real = real_peak(cfg, spec)
     assert pred > 1_000_000
     assert real["tracked"] == pytest.approx(pred, rel=0.01)
-    assert 0.9 * pred <= real["rss_delta"] <= pred + 32 * 2**20
+    # (The RSS growth check lives in bench/efficiency.py, in a fresh process: inside a test session the
+    # allocator reuses memory freed by earlier tests, so RSS growth here depends on test order.)
 
 
 def test_quick_bench_prints_both_cascades():

@@ -186,12 +186,13 @@ def test_fvd_of_set_with_itself_is_zero_and_float32() -> None:
     table = torch.from_numpy(np.random.default_rng(3).normal(size=(20, 8)))
     net = LookupFeatures(table)
     fvd = FVD(net, clip_length=1, num_features=8, feature_batch_size=3)
+    tf32_before = torch.backends.cudnn.allow_tf32
     videos = index_videos(range(20))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the metric must switch autocast off
         fvd.update(videos, real=True)
         fvd.update(videos, real=False)
     assert set(net.calls_dtypes) == {torch.float32} and len(net.calls_dtypes) == 2 * 7
-    assert not any(net.calls_tf32) and torch.backends.cudnn.allow_tf32  # off inside, restored after
+    assert not any(net.calls_tf32) and torch.backends.cudnn.allow_tf32 == tf32_before  # off inside, restored after
     assert fvd.real_count == 20 and fvd.real_sum.dtype == torch.float64
     assert abs(float(fvd.compute())) < 1e-9
     assert fvd.compute().dtype == torch.float64

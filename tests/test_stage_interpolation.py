@@ -183,5 +183,5 @@ def test_paper_experiment_config() -> None:
     assert load_released_config("show-1-interpolation")["in_channels"] == 3 + 4
     assert (cfg.stage.sampling.num_steps, cfg.stage.sampling.guidance_scale) == (75, 4.0)
     assert cfg.stage.noise_scheduler.beta_schedule == "squaredcos_cap_v2"
-    assert cfg.trainer.precision == "bf16-mixed" and cfg.text_dim == 4096 and cfg.data.target_fps == 16
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.text_dim == 4096 and cfg.data.target_fps == 8
     assert (cfg.stage.num_frames, cfg.stage.insert_frames, cfg.stage.height, cfg.stage.width) == (5, 3, 40, 64)

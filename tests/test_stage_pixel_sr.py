@@ -250,6 +250,6 @@ def test_paper_experiment_config() -> None:
     assert load_released_config("show-1-sr1")["in_channels"] == 3 + 3
     assert (cfg.stage.sampling.num_steps, cfg.stage.sampling.guidance_scale) == (125, 7.0)
     assert cfg.stage.noise_scheduler.beta_schedule == "squaredcos_cap_v2"
-    assert cfg.trainer.precision == "bf16-mixed" and cfg.text_dim == 4096 and cfg.data.target_fps == 16
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.text_dim == 4096 and cfg.data.target_fps == 8
     assert (cfg.stage.height, cfg.stage.width, cfg.stage.scale_factor, cfg.stage.noise_level) == (160, 256, 4, 250)
     assert cfg.stage.window_frames == 8

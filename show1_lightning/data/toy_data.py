@@ -159,7 +159,7 @@ def make_toy_clip(
         raise ValueError(f"unknown motion {motion!r}; expected one of {TOY_MOTIONS}")
     rng = np.random.default_rng(seed)
     bg = _background(rng, height, width)
-    r = rng.uniform(16, 22)  # large shapes: the colour stays visible at the keyframe stage's 32x20
+    r = rng.uniform(0.2, 0.275) * min(height, width)  # large: the colour stays visible at the keyframe stage's 32x20
     ddx, ddy = _MOTION_DIR[motion]
     extent = width if ddx else height
     dist = rng.uniform(0.35, 0.55) * (extent - 2 * r - 4)  # travel along the motion axis
