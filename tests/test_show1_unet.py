@@ -24,7 +24,6 @@ from show1_lightning.models.show1_unet import (
     load_released_config,
     released_config_names,
     released_train_mode_dropout,
-    split_learned_variance,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -503,17 +502,6 @@ def test_released_train_mode_dropout_only_touches_dropout():
         assert all(not m.training for m in model.modules())
         with released_train_mode_dropout(model, enabled=False):
             assert torch.equal(model(**kw).sample, a)
-
-
-def test_split_learned_variance():
-    out = torch.randn(2, 6, 3, 4, 4)
-    eps, var = split_learned_variance(out)
-    assert torch.equal(eps, out[:, :3]) and torch.equal(var, out[:, 3:])
-    assert split_learned_variance(out, image_channels=3)[0].shape == (2, 3, 3, 4, 4)
-    with pytest.raises(ValueError, match="odd"):
-        split_learned_variance(torch.randn(2, 3, 4))
-    with pytest.raises(ValueError, match="4-channel"):
-        split_learned_variance(out, image_channels=4)
 
 
 # ----------------------------------------------------------------------------- Hydra nodes

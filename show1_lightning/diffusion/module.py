@@ -27,6 +27,7 @@ from show1_lightning.diffusion.objectives import (
     training_target,
 )
 from show1_lightning.diffusion.sampling import denoise, make_sampler, seeded_noise
+from show1_lightning.models.show1_unet import released_train_mode_dropout
 
 
 @dataclass
@@ -327,10 +328,10 @@ class DiffusionStage(L.LightningModule):
         cond = cond or StageCondition()
         noise = seeded_noise(shape, seeds, self.device)
         was_training = self.unet.training
-        # Released Show-1 base sampling keeps dropout on (UNet in train mode): an explicit option.
-        self.unet.train(bool(s.get("train_mode_dropout", False)))
+        self.unet.eval()
         try:
-            with self.ema_weights(use_ema):
+            # Released Show-1 base sampling keeps dropout on (UNet in train mode): an explicit option.
+            with self.ema_weights(use_ema), released_train_mode_dropout(self.unet, bool(s.get("train_mode_dropout"))):
                 out = denoise(
                     lambda x, t, e, m: self.predict(x, t, e, m, cond),
                     sampler, noise, emb.to(self.device), mask.to(self.device), null_emb, null_mask,

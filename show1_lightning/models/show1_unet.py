@@ -9,7 +9,7 @@
   ``UNet3DConditionModel``), with the input temporal transformer ``transformer_in`` optional.
 - :func:`build_show1_unet`: the Hydra factory (released config name or path, optional folder of released weights).
 - Released-pipeline behaviours that change numbers, as explicit helpers: :func:`released_train_mode_dropout`
-  (sampling with dropout on) and :func:`split_learned_variance` (6 output channels = eps + learned variance).
+  (sampling with dropout on) (learned-variance channels are dropped by ``show1_lightning.diffusion.objectives.split_learned_variance``).
 
 All models take and return videos as ``(batch, channels, frames, height, width)``.
 """
@@ -57,7 +57,6 @@ __all__ = [
     "load_released_config",
     "released_config_names",
     "released_train_mode_dropout",
-    "split_learned_variance",
 ]
 
 
@@ -622,28 +621,3 @@ def released_train_mode_dropout(model: nn.Module, enabled: bool = True) -> Itera
     finally:
         for m, mode in zip(dropouts, previous):
             m.train(mode)
-
-
-def split_learned_variance(
-    model_output: torch.Tensor, image_channels: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split a learned-variance prediction ``(B, 2*C, ...)`` into ``(eps, variance_values)``, each ``(B, C, ...)``.
-
-    The released pixel UNets predict 3 noise + 3 variance channels (``out_channels`` 6); the released scheduler
-    uses fixed_small variance, so sampling keeps ``eps`` and discards the rest. ``image_channels`` defaults to half
-    the output channels; pass it (3) to have the layout checked.
-    """
-    if model_output.dim() < 2:
-        raise ValueError(f"model output must be (batch, channels, ...); got {tuple(model_output.shape)}")
-    channels = model_output.shape[1]
-    if image_channels is None:
-        if channels % 2:
-            raise ValueError(f"model output has an odd channel count {channels}: no learned variance to split")
-        image_channels = channels // 2
-    if channels != 2 * image_channels:
-        raise ValueError(
-            f"model output has {channels} channels; a learned-variance output for {image_channels}-channel images "
-            f"has {2 * image_channels}"
-        )
-    eps, var = model_output.split(image_channels, dim=1)
-    return eps, var
