@@ -110,3 +110,16 @@ def test_denoise_with_an_oracle_recovers_the_sample():
                   torch.ones(2, 3, dtype=torch.bool), torch.zeros(1, 3, 2), torch.ones(1, 3, dtype=torch.bool),
                   num_steps=20, guidance_scale=5.0)
     torch.testing.assert_close(out, x0, atol=2e-3, rtol=0)
+
+
+def test_min_snr_weights():
+    from show1_lightning.diffusion.objectives import min_snr_weights
+
+    s = cosine_scheduler()
+    t = torch.tensor([1, 500, 999])
+    snr = s.alphas_cumprod[t] / (1 - s.alphas_cumprod[t])
+    w = min_snr_weights(s, t, 5.0)
+    torch.testing.assert_close(w, snr.clamp(max=5.0) / snr)
+    assert w[0] < 1 and w[2] == pytest.approx(1.0)
+    wv = min_snr_weights(cosine_scheduler("v_prediction"), t, 5.0)
+    torch.testing.assert_close(wv, snr.clamp(max=5.0) / (snr + 1))

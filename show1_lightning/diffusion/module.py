@@ -22,6 +22,7 @@ from torch import nn
 from show1_lightning.diffusion.guidance import drop_captions
 from show1_lightning.diffusion.objectives import (
     diffusion_loss,
+    min_snr_weights,
     sample_timesteps,
     split_learned_variance,
     training_target,
@@ -69,6 +70,7 @@ class DiffusionStage(L.LightningModule):
         ema: ``decay``, ``use_ema_warmup``, ``power``, ``enabled``; EMA weights are used for sampling.
         sampling: defaults for ``generate`` (num_steps, guidance_scale, negative_prompt, solver args).
         gradient_checkpointing: trade compute for memory in the UNet.
+        snr_gamma: Min-SNR-gamma loss weighting (None: plain MSE, as the paper's models).
     """
 
     #: channels a stage concatenates to the noisy sample (interpolation: 4, pixel SR: 3).
@@ -89,8 +91,10 @@ class DiffusionStage(L.LightningModule):
         sampling: dict | None = None,
         gradient_checkpointing: bool = False,
         null_text_cache_dir: str | None = None,
+        snr_gamma: float | None = None,
     ) -> None:
         super().__init__()
+        self.snr_gamma = snr_gamma
         self.unet = unet
         self.noise_scheduler = noise_scheduler
         self.optimizer_factory = optimizer
@@ -227,7 +231,8 @@ class DiffusionStage(L.LightningModule):
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
         x_t = self.noise_scheduler.add_noise(x0, noise, t)
         pred = self.predict(x_t, t, emb, mask, cond)
-        return diffusion_loss(pred, training_target(self.noise_scheduler, x0, noise, t)), t
+        weights = min_snr_weights(self.noise_scheduler, t, self.snr_gamma) if self.snr_gamma else None
+        return diffusion_loss(pred, training_target(self.noise_scheduler, x0, noise, t), weights), t
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, _ = self.diffusion_step(batch)

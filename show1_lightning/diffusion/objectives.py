@@ -54,6 +54,26 @@ def split_learned_variance(model_output: torch.Tensor, channels: int) -> torch.T
     )
 
 
-def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error, computed in float32 whatever the autocast dtype."""
-    return F.mse_loss(prediction.float(), target.float())
+def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023), one per sample, for the scheduler's prediction type.
+
+    epsilon: min(SNR, gamma) / SNR; v: min(SNR, gamma) / (SNR + 1). Down-weights the easy high-SNR steps.
+    """
+    if gamma <= 0:
+        raise ValueError(f"snr_gamma must be positive, got {gamma}")
+    ac = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = ac / (1 - ac)
+    clipped = snr.clamp(max=gamma)
+    if scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
+
+
+def diffusion_loss(
+    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean squared error in float32 whatever the autocast dtype; optionally weighted per sample."""
+    if weights is None:
+        return F.mse_loss(prediction.float(), target.float())
+    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    return (per_sample * weights.to(per_sample.device)).mean()
