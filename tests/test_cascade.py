@@ -113,7 +113,7 @@ def test_paper_shapes_29_frames_at_576x320_with_tiny_widths(compose_train, tmp_p
     tiny_text = "text_encoder=tiny_t5"
     stages = {
         "keyframe": build_stage(compose_train, tmp_path, "paper_keyframe", tiny_text,
-                                "model.+block_out_channels=[32,32,32,32]", "+model.attention_head_dim=8",
+                                "+model.block_out_channels=[32,32,32,32]", "+model.attention_head_dim=8",
                                 "+model.encoder_hid_dim=64", "+model.cross_attention_dim=32"),
         "interpolation": build_stage(compose_train, tmp_path, "paper_interpolation", tiny_text,
                                      "+model.block_out_channels=[32,32,32,32]", "+model.attention_head_dim=8",

@@ -152,3 +152,12 @@ def test_paper_keyframe_config_builds_the_released_structure_on_meta(compose_tra
         unet = hydra.utils.instantiate(cfg.model, _convert_="all")
     assert unet.config.in_channels == 3 and unet.config.out_channels == 6  # eps + learned variance
     assert unet.config.encoder_hid_dim == cfg.text_dim == 4096
+
+
+def test_gradient_checkpointing_on_a_unet_without_it_is_reported(compose_train, tmp_path):
+    import hydra
+    import hydra.errors
+
+    cfg = compose_train(tmp_path, "stage.gradient_checkpointing=true")  # stock UNet3D: no checkpointing
+    with pytest.raises((ValueError, hydra.errors.InstantiationException), match="stage.gradient_checkpointing"):
+        hydra.utils.instantiate(cfg.stage, _convert_="all")

@@ -119,7 +119,12 @@ class DiffusionStage(L.LightningModule):
                 f"{type(self).__name__} feeds the UNet {sample_channels} sample + {self.condition_channels} condition "
                 f"channels, but the UNet config has in_channels={unet_in} (set model.in_channels)"
             )
-        if gradient_checkpointing and hasattr(unet, "enable_gradient_checkpointing"):
+        if gradient_checkpointing:
+            if not getattr(unet, "_supports_gradient_checkpointing", False):
+                raise ValueError(
+                    f"stage.gradient_checkpointing=true but {type(unet).__name__} does not support gradient "
+                    "checkpointing (diffusers' stock UNet3D blocks have none); set stage.gradient_checkpointing=false"
+                )
             unet.enable_gradient_checkpointing()
         forward_params = inspect.signature(unet.forward).parameters
         self._unet_takes_mask = "encoder_attention_mask" in forward_params
