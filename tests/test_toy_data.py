@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import time
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +38,9 @@ def _decoded(shards: list[str]) -> tuple[torch.Tensor, list[str]]:
     return torch.stack(videos), captions
 
 
-def test_default_dataset_layout_and_speed(tmp_path: Path) -> None:
-    t0 = time.time()
+def test_default_dataset_layout_and_cache(tmp_path: Path) -> None:
+    # (Generation speed is measured by bench/, not asserted here: tests carry no wall-clock limits.)
     shards = ensure_toy_dataset(tmp_path)
-    took = time.time() - t0
-    assert took < 40, f"toy generation took {took:.1f}s"
     assert [Path(p).name for p in shards["train"]] == [f"{i:05d}.tar" for i in range(8)]
     assert [Path(p).name for p in shards["val"]] == ["00008.tar"]
     assert all(Path(p).parent == tmp_path / "train" for p in shards["train"])
@@ -56,10 +53,10 @@ def test_default_dataset_layout_and_speed(tmp_path: Path) -> None:
     assert video.frames.shape == (32, 80, 128, 3) and video.fps == pytest.approx(16)
     meta = json.loads(samples[0]["json"])
     assert samples[0]["txt"].decode() == f"a {meta['color']} {meta['shape']} moving {meta['motion']}"
-    # cached: the second call returns at once with the same shards
-    t0 = time.time()
+    # cached: the second call returns the same shards without rewriting them
+    mtimes = [Path(p).stat().st_mtime_ns for p in shards["train"]]
     assert ensure_toy_dataset(tmp_path) == shards
-    assert time.time() - t0 < 0.5
+    assert [Path(p).stat().st_mtime_ns for p in shards["train"]] == mtimes
 
 
 def test_cache_invalidated_by_generator_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
