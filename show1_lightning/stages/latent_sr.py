@@ -23,7 +23,7 @@ optimizer, not in checkpoints, and is rebuilt from its own config (``vae`` node)
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -130,33 +130,23 @@ class LatentSRStage(DiffusionStage):
         self,
         prompts: Sequence[str],
         seeds: Sequence[int],
-        cond: StageCondition | None = None,
         init: torch.Tensor | None = None,
-        strength: float = 1.0,
         shape: Sequence[int] | None = None,
-        num_steps: int | None = None,
-        guidance_scale: float | None = None,
-        negative_prompt: str | None = None,
-        use_ema: bool = True,
-        progress: bool = False,
-        text: tuple[torch.Tensor, torch.Tensor] | None = None,
         return_latents: bool = False,
+        **kwargs: Any,
     ) -> torch.Tensor:
         """Sample videos in **pixel** space (B x 3 x T x H x W in [-1, 1]), the generator interface.
 
         Unlike the base method, ``init`` is a pixel video at the output size (encoded here); the latent
-        shape follows it (else ``shape`` / ``sample_shape()``). ``return_latents`` skips decoding.
-        Without ``init`` this is plain text-to-video from noise (strength 1).
+        shape follows it (else ``shape`` / ``sample_shape()``). ``return_latents`` skips decoding. Other
+        keyword arguments (strength, num_steps, guidance_scale, negative_prompt, ...) go to
+        ``DiffusionStage.generate``. Without ``init`` this is plain text-to-video from noise (strength 1).
         """
         latents_init = None
         if init is not None:
             latents_init = self.encode_video(init)
             shape = tuple(latents_init.shape[1:])
-        latents = super().generate(
-            prompts, seeds, cond=cond, init=latents_init, strength=strength, shape=shape, num_steps=num_steps,
-            guidance_scale=guidance_scale, negative_prompt=negative_prompt, use_ema=use_ema, progress=progress,
-            text=text,
-        )
+        latents = super().generate(prompts, seeds, init=latents_init, shape=shape, **kwargs)
         return latents if return_latents else self.decode_latents(latents)
 
     @torch.no_grad()
