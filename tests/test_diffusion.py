@@ -123,3 +123,18 @@ def test_min_snr_weights():
     assert w[0] < 1 and w[2] == pytest.approx(1.0)
     wv = min_snr_weights(cosine_scheduler("v_prediction"), t, 5.0)
     torch.testing.assert_close(wv, snr.clamp(max=5.0) / (snr + 1))
+
+
+def test_min_snr_weights_with_truncated_snr_floor():
+    from show1_lightning.diffusion.objectives import min_snr_weights
+
+    s = cosine_scheduler("v_prediction")
+    t = torch.tensor([1, 300, 700, 999])
+    snr = s.alphas_cumprod[t] / (1 - s.alphas_cumprod[t])
+    w = min_snr_weights(s, t, 5.0, floor=1.0)
+    # x0 weight max(min(SNR, 5), 1): in v terms the noisy end keeps ~plain v-loss weight, the clean end is capped
+    torch.testing.assert_close(w, snr.clamp(1.0, 5.0) / (snr + 1))
+    assert w[3] == pytest.approx(1.0, abs=1e-3) and w[3] > 100 * min_snr_weights(s, t, 5.0)[3]
+    torch.testing.assert_close(w[:2], min_snr_weights(s, t, 5.0)[:2])
+    with pytest.raises(ValueError, match="snr_floor"):
+        min_snr_weights(s, t, 5.0, floor=6.0)

@@ -18,8 +18,9 @@ from show1_lightning.stages.loading import load_stage_from_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_short_run_writes_checkpoint_samples_export_and_adherence(compose_train, tmp_path):
-    cfg = compose_train(tmp_path)
+@pytest.mark.parametrize("model", [None, "unet3d_tiny"])  # the toy default (tiny Show-1 UNet), stock diffusers
+def test_short_run_writes_checkpoint_samples_export_and_adherence(compose_train, tmp_path, model):
+    cfg = compose_train(tmp_path, *([f"model={model}"] if model else []))
     metrics = train.train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert "val/loss" in metrics
@@ -30,11 +31,14 @@ def test_short_run_writes_checkpoint_samples_export_and_adherence(compose_train,
     assert len(mp4s) == 4  # the 4 fixed prompts, at the end of fit
     unet_dir = tmp_path / "export" / "unet"
     assert (unet_dir / "config.json").exists() and (unet_dir / "diffusion_pytorch_model.safetensors").exists()
-    # The export holds the EMA weights and loads with diffusers.
-    from diffusers import UNet3DConditionModel
-
-    exported = UNet3DConditionModel.from_pretrained(unet_dir)
+    # The export holds the EMA weights and loads with diffusers' from_pretrained.
     stage = load_stage_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    if model == "unet3d_tiny":
+        from diffusers import UNet3DConditionModel as unet_class
+    else:
+        from show1_lightning.models.show1_unet import Show1UNet3DConditionModel as unet_class
+    assert type(stage.unet) is unet_class
+    exported = unet_class.from_pretrained(unet_dir)
     with stage.ema_weights():
         for (name, p), q in zip(stage.unet.named_parameters(), exported.parameters()):
             torch.testing.assert_close(p, q, msg=name)

@@ -71,6 +71,7 @@ class DiffusionStage(L.LightningModule):
         sampling: defaults for ``generate`` (num_steps, guidance_scale, negative_prompt, solver args).
         gradient_checkpointing: trade compute for memory in the UNet.
         snr_gamma: Min-SNR-gamma loss weighting (None: plain MSE, as the paper's models).
+        snr_floor: with ``snr_gamma``, the truncated-SNR floor of the x0 weight (``clamp(SNR, floor, gamma)``).
     """
 
     #: channels a stage concatenates to the noisy sample (interpolation: 4, pixel SR: 3).
@@ -92,9 +93,12 @@ class DiffusionStage(L.LightningModule):
         gradient_checkpointing: bool = False,
         null_text_cache_dir: str | None = None,
         snr_gamma: float | None = None,
+        snr_floor: float | None = None,
     ) -> None:
         super().__init__()
-        self.snr_gamma = snr_gamma
+        if snr_floor is not None and not snr_gamma:
+            raise ValueError("stage.snr_floor needs stage.snr_gamma (the floor bounds Min-SNR weights)")
+        self.snr_gamma, self.snr_floor = snr_gamma, snr_floor
         self.unet = unet
         self.noise_scheduler = noise_scheduler
         self.optimizer_factory = optimizer
@@ -236,7 +240,7 @@ class DiffusionStage(L.LightningModule):
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
         x_t = self.noise_scheduler.add_noise(x0, noise, t)
         pred = self.predict(x_t, t, emb, mask, cond)
-        weights = min_snr_weights(self.noise_scheduler, t, self.snr_gamma) if self.snr_gamma else None
+        weights = min_snr_weights(self.noise_scheduler, t, self.snr_gamma, self.snr_floor) if self.snr_gamma else None
         return diffusion_loss(pred, training_target(self.noise_scheduler, x0, noise, t), weights), t
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

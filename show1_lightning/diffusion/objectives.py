@@ -54,16 +54,23 @@ def split_learned_variance(model_output: torch.Tensor, channels: int) -> torch.T
     )
 
 
-def min_snr_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+def min_snr_weights(
+    scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float, floor: float | None = None
+) -> torch.Tensor:
     """Min-SNR-gamma loss weights (Hang et al. 2023), one per sample, for the scheduler's prediction type.
 
-    epsilon: min(SNR, gamma) / SNR; v: min(SNR, gamma) / (SNR + 1). Down-weights the easy high-SNR steps.
+    In x0 terms the weight is ``min(SNR, gamma)``; with ``floor`` it is ``clamp(SNR, floor, gamma)``, the
+    truncated-SNR floor of Salimans & Ho (2022) (``floor=1``: ``max(SNR, 1)`` at the noisy end), which keeps
+    the high-noise steps, where a sample's layout and colours are decided from the text, from being
+    weighted down to nothing. Converted to the prediction's loss: epsilon ``w / SNR``, v ``w / (SNR + 1)``.
     """
     if gamma <= 0:
         raise ValueError(f"snr_gamma must be positive, got {gamma}")
+    if floor is not None and not 0 < floor <= gamma:
+        raise ValueError(f"snr_floor must be in (0, snr_gamma={gamma}], got {floor}")
     ac = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
     snr = ac / (1 - ac)
-    clipped = snr.clamp(max=gamma)
+    clipped = snr.clamp(min=floor, max=gamma)
     if scheduler.config.prediction_type == "v_prediction":
         return clipped / (snr + 1)
     return clipped / snr

@@ -133,6 +133,11 @@ def _added_kv_attention(channels: int, cfg: "BlockConfig") -> Attention:
     )
 
 
+def _temporal_conv(channels: int, cfg: "BlockConfig") -> TemporalConvLayer:
+    # GroupNorm groups follow the config (32 as released; small models need fewer).
+    return TemporalConvLayer(channels, channels, dropout=cfg.temporal_conv_dropout, norm_num_groups=cfg.resnet_groups)
+
+
 def _temporal_attention(channels: int, cfg: "BlockConfig") -> TransformerTemporalModel:
     # As released: heads = attention_head_dim and head width = channels // attention_head_dim (inner dim = channels).
     # The released code ran diffusers 0.19.3, whose output un-flattening `reshape(b, h, w, channel, frames)` looks
@@ -200,7 +205,7 @@ class _Show1Block3D(nn.Module):
         self.has_cross_attention = attend
         self.resnets = nn.ModuleList([_resnet(c, out_channels, cfg.temb_channels, cfg) for c in channels_in])
         self.temp_convs = nn.ModuleList(
-            [TemporalConvLayer(out_channels, out_channels, dropout=cfg.temporal_conv_dropout) for _ in channels_in]
+            [_temporal_conv(out_channels, cfg) for _ in channels_in]
         )
         if attend:
             self.attentions = nn.ModuleList([_added_kv_attention(out_channels, cfg) for _ in channels_in])
@@ -388,7 +393,7 @@ class UNetMidBlock3DSimpleCrossAttn(_Show1Block3D):
         self.has_cross_attention = True
         self.resnets = nn.ModuleList([_resnet(in_channels, in_channels, cfg.temb_channels, cfg)])
         self.temp_convs = nn.ModuleList(
-            [TemporalConvLayer(in_channels, in_channels, dropout=cfg.temporal_conv_dropout)]
+            [_temporal_conv(in_channels, cfg)]
         )
         self.attentions = nn.ModuleList()
         self.temp_attentions = nn.ModuleList()
@@ -396,7 +401,7 @@ class UNetMidBlock3DSimpleCrossAttn(_Show1Block3D):
             self.attentions.append(_added_kv_attention(in_channels, cfg))
             self.temp_attentions.append(_temporal_attention(in_channels, cfg))
             self.resnets.append(_resnet(in_channels, in_channels, cfg.temb_channels, cfg))
-            self.temp_convs.append(TemporalConvLayer(in_channels, in_channels, dropout=cfg.temporal_conv_dropout))
+            self.temp_convs.append(_temporal_conv(in_channels, cfg))
         self.gradient_checkpointing = False
 
     def forward(
