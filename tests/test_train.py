@@ -87,7 +87,7 @@ def test_unet_channel_mismatch_is_reported(compose_train, tmp_path):
     import hydra
     import hydra.errors
 
-    cfg = compose_train(tmp_path, "model.in_channels=7")
+    cfg = compose_train(tmp_path, "+model.in_channels=7")  # the tiny Show-1 UNet builds with 7 inputs
     with pytest.raises((ValueError, hydra.errors.InstantiationException), match="in_channels=7"):
         hydra.utils.instantiate(cfg.stage)
 
@@ -162,6 +162,6 @@ def test_gradient_checkpointing_on_a_unet_without_it_is_reported(compose_train, 
     import hydra
     import hydra.errors
 
-    cfg = compose_train(tmp_path, "stage.gradient_checkpointing=true")  # stock UNet3D: no checkpointing
+    cfg = compose_train(tmp_path, "model=unet3d_tiny", "stage.gradient_checkpointing=true")  # stock UNet3D: none
     with pytest.raises((ValueError, hydra.errors.InstantiationException), match="stage.gradient_checkpointing"):
         hydra.utils.instantiate(cfg.stage, _convert_="all")
