@@ -167,18 +167,11 @@ def test_toy_experiment_trains_through_hydra(compose_train, tmp_path: Path) -> N
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_paper_experiment_config() -> None:
+def test_paper_experiment_config(compose_train, tmp_path) -> None:
     """experiment=paper_interpolation: paper numbers, the released UNet config (input channels = 3 + condition), GPU bf16."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    import train  # noqa: F401  (registers the resolvers)
     from show1_lightning.models.show1_unet import load_released_config
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=paper_interpolation"])
-    GlobalHydra.instance().clear()
+    cfg = compose_train(tmp_path, "experiment=paper_interpolation", tiny=False)
     assert cfg.stage._target_.endswith("InterpolationStage") and cfg.model.config == "show-1-interpolation"
     assert load_released_config("show-1-interpolation")["in_channels"] == 3 + 4
     assert (cfg.stage.sampling.num_steps, cfg.stage.sampling.guidance_scale) == (75, 4.0)
