@@ -23,6 +23,13 @@ from evaluation.resize import RESIZE_METHODS, resize_video
 
 ArrayLike = Union[np.ndarray, Tensor]
 COVARIANCES = ("unbiased", "biased")
+# How Tr((S1 S2)^1/2) is computed (see frechet_distance_by):
+#   eigh_float64:      ours (float64, symmetric eigen-decompositions) - the default, most accurate;
+#   tfgan_svd_float32: tf-gan's formula as ported to torch by TATS (tats/fvd/fvd.py:44-100): float32,
+#                      square roots by SVD, singular values below 1e-10 left unrooted;
+#   scipy_sqrtm:       StyleGAN-V (src/metrics/frechet_video_distance.py:54-56): scipy.linalg.sqrtm
+#                      of S_gen S_real in float64, real part of the trace.
+DISTANCES = ("eigh_float64", "tfgan_svd_float32", "scipy_sqrtm")
 STATS_FORMAT = "show1_lightning.fvd_real_stats.v1"
 
 
@@ -60,6 +67,37 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
     tr_covmean = _clamp_noise(torch.linalg.eigvalsh((m + m.T) / 2)).sqrt().sum()
     diff = m1 - m2
     return float(diff @ diff + torch.trace(s1) + torch.trace(s2) - 2 * tr_covmean)
+
+
+def _svd_sqrt_float32(mat: Tensor, eps: float = 1e-10) -> Tensor:
+    """tf-gan's ``_symmetric_matrix_square_root``: ``U diag(s') V^T`` with ``s' = sqrt(s)`` where ``s >= eps``."""
+    u, s, vh = torch.linalg.svd(mat)
+    s = torch.where(s < eps, s, s.sqrt())
+    return (u * s) @ vh
+
+
+def frechet_distance_by(method: str, mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike) -> float:
+    """Frechet distance computed the way ``method`` (one of :data:`DISTANCES`) computes it.
+
+    ``eigh_float64`` is :func:`frechet_distance`. ``tfgan_svd_float32`` casts the moments to float32
+    and takes ``Tr(S1 + S2) - 2 Tr(sqrt(A S2 A))`` with ``A = sqrt(S1)``, square roots by SVD (tf-gan /
+    TATS; ``S1`` is the first argument: TATS passes the generated set first). ``scipy_sqrtm`` takes
+    the real part of ``Tr(S1 + S2 - 2 sqrtm(S1 S2))`` in float64 (StyleGAN-V: generated first).
+    """
+    if method == "eigh_float64":
+        return frechet_distance(mu1, sigma1, mu2, sigma2)
+    if method == "tfgan_svd_float32":
+        m1, m2, s1, s2 = (_f64(t).float() for t in (mu1, mu2, sigma1, sigma2))
+        a = _svd_sqrt_float32(s1)
+        tr_covmean = torch.trace(_svd_sqrt_float32(a @ (s2 @ a)))
+        return float(torch.trace(s1 + s2) - 2.0 * tr_covmean + ((m1 - m2) ** 2).sum())
+    if method == "scipy_sqrtm":
+        import scipy.linalg
+
+        m1, m2, s1, s2 = (_f64(t).numpy() for t in (mu1, mu2, sigma1, sigma2))
+        covmean, _ = scipy.linalg.sqrtm(s1 @ s2, disp=False)
+        return float(np.real(np.square(m1 - m2).sum() + np.trace(s1 + s2 - 2 * covmean)))
+    raise ValueError(f"unknown Frechet distance method {method!r}; choose one of {DISTANCES}")
 
 
 def quantize_to_uint8_levels(videos: Tensor) -> Tensor:
@@ -139,6 +177,8 @@ class FVD(Metric):
         clip_length: frames per clip (the first ``clip_length`` frames of each video).
         resize: frame resize method, ``tf1_bilinear`` as in the reference.
         covariance: ``"unbiased"`` (N - 1, TF reference) or ``"biased"`` (N, StyleGAN-V).
+        distance: how the distance is computed from the moments, one of :data:`DISTANCES`
+            (``eigh_float64``: ours, the default; the others reproduce TATS / StyleGAN-V rounding).
         feature_batch_size: clips per feature-network call (bounds memory).
         num_features: D, the feature size (400 for I3D logits).
         reset_real_features: if False, :meth:`reset` keeps the real statistics.
@@ -153,10 +193,14 @@ class FVD(Metric):
 
     def __init__(self, feature_extractor: nn.Module | None = None, clip_length: int = 16,
                  resize: str = "tf1_bilinear", covariance: str = "unbiased", feature_batch_size: int = 8,
-                 num_features: int = 400, reset_real_features: bool = True, **kwargs: Any) -> None:
+                 num_features: int = 400, reset_real_features: bool = True, distance: str = "eigh_float64",
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if covariance not in COVARIANCES:
             raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
+        if distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+        self.distance = distance
         if resize not in RESIZE_METHODS:
             raise ValueError(f"unknown resize {resize!r}; choose one of {RESIZE_METHODS}")
         if clip_length < 1 or feature_batch_size < 1 or num_features < 1:
@@ -184,9 +228,15 @@ class FVD(Metric):
     def protocol(self) -> dict[str, Any]:
         """The choices that define this FVD, for reports and for :func:`real_stats_cache_path`."""
         net = self.feature_extractor
-        return {"metric": "fvd", "clip_length": self.clip_length, "resize": self.resize,
-                "resolution": 224, "covariance": self.covariance, "num_features": self.num_features,
-                "feature_extractor": type(net).__name__, "weights_id": getattr(net, "weights_id", "")}
+        out = {"metric": "fvd", "clip_length": self.clip_length, "resize": self.resize,
+               "resolution": 224, "covariance": self.covariance, "num_features": self.num_features,
+               "feature_extractor": type(net).__name__, "weights_id": getattr(net, "weights_id", "")}
+        # Only when they differ from the original recipe, so tf_fvd caches and reports keep their keys.
+        if getattr(net, "variant", "tf") != "tf":
+            out["network_variant"] = net.variant
+        if self.distance != "eigh_float64":
+            out["distance"] = self.distance
+        return out
 
     @torch.no_grad()
     def features(self, videos: Tensor) -> Tensor:
@@ -242,7 +292,10 @@ class FVD(Metric):
         """FVD between the real and fake statistics, a float64 scalar tensor."""
         mu1, s1 = self._gaussian(self.real_sum, self.real_outer, self.real_count, "real")
         mu2, s2 = self._gaussian(self.fake_sum, self.fake_outer, self.fake_count, "fake")
-        return torch.tensor(frechet_distance(mu1, s1, mu2, s2), dtype=torch.float64)
+        if self.distance == "eigh_float64":
+            return torch.tensor(frechet_distance(mu1, s1, mu2, s2), dtype=torch.float64)
+        # TATS and StyleGAN-V pass the generated statistics first (the order changes the rounding only).
+        return torch.tensor(frechet_distance_by(self.distance, mu2, s2, mu1, s1), dtype=torch.float64)
 
     def reset(self) -> None:
         """Reset the statistics (the real ones too unless ``reset_real_features=False``)."""

