@@ -31,7 +31,9 @@ def generate(cfg: DictConfig) -> list[Path]:
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     stages = {k: v for k, v in cfg.stages.items() if v}
     cascade = Show1Cascade(**stages, device=cfg.device, precision=str(cfg.precision),
-                           sampling=OmegaConf.to_container(cfg.sampling, resolve=True))
+                           sampling=OmegaConf.to_container(cfg.sampling, resolve=True),
+                           behaviour=OmegaConf.to_container(cfg.behaviour, resolve=True) if cfg.get("behaviour") else None,
+                           t5=cfg.get("t5"), if_ii_l=cfg.get("if_ii_l"))
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     run = None

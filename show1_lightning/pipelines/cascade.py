@@ -78,6 +78,9 @@ class Show1Cascade:
         precision: "32" or "bf16" (autocast around the stages; the VAE and text encoders follow it).
         sampling: per-stage overrides for the stage's sampling call, e.g.
             ``{"keyframe": {"num_steps": 75, "guidance_scale": 9.0}}``.
+        behaviour: released-behaviour preset (``conf/behaviour/*.yaml``); stages from released Hub folders
+            (``show1_lightning.pipelines.released``) sample the official way, trained ones too with ``apply_to: all``.
+        t5, if_ii_l: folders of T5-XXL (when the released folders lack ``text_encoder/``) and IF-II-L.
     """
 
     def __init__(
@@ -89,15 +92,25 @@ class Show1Cascade:
         device: str = "auto",
         precision: str = "32",
         sampling: dict[str, dict[str, Any]] | None = None,
+        behaviour: dict[str, Any] | None = None,
+        t5: str | Path | None = None,
+        if_ii_l: str | Path | None = None,
     ) -> None:
+        from omegaconf import OmegaConf
+
+        from show1_lightning.pipelines.released import ReleasedCascade, load_cascade_stage, resolve_t5
+
         given = {"keyframe": keyframe, "interpolation": interpolation, "pixel_sr": pixel_sr, "latent_sr": latent_sr}
         self.stages: dict[str, DiffusionStage] = {}
         for name in STAGE_ORDER:
             src = given[name]
             if src is None:
                 continue
-            stage = src if isinstance(src, DiffusionStage) else load_stage(src)
+            stage = src if isinstance(src, DiffusionStage) else load_cascade_stage(name, src, resolve_t5(given, t5))
             self.stages[name] = stage.to("cpu").eval()
+        if OmegaConf.is_config(behaviour):
+            behaviour = OmegaConf.to_container(behaviour, resolve=True)
+        self.released = ReleasedCascade(self.stages, behaviour, if_ii_l)
         missing = [n for n in STAGE_ORDER if n not in self.stages]
         present = [n for n in STAGE_ORDER if n in self.stages]
         if present != list(STAGE_ORDER[: len(present)]):
@@ -122,6 +135,8 @@ class Show1Cascade:
     def _run(self, name: str, prompts: Sequence[str], seeds: Sequence[int], x: torch.Tensor | None) -> torch.Tensor:
         stage = self.stages[name]
         kw = self.sampling.get(name, {})
+        if self.released.runs(name):
+            return self.released.run(name, stage, x, prompts, seeds, kw)
         if name == "keyframe":
             return stage.generate(list(prompts), list(seeds), **kw)
         assert x is not None
@@ -147,7 +162,7 @@ class Show1Cascade:
             t0 = time.perf_counter()
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                 x = self._run(name, prompts, seeds, x)
-            x = x.float().clamp(-1, 1)
+            x = self.released.hand_on(name, x)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             seconds = time.perf_counter() - t0
@@ -157,7 +172,7 @@ class Show1Cascade:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         assert x is not None
-        result.video = x.cpu()
+        result.video = x.clamp(-1, 1).cpu()
         return result
 
 

@@ -21,7 +21,7 @@ class CascadeGenerator:
         keyframe, interpolation, pixel_sr, latent_sr: checkpoint or export paths (a prefix of the cascade).
         fps: frame rate written into the evaluation's mp4 files.
         name: identifier in reports (default: ``cascade:<stages>``).
-        device, precision, sampling: see ``Show1Cascade``.
+        device, precision, sampling, behaviour, t5, if_ii_l: see ``Show1Cascade``.
     """
 
     def __init__(
@@ -35,11 +35,15 @@ class CascadeGenerator:
         device: str = "auto",
         precision: str = "32",
         sampling: dict[str, dict[str, Any]] | None = None,
+        behaviour: dict[str, Any] | None = None,
+        t5: str | Path | None = None,
+        if_ii_l: str | Path | None = None,
     ) -> None:
         self.sources = {"keyframe": keyframe, "interpolation": interpolation, "pixel_sr": pixel_sr,
                         "latent_sr": latent_sr}
         self.cascade = Show1Cascade(keyframe, interpolation, pixel_sr, latent_sr, device=device,
-                                    precision=precision, sampling=sampling)
+                                    precision=precision, sampling=sampling, behaviour=behaviour, t5=t5,
+                                    if_ii_l=if_ii_l)
         self.fps = float(fps)
         self.name = name or "cascade:" + "+".join(n for n in STAGE_ORDER if n in self.cascade.stages)
 
@@ -47,7 +51,8 @@ class CascadeGenerator:
         """What the report records about this generator."""
         return {"name": self.name, "type": "cascade", "fps": self.fps,
                 "stages": {k: str(v) for k, v in self.sources.items() if v is not None},
-                "precision": self.cascade.precision, "sampling": self.cascade.sampling}
+                "precision": self.cascade.precision, "sampling": self.cascade.sampling,
+                "behaviour": self.cascade.released.describe()}
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
         return self.cascade(list(prompts), list(seeds)).video
