@@ -7,6 +7,11 @@ convention instead: 100 x the mean, clamped at 0 after averaging.
 
 Preprocessing is CLIP's: bicubic resize of the short side to the model's image size (antialiased, as
 PIL does), centre crop, CLIP mean / std; captions tokenised to the model's context (77), truncated.
+
+:class:`CLIPScoreSim` is the ``clipscore`` variant: CLIPSIM exactly as ``torchmetrics.multimodal.CLIPScore``
+computes it (a Hugging Face ``CLIPModel`` + ``CLIPProcessor`` from a local folder, ViT-L/14 by
+default, every frame scored against its caption, clamp at 0 applied to the mean), reported on the
+0-1 scale and x100 (torchmetrics' number). ``tests/test_clipscore.py`` checks it against CLIPScore.
 """
 
 from __future__ import annotations
@@ -189,3 +194,124 @@ class CLIPSim(Metric):
         if self.scale == "torchmetrics":
             return torch.clamp(100.0 * mean, min=0.0)
         return mean
+
+
+# ---------------------------------------------------------------------------- torchmetrics CLIPScore
+
+
+@dataclass
+class HFClipBundle:
+    """A Hugging Face ``CLIPModel`` with its ``CLIPProcessor`` (what torchmetrics' CLIPScore uses)."""
+
+    model: nn.Module
+    processor: Any
+    description: dict[str, Any] = field(default_factory=dict)
+
+
+def load_hf_clip(path: Union[str, Path]) -> HFClipBundle:
+    """``CLIPModel`` + ``CLIPProcessor`` from a local Hugging Face folder (no download).
+
+    torchmetrics' default is ``openai/clip-vit-large-patch14``: put that repository's files
+    (``config.json``, ``model.safetensors``, ``preprocessor_config.json``, tokenizer files) in a folder
+    and give its path (``assets.clip_hf_dir``).
+    """
+    from transformers import CLIPModel, CLIPProcessor
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no Hugging Face CLIP folder at {path} (config.json missing); set assets.clip_hf_dir, "
+                                "see docs/evaluation.md")
+    model = CLIPModel.from_pretrained(str(path), local_files_only=True).float().eval()
+    processor = CLIPProcessor.from_pretrained(str(path), local_files_only=True)
+    desc = {"model": "transformers CLIPModel + CLIPProcessor", "path": str(path.resolve()),
+            "name_or_path": str(getattr(model.config, "_name_or_path", "")),
+            "max_text_tokens": int(model.config.text_config.max_position_embeddings)}
+    return HFClipBundle(model=model, processor=processor, description=desc)
+
+
+def _features(out: Any) -> torch.Tensor:
+    """``get_*_features`` output: a tensor (transformers 4) or an output whose ``pooler_output`` is
+    the projected embedding (transformers 5)."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def clipscore_per_frame(bundle: HFClipBundle, frames: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
+    """``100 * cos(E_I, E_C)`` per frame, computed as torchmetrics' ``CLIPScore.update`` does.
+
+    Args:
+        bundle: the Hugging Face model and processor.
+        frames: uint8 ``N x 3 x H x W`` (0..255), one caption per frame.
+        captions: ``N`` strings.
+
+    Steps (torchmetrics ``functional/multimodal/clip_score.py``): the processor prepares the
+    images (CPU tensors) and the text (``padding=True``, no truncation), token ids and mask are then
+    cut to the text model's ``max_position_embeddings`` (77), both embeddings are divided by their
+    L2 norms and the score is 100 x their dot product (float32).
+    """
+    model, processor = bundle.model, bundle.processor
+    device = next(model.parameters()).device
+    images = processor(images=[f.cpu() for f in frames], return_tensors="pt", padding=True)
+    image = _features(model.get_image_features(images["pixel_values"].to(device)))
+    text_in = processor(text=list(captions), return_tensors="pt", padding=True)
+    limit = int(model.config.text_config.max_position_embeddings)
+    ids, mask = text_in["input_ids"][..., :limit], text_in["attention_mask"][..., :limit]
+    text = _features(model.get_text_features(ids.to(device), mask.to(device)))
+    image = image / image.norm(p=2, dim=-1, keepdim=True)
+    text = text / text.norm(p=2, dim=-1, keepdim=True)
+    return 100 * (image * text).sum(dim=-1)
+
+
+class CLIPScoreSim(Metric):
+    """CLIPSIM as torchmetrics' ``CLIPScore`` computes it, over every frame of every video.
+
+    Each frame is scored against its video's caption (:func:`clipscore_per_frame`); the result is
+    ``max(mean over all frames, 0)`` (torchmetrics clamps the mean, not each score), i.e. what
+    ``CLIPScore`` returns when fed every frame with its caption. :meth:`compute` returns it on the
+    0-1 scale (the papers' CLIPSIM, e.g. Show-1's 0.3072); ``compute() * 100`` is torchmetrics'
+    number. Sums are float64 states, so any sharding gives the same value.
+
+    Args:
+        clip: :func:`load_hf_clip` bundle.
+        frame_batch_size: frames per model call.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = True
+    scale = "clipscore"
+
+    def __init__(self, clip: HFClipBundle, frame_batch_size: int = 32, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.clip = clip
+        self.clip_model = clip.model.eval().requires_grad_(False)  # registered so .to(device) moves it
+        self.frame_batch_size = int(frame_batch_size)
+        self.add_state("score_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("n_frames", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    @torch.no_grad()
+    def frame_scores(self, videos: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
+        """torchmetrics scores (0-100, float32) of every frame of ``B x 3 x T x H x W`` videos in [-1, 1]."""
+        if videos.ndim != 5 or videos.shape[1] != 3:
+            raise ValueError(f"expected B x 3 x T x H x W videos, got shape {tuple(videos.shape)}")
+        if isinstance(captions, str) or len(captions) != videos.shape[0]:
+            raise ValueError(f"need one caption per video: {videos.shape[0]} videos")
+        b, _, t = videos.shape[:3]
+        # The uint8 frames of the decoded video (exact: [-1, 1] floats come from uint8 levels).
+        frames = ((videos.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).transpose(1, 2).reshape(b * t, 3, *videos.shape[3:])
+        caps = [c for c in captions for _ in range(t)]
+        with torch.autocast(device_type=videos.device.type, enabled=False):
+            out = [clipscore_per_frame(self.clip, frames[i : i + self.frame_batch_size], caps[i : i + self.frame_batch_size])
+                   for i in range(0, b * t, self.frame_batch_size)]
+        return torch.cat(out)
+
+    def update(self, videos: torch.Tensor, captions: Sequence[str]) -> None:
+        """Add videos ``B x 3 x T x H x W`` in [-1, 1] with their ``B`` captions."""
+        scores = self.frame_scores(videos, captions)
+        self.score_sum += scores.to(self.score_sum.device, torch.float64).sum()
+        self.n_frames += scores.numel()
+
+    def compute(self) -> torch.Tensor:
+        """``max(mean frame score, 0) / 100`` (float64): CLIPSIM on the 0-1 scale."""
+        if int(self.n_frames) == 0:
+            raise RuntimeError("CLIPScoreSim.compute() called before any update()")
+        return torch.clamp(self.score_sum / self.n_frames, min=0.0) / 100.0
