@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from diffusers import UNet2DConditionModel, UNet3DConditionModel
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+from numerics import REORDER, assert_close_rel, assert_differ_rel
 from show1_lightning.models.show1_unet import (
     Show1SR2UNet3DConditionModel,
     Show1UNet3DConditionModel,
@@ -372,8 +373,8 @@ def test_gradient_checkpointing_gives_same_gradients():
     model.enable_gradient_checkpointing()
     assert all(b.gradient_checkpointing for b in [*model.down_blocks, model.mid_block, *model.up_blocks])
     ckpt = grads()
-    for n in plain:
-        torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-4, atol=1e-6)
+    for n in plain:  # the recomputed forward is the same maths: equal up to rounding, relative to each grad's scale
+        assert_close_rel(ckpt[n], plain[n], msg=n)
 
 
 @pytest.mark.parametrize("cfg", [TINY_BASE, TINY_SR1], ids=["self+cross", "cross-only"])
@@ -391,8 +392,9 @@ def test_encoder_attention_mask_equals_dropping_tokens(cfg):
         masked = model(**kw, encoder_attention_mask=mask).sample
         short = model(**{**kw, "encoder_hidden_states": kw["encoder_hidden_states"][:, :keep]}).sample
         full = model(**kw).sample
-    torch.testing.assert_close(masked, short, rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(masked, full, atol=1e-4)
+    # Padded-and-masked vs dropped tokens: other attention shapes, so equal up to reordered float32 sums.
+    assert_close_rel(masked, short)
+    assert_differ_rel(masked, full, rel=REORDER * 10)  # the unmasked tokens change the output beyond rounding
 
 
 def test_class_labels_change_output_and_are_required():
@@ -401,7 +403,7 @@ def test_class_labels_change_output_and_are_required():
     with torch.no_grad():
         a = model(**kw).sample
         b = model(**{**kw, "class_labels": torch.tensor([0, 999])}).sample
-    assert not torch.allclose(a, b)
+    assert_differ_rel(a, b)
     with pytest.raises(ValueError, match="class_labels are required"):
         model(**{k: v for k, v in kw.items() if k != "class_labels"})
     with pytest.raises(ValueError, match="no class embedding"):
@@ -430,7 +432,8 @@ def test_frames_interact_through_temporal_layers():
         kw2 = dict(kw, sample=kw["sample"].clone())
         kw2["sample"][:, :, 0] += 1.0
         changed = model(**kw2).sample
-    assert not torch.allclose(base[:, :, 2], changed[:, :, 2])
+    # Frame 2's input is unchanged, so without temporal mixing its output would be bit-identical.
+    assert_differ_rel(changed[:, :, 2], base[:, :, 2], rel=REORDER)
 
 
 @pytest.mark.parametrize(
@@ -481,7 +484,7 @@ def test_released_diffusers_0193_temporal_reshape_equals_current_maths():
         y = module.proj_out(y)
         released = y[None, None].reshape(b, h, w, c, f).permute(0, 3, 4, 1, 2).contiguous().reshape(b * f, c, h, w)
         out = module(x, num_frames=f).sample
-    assert not torch.allclose(out, x)  # the layer does something
+    assert_differ_rel(out, x)  # the layer does something
     torch.testing.assert_close(out, released + x, rtol=0, atol=0)
 
 
@@ -498,7 +501,8 @@ def test_released_train_mode_dropout_only_touches_dropout():
         with released_train_mode_dropout(model):
             assert not model.training
             c, d = model(**kw).sample, model(**kw).sample
-        assert not torch.allclose(c, d) and not torch.allclose(a, c)
+        assert_differ_rel(c, d)  # two dropout draws
+        assert_differ_rel(c, a)
         assert all(not m.training for m in model.modules())
         with released_train_mode_dropout(model, enabled=False):
             assert torch.equal(model(**kw).sample, a)

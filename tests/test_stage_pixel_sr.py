@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet3DConditionModel
 
+from numerics import assert_close_rel, assert_differ_rel
 from show1_lightning.diffusion.module import StageCondition
 from show1_lightning.models.show1_unet import build_show1_unet
 from show1_lightning.models.text_encoder import TextEncoder
@@ -111,7 +112,8 @@ def test_downsample_is_antialiased_4x(stage: PixelSRStage) -> None:
     hr[..., ::2] = 1.0  # a 1-pixel stripe pattern: an antialiased 4x reduction averages it to 0.5
     lr = stage.downsample(hr)
     assert lr.shape == (1, 3, 1, 4, 8)
-    assert torch.allclose(lr, torch.full_like(lr, 0.5), atol=0.05)
+    # Values in [0, 1]: the tolerance is the antialias filter's ripple, far from the 0/1 of aliased sampling.
+    assert torch.allclose(lr, torch.full_like(lr, 0.5), rtol=0, atol=0.05)
 
 
 def test_validation_uses_inference_level_and_fixed_noise(stage: PixelSRStage) -> None:
@@ -197,9 +199,11 @@ def test_upsample_real_sampler_shapes_labels_and_batch_independence(stage: Pixel
     # 2 windows of lengths 3 and 1, 2 steps each, guided: class labels 2 x batch, all at the inference level.
     assert len(rec.labels) == 4 and all(torch.equal(lb, torch.full_like(lb, 250)) for lb in rec.labels)
     single = stage.upsample(low[1:], ["a blue square"], [8])
-    assert torch.allclose(single, out[1:], atol=1e-5)
+    # Untrained weights sampled in 2 steps give values of order 1e4, and a batch of 1 runs kernels blocked
+    # differently from a batch of 2: equal up to reordered float32 sums, relative to that scale.
+    assert_close_rel(single, out[1:])
     other_level = stage.upsample(low[1:], ["a blue square"], [8], noise_level=0)
-    assert not torch.allclose(other_level, single, atol=1e-3)
+    assert_differ_rel(other_level, single)
 
 
 def test_errors(stage: PixelSRStage) -> None:

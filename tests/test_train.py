@@ -41,7 +41,7 @@ def test_short_run_writes_checkpoint_samples_export_and_adherence(compose_train,
     exported = unet_class.from_pretrained(unet_dir)
     with stage.ema_weights():
         for (name, p), q in zip(stage.unet.named_parameters(), exported.parameters()):
-            torch.testing.assert_close(p, q, msg=name)
+            assert torch.equal(p, q), name  # float32 EMA weights copied through safetensors: bit for bit
     # The stage rebuilt from the checkpoint samples at the configured shape.
     video = stage.generate(["a red circle moving left"], [0], num_steps=2)
     assert video.shape == (1, 3, cfg.stage.num_frames, cfg.stage.height, cfg.stage.width)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from numerics import assert_close_rel, assert_differ_rel
 from show1_lightning.models.vae import (
     VideoVAE,
     build_video_vae,
@@ -48,8 +49,9 @@ def test_chunked_equals_unchunked(vae: VideoVAE) -> None:
     for chunk in (1, 3, 4):
         part = VideoVAE(vae.vae, chunk_frames=chunk, scaling_factor=vae.scaling_factor)
         z = part.encode(x)
-        torch.testing.assert_close(z, whole.encode(x), atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(part.decode(z), whole.decode(z), atol=1e-5, rtol=1e-5)
+        # Chunks are other batch shapes for the same convolutions: equal up to reordered float32 sums.
+        assert_close_rel(z, whole.encode(x), msg=f"encode, chunk {chunk}")
+        assert_close_rel(part.decode(z), whole.decode(z), msg=f"decode, chunk {chunk}")
 
 
 def test_frames_are_independent_and_time_order_kept(vae: VideoVAE) -> None:
@@ -57,8 +59,8 @@ def test_frames_are_independent_and_time_order_kept(vae: VideoVAE) -> None:
     x = _video(b=2, t=3)
     z = vae.encode(x)
     z_single = vae.encode(x[1:2, :, 2:3])
-    torch.testing.assert_close(z[1:2, :, 2:3], z_single, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(z[:, :, 0], z[:, :, 1])
+    assert_close_rel(z_single, z[1:2, :, 2:3])  # batch of 1 vs 6 frames: reordered float32 sums at most
+    assert_differ_rel(z[:, :, 0], z[:, :, 1])
 
 
 def test_encode_is_scaled_posterior_mean(vae: VideoVAE) -> None:
@@ -67,7 +69,7 @@ def test_encode_is_scaled_posterior_mean(vae: VideoVAE) -> None:
     with torch.no_grad():
         mean = vae.vae.encode(frames).latent_dist.mean
     expected = (mean * 0.5).reshape(1, 2, 4, 4, 6).permute(0, 2, 1, 3, 4)
-    torch.testing.assert_close(vae.encode(x), expected, atol=1e-5, rtol=1e-5)
+    assert_close_rel(vae.encode(x), expected)  # the same convolutions, possibly another batch blocking
     assert torch.equal(vae.encode(x), vae.encode(x))  # deterministic
 
 
@@ -77,11 +79,11 @@ def test_seeded_posterior_sample_independent_of_chunking(vae: VideoVAE) -> None:
     b = VideoVAE(vae.vae, chunk_frames=8, sample_posterior=True)
     za = a.encode(x, generator=torch.Generator().manual_seed(3))
     zb = b.encode(x, generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(za, zb, atol=1e-5, rtol=1e-5)
+    assert_close_rel(za, zb)  # same noise draws; the encoder's sums may be blocked differently per chunk
     zc = a.encode(x, generator=torch.Generator().manual_seed(4))
-    assert not torch.allclose(za, zc)
+    assert_differ_rel(za, zc)
     mean = VideoVAE(vae.vae, scaling_factor=1.0).encode(x)
-    assert not torch.allclose(za, mean)
+    assert_differ_rel(za, mean)
 
 
 def test_bf16_runs_in_bf16_returns_fp32_and_ignores_autocast(vae: VideoVAE) -> None:
@@ -95,7 +97,8 @@ def test_bf16_runs_in_bf16_returns_fp32_and_ignores_autocast(vae: VideoVAE) -> N
     assert half.decode(z).dtype == torch.float32
     # Under a trainer's autocast the fp32 VAE still runs in fp32: identical result.
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        torch.testing.assert_close(vae.encode(x), ref)
+        # bf16 would differ by ~1e-2 of the scale; fp32 matches to rounding (numerics.REORDER).
+        assert_close_rel(vae.encode(x), ref)
 
 
 def test_frozen(vae: VideoVAE) -> None:
@@ -122,7 +125,7 @@ def test_from_pretrained_subfolder(tmp_path: Path, vae: VideoVAE) -> None:
     loaded = build_video_vae(pretrained_path=str(tmp_path / "model"), subfolder="vae", chunk_frames=2)
     assert loaded.scaling_factor == 0.5 and loaded.chunk_frames == 2
     x = _video(b=1, t=2)
-    torch.testing.assert_close(loaded.encode(x), vae.encode(x), atol=1e-6, rtol=1e-6)
+    assert_close_rel(loaded.encode(x), vae.encode(x))  # same weights, another module instance
     with pytest.raises(FileNotFoundError, match="set subfolder: vae"):
         VideoVAE.from_pretrained(tmp_path / "model")
     with pytest.raises(ValueError, match="either"):
