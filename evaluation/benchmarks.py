@@ -17,6 +17,7 @@ Layouts read:
 from __future__ import annotations
 
 import json
+import math
 import re
 import zlib
 from abc import ABC, abstractmethod
@@ -31,6 +32,22 @@ import torch.nn.functional as F
 from show1_lightning.data.video_io import decode_video, to_float_video
 
 START_RULES = ("random", "first", "center")
+# How a clip with a ``resolution`` is resized:
+#   cover_antialias: bilinear with antialias to cover [H, W], centre crop, floats kept (ours);
+#   tats_short_side: TATS / VideoGPT (tats/data.py:95-136): short side to R (long side ceil), torch
+#                    bilinear align_corners=False without antialias, centre crop (floor), then uint8 by
+#                    truncation as TATS's FVD script does (``.byte()``); needs a square [R, R].
+CLIP_RESIZES = ("cover_antialias", "tats_short_side")
+# Which real clips are taken for FVD:
+#   permutation:  ours: a seeded permutation of the reference videos, cycled; one clip per video
+#                 (every video once, in order, when real_clips is null); start by ``clip.start``;
+#   all_windows:  TATS: real_clips clips drawn without replacement from every window of ``span``
+#                 consecutive frames (stride 1) of every reference video (torchvision VideoClips,
+#                 shuffled loader, first 2048 clips);
+#   first_sorted: StyleGAN-V: the first real_clips reference videos in sorted path order among
+#                 those with at least ``span`` frames (shorter ones discarded), one clip each at a
+#                 seeded random offset.
+REAL_SAMPLINGS = ("permutation", "all_windows", "first_sorted")
 
 
 @dataclass(frozen=True)
@@ -50,9 +67,10 @@ class ClipSpec:
         frames: number of frames in the clip.
         stride: take every ``stride``-th source frame.
         start: ``"random"`` (seeded per clip index), ``"first"`` or ``"center"``.
-        resolution: ``[H, W]``: resize (bilinear, antialiased) so the frame covers it, then centre
-            crop; None keeps the source resolution.
+        resolution: ``[H, W]``: resize so the frame covers it, then centre crop; None keeps the
+            source resolution.
         seed: seed of the random starts.
+        resize: how ``resolution`` is reached, one of :data:`CLIP_RESIZES`.
     """
 
     frames: int = 16
@@ -60,6 +78,7 @@ class ClipSpec:
     start: str = "random"
     resolution: Optional[Sequence[int]] = None
     seed: int = 0
+    resize: str = "cover_antialias"
 
     def __post_init__(self) -> None:
         if self.frames < 1 or self.stride < 1:
@@ -70,34 +89,77 @@ class ClipSpec:
             self.resolution = [int(v) for v in self.resolution]
             if len(self.resolution) != 2:
                 raise ValueError(f"clip resolution must be [H, W], got {self.resolution}")
+        if self.resize not in CLIP_RESIZES:
+            raise ValueError(f"clip resize must be one of {CLIP_RESIZES}, got {self.resize!r}")
+        if self.resize == "tats_short_side" and self.resolution is not None and self.resolution[0] != self.resolution[1]:
+            raise ValueError(f"tats_short_side crops a square: resolution must be [R, R], got {self.resolution}")
 
     def describe(self) -> dict[str, Any]:
         """Plain dict for reports."""
         d = asdict(self)
-        d["resize_method"] = "bilinear, antialias, cover + centre crop" if self.resolution else "none"
+        if self.resize == "cover_antialias":
+            del d["resize"]  # the original description: keeps the tf_fvd cache keys
+            d["resize_method"] = "bilinear, antialias, cover + centre crop" if self.resolution else "none"
+        else:
+            d["resize_method"] = ("TATS: short side to R (long side ceil), bilinear align_corners=False, no antialias, "
+                                  "centre crop, uint8 by truncation") if self.resolution else "none"
         d["short_videos"] = "last frame repeated"
         return d
 
 
-def cut_clip(frames: np.ndarray, spec: ClipSpec, clip_index: int) -> torch.Tensor:
+def cut_clip(frames: np.ndarray, spec: ClipSpec, clip_index: int, start: Optional[int] = None) -> torch.Tensor:
     """Cut a clip from uint8 ``T x H x W x 3`` frames -> float ``3 x frames x H' x W'`` in [-1, 1].
 
-    Videos shorter than ``frames * stride`` start at 0 and repeat their last frame.
+    Videos shorter than ``frames * stride`` start at 0 and repeat their last frame. ``start``
+    overrides ``spec.start`` (a window chosen by the caller).
     """
     t = frames.shape[0]
     span = (spec.frames - 1) * spec.stride + 1
     slack = max(t - span, 0)
-    if spec.start == "first" or slack == 0:
+    if start is not None:
+        start = min(int(start), slack)
+    elif spec.start == "first" or slack == 0:
         start = 0
     elif spec.start == "center":
         start = slack // 2
     else:
         start = int(np.random.default_rng([spec.seed, clip_index]).integers(0, slack + 1))
     idx = np.minimum(start + np.arange(spec.frames) * spec.stride, t - 1)
+    if spec.resolution is not None and spec.resize == "tats_short_side":
+        return to_float_video(resize_short_side_crop_tats(np.ascontiguousarray(frames[idx]), int(spec.resolution[0])))
     video = to_float_video(np.ascontiguousarray(frames[idx]))
     if spec.resolution is not None:
         video = resize_cover_crop(video, spec.resolution)
     return video
+
+
+def resize_short_side_crop_tats(frames: np.ndarray, resolution: int) -> np.ndarray:
+    """TATS's real-video preprocessing of uint8 ``T x H x W x 3`` frames -> uint8 ``T x R x R x 3``.
+
+    As ``tats/data.py`` ``preprocess`` (lines 95-136) followed by the FVD script's
+    ``((video + 0.5) * 255).byte()`` (``scripts/sample_vqgan_transformer_short_videos.py:113``), in
+    float32: ``x / 255``; short side to ``R``, long side ``ceil(L * R / S)``; torch bilinear,
+    ``align_corners=False``, no antialias; centre crop at ``(L' - R) // 2``; ``- 0.5``; then
+    ``(x + 0.5) * 255`` truncated to uint8 (the truncation lowers values by 0.5 level on average).
+    """
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
+    h, w = x.shape[-2:]
+    scale = resolution / min(h, w)
+    size = (resolution, math.ceil(w * scale)) if h < w else (math.ceil(h * scale), resolution)
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    h, w = x.shape[-2:]
+    top, left = (h - resolution) // 2, (w - resolution) // 2
+    x = x[:, :, top : top + resolution, left : left + resolution] - 0.5
+    return ((x + 0.5) * 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def count_frames(path: Union[str, Path]) -> int:
+    """Number of video frames of a file (demuxed packets of its first video stream, no decoding)."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return sum(1 for packet in container.demux(stream) if packet.size > 0)
 
 
 def resize_cover_crop(video: torch.Tensor, resolution: Sequence[int]) -> torch.Tensor:
@@ -119,11 +181,20 @@ class Benchmark(ABC):
 
     name: str = "benchmark"
 
-    def __init__(self, clip: Union[ClipSpec, Mapping[str, Any], None] = None, real_clips: Optional[int] = None, seed: int = 0):
+    def __init__(self, clip: Union[ClipSpec, Mapping[str, Any], None] = None, real_clips: Optional[int] = None, seed: int = 0,
+                 real_sampling: str = "permutation"):
         self.clip = clip if isinstance(clip, ClipSpec) else ClipSpec(**dict(clip or {}))
         self.real_clips = None if real_clips is None else int(real_clips)
         self.seed = int(seed)
+        if real_sampling not in REAL_SAMPLINGS:
+            raise ValueError(f"real_sampling must be one of {REAL_SAMPLINGS}, got {real_sampling!r}")
+        if real_sampling == "all_windows" and self.real_clips is None:
+            raise ValueError("real_sampling=all_windows needs a number of real_clips (TATS: 2048)")
+        self.real_sampling = real_sampling
         self._real_order: Optional[np.ndarray] = None
+        self._frame_counts: dict[Path, int] = {}
+        self._windows: Optional[list[tuple[Path, int]]] = None
+        self._long_sorted: Optional[list[Path]] = None
 
     @abstractmethod
     def prompts(self) -> list[PromptItem]:
@@ -139,7 +210,48 @@ class Benchmark(ABC):
 
     def num_real_clips(self) -> int:
         """Number of real reference clips (``real_clips``, or one per reference video)."""
+        if self.real_sampling == "first_sorted":
+            return len(self._first_sorted_videos())
         return len(self.reference_videos()) if self.real_clips is None else self.real_clips
+
+    def _span(self) -> int:
+        return (self.clip.frames - 1) * self.clip.stride + 1
+
+    def _frames_of(self, path: Path) -> int:
+        if path not in self._frame_counts:
+            self._frame_counts[path] = count_frames(path)
+        return self._frame_counts[path]
+
+    def _first_sorted_videos(self) -> list[Path]:
+        """StyleGAN-V: the first ``real_clips`` videos (sorted paths) with at least ``span`` frames."""
+        if self._long_sorted is None:
+            wanted = self.real_clips if self.real_clips is not None else math.inf
+            out: list[Path] = []
+            for path in sorted(self.reference_videos(), key=str):
+                if len(out) >= wanted:
+                    break
+                if self._frames_of(path) >= self._span():
+                    out.append(path)
+            if not out:
+                raise RuntimeError(f"{self.name}: no reference video has {self._span()} frames")
+            self._long_sorted = out
+        return self._long_sorted
+
+    def _tats_windows(self) -> list[tuple[Path, int]]:
+        """TATS: ``real_clips`` (video, start) windows drawn without replacement from all windows."""
+        if self._windows is None:
+            videos = self.reference_videos()
+            per_video = np.array([max(self._frames_of(p) - self._span() + 1, 0) for p in videos], dtype=np.int64)
+            total = int(per_video.sum())
+            if total < int(self.real_clips):  # type: ignore[arg-type]
+                raise RuntimeError(f"{self.name}: {self.real_clips} real clips asked, only {total} windows of "
+                                   f"{self._span()} frames exist")
+            chosen = np.random.default_rng([self.seed, 2]).choice(total, size=int(self.real_clips), replace=False)  # type: ignore[arg-type]
+            ends = np.cumsum(per_video)
+            video_idx = np.searchsorted(ends, chosen, side="right")
+            starts = chosen - (ends[video_idx] - per_video[video_idx])
+            self._windows = [(videos[int(v)], int(s)) for v, s in zip(video_idx, starts)]
+        return self._windows
 
     def _real_video_for(self, clip_index: int) -> Path:
         videos = self.reference_videos()
@@ -155,8 +267,14 @@ class Benchmark(ABC):
         """Real reference clip ``clip_index``: float ``3 x T x H x W`` in [-1, 1]."""
         if not 0 <= clip_index < self.num_real_clips():
             raise IndexError(f"real clip {clip_index} out of range (0..{self.num_real_clips() - 1})")
-        path = self._real_video_for(clip_index)
-        span = (self.clip.frames - 1) * self.clip.stride + 1
+        span = self._span()
+        if self.real_sampling == "all_windows":
+            path, start = self._tats_windows()[clip_index]
+            return cut_clip(decode_video(path, max_frames=start + span).frames, self.clip, clip_index, start=start)
+        if self.real_sampling == "first_sorted":
+            path = self._first_sorted_videos()[clip_index]
+        else:
+            path = self._real_video_for(clip_index)
         # Decoding everything is needed only for random / centre starts.
         max_frames = span if self.clip.start == "first" else None
         return cut_clip(decode_video(path, max_frames=max_frames).frames, self.clip, clip_index)
@@ -168,10 +286,20 @@ class Benchmark(ABC):
             "reference": self._reference_description(),
             "num_reference_videos": len(self.reference_videos()),
             "real_clips": self.num_real_clips(),
-            "clip_selection": "every video once, in order" if self.real_clips is None else "seeded permutation of videos, cycled",
+            "clip_selection": self._selection_description(),
             "clip": self.clip.describe(),
             "seed": self.seed,
+            **({"real_sampling": self.real_sampling} if self.real_sampling != "permutation" else {}),
         }
+
+    def _selection_description(self) -> str:
+        if self.real_sampling == "all_windows":
+            return (f"{self.real_clips} windows of {self._span()} consecutive frames drawn without replacement (seeded) "
+                    "from every stride-1 window of every reference video (TATS)")
+        if self.real_sampling == "first_sorted":
+            return (f"the first {self.real_clips} reference videos in sorted path order with >= {self._span()} frames, "
+                    "one clip each at a seeded random offset (StyleGAN-V)")
+        return "every video once, in order" if self.real_clips is None else "seeded permutation of videos, cycled"
 
     @abstractmethod
     def _reference_description(self) -> str:
@@ -208,12 +336,15 @@ class UCF101Benchmark(Benchmark):
         template: prompt template; ``{words}`` is the class name in lower-case words, ``{name}`` the
             raw class name.
         class_prompts: optional per-class sentences ``{ClassName: sentence}`` overriding the template.
-        sampling: ``"proportional"`` (exact quotas by largest remainder, then a seeded shuffle) or
-            ``"multinomial"`` (seeded i.i.d. draws).
+        sampling: ``"proportional"`` (exact quotas by largest remainder, then a seeded shuffle),
+            ``"multinomial"`` (seeded i.i.d. draws) or ``"uniform"`` (equal quotas per class, largest
+            remainder, seeded shuffle: TATS's class-conditional sampling gives every class the same
+            number of samples, ``scripts/sample_vqgan_transformer_short_videos.py:69-81``).
         real_split: ``"train"``, ``"test"`` or ``"all"``: which videos the FVD reference clips come from.
         real_clips: number of reference clips (None: one per video of ``real_split``).
         clip: how clips are cut (:class:`ClipSpec` or its fields).
         seed: seed of the prompt draw and of the reference clip choice.
+        real_sampling: which real clips, one of :data:`REAL_SAMPLINGS`.
     """
 
     name = "ucf101"
@@ -230,8 +361,9 @@ class UCF101Benchmark(Benchmark):
         real_clips: Optional[int] = None,
         clip: Union[ClipSpec, Mapping[str, Any], None] = None,
         seed: int = 0,
+        real_sampling: str = "permutation",
     ) -> None:
-        super().__init__(clip=clip, real_clips=real_clips, seed=seed)
+        super().__init__(clip=clip, real_clips=real_clips, seed=seed, real_sampling=real_sampling)
         self.root = Path(root)
         self.video_root = self.root / "UCF-101"
         self.list_root = self.root / "ucfTrainTestlist"
@@ -240,8 +372,8 @@ class UCF101Benchmark(Benchmark):
                 raise FileNotFoundError(f"UCF-101: expected folder {p} (official layout, see docs/evaluation.md)")
         if split not in (1, 2, 3):
             raise ValueError(f"UCF-101 split must be 1, 2 or 3, got {split}")
-        if sampling not in ("proportional", "multinomial"):
-            raise ValueError(f"sampling must be 'proportional' or 'multinomial', got {sampling!r}")
+        if sampling not in ("proportional", "multinomial", "uniform"):
+            raise ValueError(f"sampling must be 'proportional', 'multinomial' or 'uniform', got {sampling!r}")
         if real_split not in ("train", "test", "all"):
             raise ValueError(f"real_split must be 'train', 'test' or 'all', got {real_split!r}")
         if "{words}" not in template and "{name}" not in template:
@@ -309,8 +441,9 @@ class UCF101Benchmark(Benchmark):
         if self._prompts is None:
             counts = np.array([self.class_counts()[c] for c in self.classes])
             rng = np.random.default_rng([self.seed, 0])
-            if self.sampling == "proportional":
-                labels = np.repeat(np.arange(len(self.classes)), proportional_counts(counts, self.num_samples))
+            if self.sampling in ("proportional", "uniform"):
+                weights = counts if self.sampling == "proportional" else np.ones_like(counts)
+                labels = np.repeat(np.arange(len(self.classes)), proportional_counts(weights, self.num_samples))
                 labels = rng.permutation(labels)
             else:
                 labels = rng.choice(len(self.classes), size=self.num_samples, p=counts / counts.sum())
@@ -338,7 +471,8 @@ class UCF101Benchmark(Benchmark):
             "num_samples": self.num_samples,
             "num_classes": len(self.classes),
             "split": self.split,
-            "prompt_distribution": f"class frequencies of trainlist{self.split:02d}.txt ({len(self.train_list)} videos)",
+            "prompt_distribution": (f"class frequencies of trainlist{self.split:02d}.txt ({len(self.train_list)} videos)"
+                                    if self.sampling != "uniform" else "every class equally (TATS)"),
             "sampling": self.sampling,
             "template": self.template,
             "class_prompt_overrides": self.class_prompts,
@@ -361,6 +495,7 @@ class MSRVTTBenchmark(Benchmark):
         real_clips: number of reference clips (None: one per video of the split).
         clip: how clips are cut.
         seed: seed of the caption choice and of the reference clip choice.
+        real_sampling: which real clips, one of :data:`REAL_SAMPLINGS`.
     """
 
     name = "msrvtt"
@@ -376,8 +511,9 @@ class MSRVTTBenchmark(Benchmark):
         real_clips: Optional[int] = None,
         clip: Union[ClipSpec, Mapping[str, Any], None] = None,
         seed: int = 0,
+        real_sampling: str = "permutation",
     ) -> None:
-        super().__init__(clip=clip, real_clips=real_clips, seed=seed)
+        super().__init__(clip=clip, real_clips=real_clips, seed=seed, real_sampling=real_sampling)
         if captions not in ("one", "all"):
             raise ValueError(f"captions must be 'one' or 'all', got {captions!r}")
         self.root = Path(root)

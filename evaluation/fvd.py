@@ -182,6 +182,11 @@ class FVD(Metric):
         feature_batch_size: clips per feature-network call (bounds memory).
         num_features: D, the feature size (400 for I3D logits).
         reset_real_features: if False, :meth:`reset` keeps the real statistics.
+        num_generated: use only generated samples with global index < ``num_generated x repeats``
+            (TATS / StyleGAN-V: 2048); None: every generated sample. Needs ``indices`` in :meth:`update`.
+        repeats: tgan2-style confidence: generated samples ``r x num_generated ...`` (consecutive
+            global indices) form set ``r``; :meth:`compute` returns the mean FVD over the sets and
+            :meth:`compute_repeats` each set's FVD against the same real statistics.
 
     The feature network is not a registered submodule (it stays out of ``state_dict``); it is
     moved to the metric's device (``fvd.to(device)``) on each :meth:`update`.
@@ -194,13 +199,19 @@ class FVD(Metric):
     def __init__(self, feature_extractor: nn.Module | None = None, clip_length: int = 16,
                  resize: str = "tf1_bilinear", covariance: str = "unbiased", feature_batch_size: int = 8,
                  num_features: int = 400, reset_real_features: bool = True, distance: str = "eigh_float64",
-                 **kwargs: Any) -> None:
+                 num_generated: int | None = None, repeats: int = 1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if covariance not in COVARIANCES:
             raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
         if distance not in DISTANCES:
             raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
         self.distance = distance
+        if repeats < 1 or (num_generated is not None and num_generated < 2):
+            raise ValueError(f"repeats must be >= 1 and num_generated >= 2, got {repeats}, {num_generated}")
+        if repeats > 1 and num_generated is None:
+            raise ValueError("FVD repeats > 1 needs num_generated (the size of each generated set)")
+        self.num_generated = None if num_generated is None else int(num_generated)
+        self.repeats = int(repeats)
         if resize not in RESIZE_METHODS:
             raise ValueError(f"unknown resize {resize!r}; choose one of {RESIZE_METHODS}")
         if clip_length < 1 or feature_batch_size < 1 or num_features < 1:
@@ -215,6 +226,11 @@ class FVD(Metric):
             self.add_state(f"{side}_sum", torch.zeros(d, dtype=torch.float64), dist_reduce_fx="sum")
             self.add_state(f"{side}_outer", torch.zeros(d, d, dtype=torch.float64), dist_reduce_fx="sum")
             self.add_state(f"{side}_count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        if self.repeats > 1:
+            r = self.repeats
+            self.add_state("rep_sum", torch.zeros(r, d, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state("rep_outer", torch.zeros(r, d, d, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state("rep_count", torch.zeros(r, dtype=torch.float64), dist_reduce_fx="sum")
 
     @property
     def feature_extractor(self) -> nn.Module:
@@ -238,6 +254,12 @@ class FVD(Metric):
             out["distance"] = self.distance
         return out
 
+    def generated_protocol(self) -> dict[str, Any]:
+        """How many generated samples are used and how they are grouped (not part of the real-stats key)."""
+        return {"num_generated": self.num_generated if self.num_generated is not None else "all",
+                "repeats": self.repeats,
+                "sets": "consecutive global indices r*num_generated .. (r+1)*num_generated-1" if self.repeats > 1 else "one"}
+
     @torch.no_grad()
     def features(self, videos: Tensor) -> Tensor:
         """float64 ``(B, D)`` features of float ``(B, C, T, H, W)`` videos in [-1, 1] (float32 network)."""
@@ -256,11 +278,32 @@ class FVD(Metric):
                 out.append(feats.to(self.real_sum.device, torch.float64))
         return torch.cat(out)
 
-    def update(self, videos: Tensor, real: bool) -> None:  # type: ignore[override]
-        """Add a batch of videos (float ``(B, C, T, H, W)`` in [-1, 1]) to the real or fake statistics."""
+    def update(self, videos: Tensor, real: bool, indices: Tensor | None = None) -> None:  # type: ignore[override]
+        """Add a batch of videos (float ``(B, C, T, H, W)`` in [-1, 1]) to the real or fake statistics.
+
+        ``indices`` (global sample indices, ``B``) are needed for generated videos when
+        ``num_generated`` is set: samples past ``num_generated x repeats`` are skipped (no network call).
+        """
         if not isinstance(real, bool):
             raise TypeError("update(videos, real): real must be True or False")
-        self._accumulate(self.features(videos), real)
+        if real or self.num_generated is None:
+            self._accumulate(self.features(videos), real)
+            return
+        if indices is None:
+            raise ValueError("FVD with num_generated needs the generated samples' global indices")
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1).cpu()
+        if idx.numel() != videos.shape[0]:
+            raise ValueError(f"{idx.numel()} indices for {videos.shape[0]} videos")
+        keep = idx < self.num_generated * self.repeats
+        if not bool(keep.any()):
+            return
+        feats = self.features(videos[keep.to(videos.device)])
+        self._accumulate(feats, real=False)
+        if self.repeats > 1:
+            sets = (idx[keep] // self.num_generated).to(feats.device)
+            self.rep_sum = self.rep_sum.index_add(0, sets, feats)
+            self.rep_outer = self.rep_outer.index_add(0, sets, feats[:, :, None] * feats[:, None, :])
+            self.rep_count = self.rep_count.index_add(0, sets, torch.ones_like(sets, dtype=torch.float64))
 
     def add_features(self, feats: Tensor, real: bool) -> None:
         """Add precomputed ``(N, D)`` features (e.g. from :meth:`features`), skipping the network."""
@@ -288,14 +331,31 @@ class FVD(Metric):
         cov = (outer - count * torch.outer(mu, mu)) / (count - ddof)
         return mu, cov
 
+    def _distance(self, mu1: Tensor, s1: Tensor, mu2: Tensor, s2: Tensor) -> float:
+        if self.distance == "eigh_float64":
+            return frechet_distance(mu1, s1, mu2, s2)
+        # TATS and StyleGAN-V pass the generated statistics first (the order changes the rounding only).
+        return frechet_distance_by(self.distance, mu2, s2, mu1, s1)
+
     def compute(self) -> Tensor:
-        """FVD between the real and fake statistics, a float64 scalar tensor."""
+        """FVD between the real and fake statistics, a float64 scalar tensor (with ``repeats > 1``:
+        the mean over the generated sets, see :meth:`compute_repeats`)."""
+        if self.repeats > 1:
+            return self.compute_repeats().mean()
         mu1, s1 = self._gaussian(self.real_sum, self.real_outer, self.real_count, "real")
         mu2, s2 = self._gaussian(self.fake_sum, self.fake_outer, self.fake_count, "fake")
-        if self.distance == "eigh_float64":
-            return torch.tensor(frechet_distance(mu1, s1, mu2, s2), dtype=torch.float64)
-        # TATS and StyleGAN-V pass the generated statistics first (the order changes the rounding only).
-        return torch.tensor(frechet_distance_by(self.distance, mu2, s2, mu1, s1), dtype=torch.float64)
+        return torch.tensor(self._distance(mu1, s1, mu2, s2), dtype=torch.float64)
+
+    def compute_repeats(self) -> Tensor:
+        """The FVD of each generated set against the real statistics (float64, ``repeats``)."""
+        mu1, s1 = self._gaussian(self.real_sum, self.real_outer, self.real_count, "real")
+        if self.repeats == 1:
+            return self.compute().reshape(1)
+        out = []
+        for r in range(self.repeats):
+            mu2, s2 = self._gaussian(self.rep_sum[r], self.rep_outer[r], self.rep_count[r], f"generated set {r}")
+            out.append(self._distance(mu1, s1, mu2, s2))
+        return torch.tensor(out, dtype=torch.float64)
 
     def reset(self) -> None:
         """Reset the statistics (the real ones too unless ``reset_real_features=False``)."""

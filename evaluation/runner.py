@@ -249,7 +249,7 @@ def score(
             if "is" in metrics:
                 metrics["is"].update(clips, indices=torch.tensor(batch, device=ctx.device))
             if "fvd" in metrics:
-                metrics["fvd"].update(clips, real=False)
+                metrics["fvd"].update(clips, real=False, indices=torch.tensor(batch))
     values: dict[str, float] = {}
     if "is" in metrics:
         mean, std = metrics["is"].compute()
@@ -258,6 +258,10 @@ def score(
         values["fvd"] = float(metrics["fvd"].compute())
     if "clipsim" in metrics:
         values["clipsim"] = float(metrics["clipsim"].compute())
+    from evaluation.protocols import extra_values, metric_counts
+
+    values.update(extra_values(metrics))  # FVD per generated set (collective, like the computes)
+    details["counts"] = metric_counts(metrics, ctx.world_size, ctx.device)
     return values, details
 
 
@@ -290,46 +294,19 @@ def weight_files(node: Any) -> dict[str, str]:
     return found
 
 
-def markdown_report(report: Mapping[str, Any], paper: Mapping[str, Mapping[str, float]]) -> str:
-    """A markdown table of our numbers beside the paper's (show1-spec.md headline table)."""
-    b = report["benchmark"]["name"]
-    rows = []
-    labels = {"is": ("IS", "higher", "is_mean"), "fvd": ("FVD", "lower", "fvd"), "clipsim": ("CLIPSIM", "higher", "clipsim")}
-    paper_cols: list[str] = []
-    for entries in paper.values():
-        for k in entries:
-            if k not in paper_cols:
-                paper_cols.append(k)
-    head = f"| benchmark | metric | ours ({report['generator'].get('name', '?')}) | " + " | ".join(paper_cols) + " |"
-    sep = "|" + "---|" * (3 + len(paper_cols))
-    for name in report["metrics_run"]:
-        label, better, key = labels[name]
-        val = report["metrics"][key]
-        ours = f"{val:.2f} +- {report['metrics']['is_std']:.2f}" if name == "is" else (f"{val:.4f}" if name == "clipsim" else f"{val:.2f}")
-        if name == "clipsim" and report["protocol"].get("clipsim", {}).get("scale") == "torchmetrics":
-            ours += " (torchmetrics scale)"
-        ref = paper.get(name, {})
-        cells = [str(ref[c]) if c in ref else "-" for c in paper_cols]
-        rows.append(f"| {b} | {label} ({better} is better) | {ours} | " + " | ".join(cells) + " |")
-    lines = [f"# Evaluation: {b}", "", head, sep, *rows, "", "## Protocol", ""]
-    p = report["protocol"]
-    lines.append(f"- samples: {p['num_samples']}; world size: {report['run']['world_size']}; seeds: {p['seeds_rule']}")
-    lines.append(f"- generated clips for IS / FVD: {json.dumps(p['generated_clip'])}")
-    lines.append(f"- benchmark: {json.dumps(p['benchmark'], default=str)}")
-    for name in report["metrics_run"]:
-        lines.append(f"- {name}: {json.dumps(p.get(name, {}), default=str)}")
-    lines.append(f"- weights: {json.dumps(report['weights'])}")
-    lines.append("")
-    return "\n".join(lines)
-
-
 def _metric_protocol(name: str, metric: Any, cfg_node: Any) -> dict[str, Any]:
     if name == "is":
         return {"classifier": type(metric.classifier).__name__, "num_splits": metric.num_splits,
                 "repeats": metric.repeats, "eps": metric.eps, "std": "population std over repeats x splits",
                 "input": "16 frames; C3D preprocessing: BGR*128, bilinear align_corners=True to 112, +128-mean crop"}
     if name == "fvd":
-        return metric.protocol()
+        return {**metric.protocol(), **metric.generated_protocol()} if hasattr(metric, "generated_protocol") else metric.protocol()
+    if name == "clipsim" and metric.scale == "clipscore":
+        return {"scale": "clipscore", "scale_note": "torchmetrics CLIPScore arithmetic; clipsim on the 0-1 scale, "
+                "clipsim_x100 is torchmetrics' number",
+                "clip": metric.clip.description,
+                "preprocessing": "the model folder's CLIPProcessor (images: uint8 frames; text: padding, ids cut at 77)",
+                "frames": "every frame of every video scored with its caption; max(mean over all frames, 0)"}
     if name == "clipsim":
         return {"scale": metric.scale, "clip": metric.clip.description,
                 "preprocessing": "bicubic antialiased short-side resize, centre crop, CLIP mean/std; 77 tokens",
@@ -432,7 +409,12 @@ def run_evaluation(cfg: DictConfig) -> Optional[dict[str, Any]]:
             gen_info.update(generator.describe())
         del generator  # free its memory before the metric networks load
 
-        metrics = {m: instantiate(cfg.eval_metrics[m]).to(ctx.device) for m in names}
+        from evaluation.protocols import metric_config_key
+
+
+        metric_keys = {m: metric_config_key(cfg, m) for m in names}  # the protocol picks the CLIPSIM implementation
+
+        metrics = {m: instantiate(cfg.eval_metrics[metric_keys[m]]).to(ctx.device) for m in names}
         if "fvd" in metrics:  # the FVD metric does not register its network as a submodule
             metrics["fvd"].feature_extractor.to(ctx.device)
         clip = ClipSpec(**OmegaConf.to_container(cfg.generated_clip, resolve=True))
@@ -440,7 +422,11 @@ def run_evaluation(cfg: DictConfig) -> Optional[dict[str, Any]]:
 
         report: dict[str, Any] = {}
         if ctx.is_main:
-            metric_cfgs = {m: OmegaConf.to_container(cfg.eval_metrics[m], resolve=True) for m in names}
+            from evaluation.protocols import markdown_report as protocol_markdown
+            from evaluation.protocols import protocol_report, video_encoding
+
+            metric_cfgs = {m: OmegaConf.to_container(cfg.eval_metrics[metric_keys[m]], resolve=True) for m in names}
+            counts_clips = details.pop("counts", {})
             report = {
                 "benchmark": {"name": benchmark.name},
                 "metrics_run": names,
@@ -459,6 +445,11 @@ def run_evaluation(cfg: DictConfig) -> Optional[dict[str, Any]]:
                 "weights": weight_files(metric_cfgs),
                 "generator": {**gen_info, "config": OmegaConf.to_container(cfg.generator, resolve=True)},
                 "paper": OmegaConf.to_container(cfg.benchmark.paper, resolve=True),
+                "eval_protocol": protocol_report(cfg, benchmark, metrics, clip, n,
+                                                 OmegaConf.to_container(cfg.benchmark.paper, resolve=True),
+                                                 OmegaConf.select(cfg, "benchmark.paper_protocols", default=None)),
+                "counts": {"generated_samples": n, **counts_clips},
+                "generated_videos": video_encoding(video_dir, list(range(n)), writer_defaults=int(counts[0]) > 0),
                 "run": {"world_size": ctx.world_size, "device": str(ctx.device), "host": socket.gethostname(),
                         "started": started, "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                         "generated_this_run": int(counts[0]), "found_on_disk": int(counts[1]),
@@ -468,7 +459,7 @@ def run_evaluation(cfg: DictConfig) -> Optional[dict[str, Any]]:
             json_path = out_dir / "report.json"
             json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
             md_path = out_dir / "report.md"
-            md_path.write_text(markdown_report(report, report["paper"]))
+            md_path.write_text(protocol_markdown(report))
             log.info("report written to %s", json_path)
             if cfg.logger.get("wandb", False):
                 _log_wandb(cfg, report, md_path)
