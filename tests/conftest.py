@@ -43,20 +43,29 @@ def toy_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
+def compose_config(data_dir: Path, output_dir: Path, *overrides: str, tiny: bool = True) -> DictConfig:
+    """The composed `train` config as `python train.py [overrides]` would see it, with the toy data under
+    ``data_dir`` and outputs under ``output_dir`` (``tiny``: prepend TINY_TRAIN)."""
+    import train  # noqa: F401  (registers the OmegaConf resolvers)
+
+    GlobalHydra.instance().clear()
+    args = (TINY_TRAIN if tiny else []) + [f"paths.data_dir={data_dir}"] + list(overrides)
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("train", overrides=args)
+    finally:
+        GlobalHydra.instance().clear()
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.work_dir = str(ROOT)
+    return cfg
+
+
 @pytest.fixture
 def compose_train(toy_data_dir: Path) -> Callable[..., DictConfig]:
     """compose_train(output_dir, *overrides, tiny=True) -> the composed `train` config."""
-    import train  # noqa: F401  (registers the OmegaConf resolvers)
 
     def _compose(output_dir: Path, *overrides: str, tiny: bool = True) -> DictConfig:
-        GlobalHydra.instance().clear()
-        args = (TINY_TRAIN if tiny else []) + [f"paths.data_dir={toy_data_dir}"] + list(overrides)
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("train", overrides=args)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir)
-            cfg.paths.work_dir = str(ROOT)
-        return cfg
+        return compose_config(toy_data_dir, output_dir, *overrides, tiny=tiny)
 
-    yield _compose
-    GlobalHydra.instance().clear()
+    return _compose

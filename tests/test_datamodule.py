@@ -227,8 +227,9 @@ def test_lightning_fit(shards: dict, tmp_path: Path) -> None:
     assert model.w.item() != 0.0
 
 
-def test_toy_root(tmp_path: Path) -> None:
-    dm = VideoDataModule(toy_root=tmp_path / "toy", num_frames=8, target_fps=4, height=40, width=64,
+def test_toy_root(toy_data_dir: Path) -> None:
+    # The session's toy dataset (the one every composed training test uses): generated once per session.
+    dm = VideoDataModule(toy_root=toy_data_dir / "toy", num_frames=8, target_fps=4, height=40, width=64,
                          batch_size=4, epoch_length=1, val_batches=1)
     dm.prepare_data()
     dm.setup("fit")

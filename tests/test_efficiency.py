@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -112,12 +111,11 @@ def test_reduced_sr1_meta_prediction_matches_real_cpu_run():
     # allocator reuses memory freed by earlier tests, so RSS growth here depends on test order.)
 
 
-def test_quick_bench_prints_both_cascades():
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / "efficiency.py"), "--quick"], capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = proc.stdout
+def test_quick_bench_prints_both_cascades(capsys):
+    import efficiency  # bench/efficiency.py, run in-process: its main() is the script
+
+    efficiency.main(["--quick"])
+    out = capsys.readouterr().out
     for needle in ("hybrid", "all_pixel", "latent SR2 (show-1-sr2)", "pixel SR2 (sr1 config)", "TOTAL", "ratio",
                    "4.80", "mem eff"):
         assert needle in out, needle

@@ -38,8 +38,10 @@ def _decoded(shards: list[str]) -> tuple[torch.Tensor, list[str]]:
     return torch.stack(videos), captions
 
 
-def test_default_dataset_layout_and_cache(tmp_path: Path) -> None:
+def test_default_dataset_layout_and_cache(toy_data_dir: Path) -> None:
     # (Generation speed is measured by bench/, not asserted here: tests carry no wall-clock limits.)
+    # The session's toy dataset at the default sizes (shared with the training tests: generated once).
+    tmp_path = toy_data_dir / "toy"
     shards = ensure_toy_dataset(tmp_path)
     assert [Path(p).name for p in shards["train"]] == [f"{i:05d}.tar" for i in range(8)]
     assert [Path(p).name for p in shards["val"]] == ["00008.tar"]
@@ -54,9 +56,11 @@ def test_default_dataset_layout_and_cache(tmp_path: Path) -> None:
     meta = json.loads(samples[0]["json"])
     assert samples[0]["txt"].decode() == f"a {meta['color']} {meta['shape']} moving {meta['motion']}"
     # cached: the second call returns the same shards without rewriting them
-    mtimes = [Path(p).stat().st_mtime_ns for p in shards["train"]]
+    # (inode + mtime: a rewrite goes through a new temp file and os.replace, i.e. a new inode, whatever the
+    # filesystem's timestamp resolution)
+    stamps = [(Path(p).stat().st_ino, Path(p).stat().st_mtime_ns) for p in shards["train"]]
     assert ensure_toy_dataset(tmp_path) == shards
-    assert [Path(p).stat().st_mtime_ns for p in shards["train"]] == mtimes
+    assert [(Path(p).stat().st_ino, Path(p).stat().st_mtime_ns) for p in shards["train"]] == stamps
 
 
 def test_cache_invalidated_by_generator_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
