@@ -215,6 +215,19 @@ def test_show1_report_names_protocol_choices_counts_codec_and_comparability(eval
     assert "different protocol (this run deviates from its protocol)" in md and "394.46" in md
 
 
+def test_fvd_repeats_in_the_report(eval_env, tmp_path):
+    report = _run(eval_env, tmp_path / "run", "benchmark.adapter.num_samples=6", "benchmark.adapter.real_clips=4",
+                  "metrics=[fvd]", "eval_metrics.fvd.clip_length=16", "+eval_metrics.fvd.num_generated=3",
+                  "+eval_metrics.fvd.repeats=2")
+    v = report["metrics"]
+    assert len(v["fvd_repeats"]) == 2 and v["fvd"] == pytest.approx(np.mean(v["fvd_repeats"]), rel=1e-12)
+    assert v["fvd_std"] == pytest.approx(np.std(v["fvd_repeats"]), rel=1e-9) and v["fvd_std"] > 0
+    assert report["protocol"]["fvd"]["repeats"] == 2 and report["counts"]["fvd_generated_clips"] == 6
+    assert {"fvd.num_generated", "fvd.repeats"} <= set(report["eval_protocol"]["deviations"])
+    row = next(line for line in (tmp_path / "run" / "report.md").read_text().splitlines() if line.startswith("| ucf101 | FVD"))
+    assert f"{v['fvd']:.2f} +- {v['fvd_std']:.2f}" in row
+
+
 def test_show1_msrvtt_clipscore_run_is_comparable_with_show1(eval_env, tmp_path):
     from test_clipscore import make_tiny_hf_clip
 

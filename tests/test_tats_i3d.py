@@ -29,6 +29,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import tats_parity  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("i3d_cache")  # the pickle is converted once for this module
+
+
 def _random_state(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {k: torch.randn(v.shape, generator=g) for k, v in InceptionI3d().state_dict().items()}
@@ -104,24 +109,24 @@ def test_from_tats_state_dict_rejects_what_it_cannot_represent() -> None:
         from_tats_state_dict({**tats, "fc.weight": torch.zeros(1)})
 
 
-def test_load_i3d_reads_a_tats_pt_file(tmp_path: Path) -> None:
-    state, sha = converted_state_dict(cache_dir=tmp_path / "cache")
+def test_load_i3d_reads_a_tats_pt_file(tmp_path: Path, cache_dir: Path) -> None:
+    state, sha = converted_state_dict(cache_dir=cache_dir)
     pt = tmp_path / "i3d_pretrained_400.pt"
     torch.save(to_tats_state_dict(state), pt)
     from_pt = load_i3d(pt, variant="tats", fuse=False)
-    from_pickle = load_i3d(cache_dir=tmp_path / "cache", variant="tats", fuse=False)
+    from_pickle = load_i3d(cache_dir=cache_dir, variant="tats", fuse=False)
     assert from_pt.variant == from_pickle.variant == "tats"
     assert from_pt.weights_id != sha and from_pickle.weights_id == sha  # the id is the file's sha256
     a, b = from_pt.state_dict(), from_pickle.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_tats_and_tf_variants_differ_slightly_on_real_weights(tmp_path: Path) -> None:
+def test_tats_and_tf_variants_differ_slightly_on_real_weights(cache_dir: Path) -> None:
     torch.manual_seed(0)
     clip = torch.rand(1, 3, 9, 224, 224) * 2 - 1
     with torch.inference_mode():
-        tats = load_i3d(cache_dir=tmp_path, variant="tats")(clip)
-        tf = load_i3d(cache_dir=tmp_path, variant="tf")(clip)
+        tats = load_i3d(cache_dir=cache_dir, variant="tats")(clip)
+        tf = load_i3d(cache_dir=cache_dir, variant="tf")(clip)
     assert tats.shape == (1, 400)
     rel = float((tats - tf).norm() / tf.norm())
     # Measured 1.4e-3 to 1.8e-3 on 16-frame clips (scripts/tats_parity.py): a real but small difference,
