@@ -61,6 +61,8 @@ def declared_choices(protocol: Mapping[str, Any], benchmark: str, metrics: Seque
         out.update({f"clipsim.{k}": v for k, v in protocol.get("clipsim", {}).items()})
     bench = dict(protocol.get(benchmark, {}))
     real = bench.pop("real", {})
+    if "fvd" not in metrics:
+        bench.pop("fvd_generated", None)
     out.update({f"{benchmark}.{k}": v for k, v in bench.items()})
     if "fvd" in metrics:
         out.update({f"{benchmark}.real.{k}": v for k, v in real.items()})
@@ -80,7 +82,7 @@ def actual_choices(benchmark: Any, metrics: Mapping[str, Any], generated_clip: A
         f = metrics["fvd"]
         out.update({"fvd.network": _network_name(f), "fvd.resize": f.resize, "fvd.covariance": f.covariance,
                     "fvd.distance": getattr(f, "distance", "eigh_float64"),
-                    "fvd.num_generated": getattr(f, "num_generated", None), "fvd.repeats": getattr(f, "repeats", 1)})
+                    f"{name}.fvd_generated": getattr(f, "num_generated", None), "fvd.repeats": getattr(f, "repeats", 1)})
         if f.clip_length != generated_clip.frames:
             out["clip_frames"] = f"{generated_clip.frames} (FVD clip_length {f.clip_length})"
         real = {"split": getattr(benchmark, "real_split", None), "clips": benchmark.real_clips,

@@ -66,6 +66,7 @@ def test_tats_and_show1_set_every_tats_choice():
         assert a["clip"]["resolution"] == [128, 128] and a["clip"]["resize"] == "tats_short_side"
         assert c["generated_clip"]["resolution"] == [128, 128] and c["generated_clip"]["resize"] == "tats_short_side"
     show1 = _compose("benchmark=msrvtt", "eval_protocol=show1")
+    assert show1["eval_metrics"]["fvd"]["num_generated"] is None  # FVD on all 2,990 MSR-VTT samples
     assert show1["eval_protocol"]["clipsim"]["metric"] == "clipscore"
     assert show1["eval_metrics"]["clipscore"]["_target_"] == "evaluation.clipsim.CLIPScoreSim"
     sg = _compose("benchmark=ucf101", "eval_protocol=stylegan_v_128f")
@@ -203,7 +204,7 @@ def test_show1_report_names_protocol_choices_counts_codec_and_comparability(eval
     assert ep["name"] == "show1" and ep["choices"]["fvd.network"] == "tats" and ep["choices"]["ucf101.real.clips"] == 2048
     # What the run changed is named, the tiny test networks included; so nothing is "comparable".
     assert set(ep["deviations"]) == {"fvd.network", "fvd.resize", "fvd.distance", "ucf101.num_samples",
-                                     "ucf101.real.clips", "fvd.num_generated", "is.num_splits"}
+                                     "ucf101.real.clips", "ucf101.fvd_generated", "is.num_splits"}
     assert ep["used"]["ucf101.real.sampling"] == "all_windows" and ep["used"]["ucf101.clip_resize"] == "tats_short_side"
     assert all(not c["comparable"] for rows in ep["comparable_with"].values() for c in rows.values())
     assert report["counts"] == {"generated_samples": 6, "fvd_real_clips": 10, "fvd_generated_clips": 4, "is_generated_clips": 6}
@@ -223,7 +224,7 @@ def test_fvd_repeats_in_the_report(eval_env, tmp_path):
     assert len(v["fvd_repeats"]) == 2 and v["fvd"] == pytest.approx(np.mean(v["fvd_repeats"]), rel=1e-12)
     assert v["fvd_std"] == pytest.approx(np.std(v["fvd_repeats"]), rel=1e-9) and v["fvd_std"] > 0
     assert report["protocol"]["fvd"]["repeats"] == 2 and report["counts"]["fvd_generated_clips"] == 6
-    assert {"fvd.num_generated", "fvd.repeats"} <= set(report["eval_protocol"]["deviations"])
+    assert {"ucf101.fvd_generated", "fvd.repeats"} <= set(report["eval_protocol"]["deviations"])
     row = next(line for line in (tmp_path / "run" / "report.md").read_text().splitlines() if line.startswith("| ucf101 | FVD"))
     assert f"{v['fvd']:.2f} +- {v['fvd_std']:.2f}" in row
 
