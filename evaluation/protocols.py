@@ -23,6 +23,9 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 PROTOCOL_DIR = Path(__file__).resolve().parents[1] / "conf" / "eval_protocol"
+# Choices a run may change and still follow its protocol: FVD repeats score R generated sets, each of
+# the protocol's size against the protocol's real statistics (each set's FVD is a protocol FVD).
+FREE_CHOICES = ("fvd.repeats",)
 LABELS = {"is": ("IS", "higher", "is_mean"), "fvd": ("FVD", "lower", "fvd"), "clipsim": ("CLIPSIM", "higher", "clipsim")}
 
 
@@ -147,14 +150,14 @@ def overridden(protocol: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         return {"eval_protocol": {"protocol": f"no conf/eval_protocol/{protocol.get('name')}.yaml", "used": "custom"}}
     a, b = _flatten(pristine), _flatten(protocol)
     return {f"eval_protocol.{k}": {"protocol": a.get(k), "used": b.get(k)}
-            for k in sorted(set(a) | set(b)) if _norm(a.get(k)) != _norm(b.get(k))}
+            for k in sorted(set(a) | set(b)) if _norm(a.get(k)) != _norm(b.get(k)) and k not in FREE_CHOICES}
 
 
 def deviations(declared: Mapping[str, Any], actual: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Choices where the run did not use the protocol's value: ``{key: {"protocol": v, "used": w}}``."""
     out = {}
     for key, want in declared.items():
-        if key in actual and _norm(actual[key]) != _norm(want):
+        if key in actual and _norm(actual[key]) != _norm(want) and key not in FREE_CHOICES:
             out[key] = {"protocol": want, "used": actual[key]}
     return out
 
