@@ -341,13 +341,17 @@ class FVD(Metric):
         """FVD between the real and fake statistics, a float64 scalar tensor (with ``repeats > 1``:
         the mean over the generated sets, see :meth:`compute_repeats`)."""
         if self.repeats > 1:
-            return self.compute_repeats().mean()
+            # compute() runs on the states summed over processes; keep the per-set values it saw.
+            self.repeat_values = self.compute_repeats()
+            return self.repeat_values.mean()
         mu1, s1 = self._gaussian(self.real_sum, self.real_outer, self.real_count, "real")
         mu2, s2 = self._gaussian(self.fake_sum, self.fake_outer, self.fake_count, "fake")
         return torch.tensor(self._distance(mu1, s1, mu2, s2), dtype=torch.float64)
 
     def compute_repeats(self) -> Tensor:
-        """The FVD of each generated set against the real statistics (float64, ``repeats``)."""
+        """The FVD of each generated set against the real statistics (float64, ``repeats``), from this
+        process's states: call :meth:`compute` (which syncs processes) and read ``repeat_values`` in a
+        distributed run."""
         mu1, s1 = self._gaussian(self.real_sum, self.real_outer, self.real_count, "real")
         if self.repeats == 1:
             return self.compute().reshape(1)

@@ -227,7 +227,8 @@ def extra_values(metrics: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     f = metrics.get("fvd")
     if f is not None and getattr(f, "repeats", 1) > 1:
-        per_set = f.compute_repeats()
+        f.compute()  # synced over processes (cached when already computed); sets repeat_values
+        per_set = f.repeat_values
         out.update({"fvd_std": float(per_set.std(unbiased=False)), "fvd_repeats": [float(v) for v in per_set]})
     c = metrics.get("clipsim")
     if c is not None and getattr(c, "scale", "") == "clipscore":

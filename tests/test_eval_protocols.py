@@ -162,6 +162,20 @@ def test_fvd_repeats_score_each_generated_set_on_its_own():
         FVD(feature_extractor=nn.Identity(), repeats=2)
 
 
+@pytest.mark.slow  # ~15 s: two spawned processes import torch
+def test_fvd_repeats_are_exact_over_two_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    import fvd_repeats_worker as w
+
+    single = w.repeats_fvd(0, 1)
+    mp.spawn(w.worker, args=(2, str(tmp_path / "init"), str(tmp_path / "res")), nprocs=2, join=True)
+    for rank in range(2):
+        multi = json.loads((tmp_path / f"res.{rank}").read_text())
+        # float64 sums over interleaved shards: equal to 1e-9 relative (the mean and each set).
+        assert multi == pytest.approx(single, rel=1e-9, abs=0)
+
+
 def test_comparability_shows_published_rows_only_under_the_same_protocol():
     proto = {"name": "show1", "comparable": {"ucf101": ["show1", "tats"]}}
     paper = {"fvd": {"Show-1": 394.46, "Make-A-Video": 367.23, "X": 1.0}}
