@@ -194,7 +194,6 @@ def official_worker(folders: Path, prompt: str, seed: int, out: Path, steps: dic
 # ------------------------------------------------------------------------------------------ our side
 def ours(folders: Path, prompt: str, seed: int, steps: dict[str, int], behaviour: str = "released") -> dict:
     """This project's cascade with the released preset on the same folders; every stage's output."""
-    import torch
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 

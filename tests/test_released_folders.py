@@ -159,3 +159,10 @@ def test_released_preset_is_default_for_released_folders_only(released_dir):
     assert ReleasedCascade(stages, {"name": "none", "apply_to": "none"}).active == {"keyframe": False,
                                                                                   "interpolation": False}
     torch.manual_seed(0)
+
+
+def test_behaviour_none_uses_training_sampling_defaults(released_dir):
+    """Released folders sampled with behaviour=none get the stage configs' sampling (conf/stage/*.yaml)."""
+    stage = load_released_stage(released_dir / "show-1-sr2", "latent_sr")
+    assert stage.sampling_cfg["num_steps"] == 50 and stage.sampling_cfg["negative_prompt"] == "low resolution, blur"
+    assert load_released_stage(released_dir / "show-1-base", "keyframe").sampling_cfg["guidance_scale"] == 9.0

@@ -113,7 +113,8 @@ def test_train_mode_dropout_switch(stages):
     """3. On: dropout active while sampling (output differs from dropout off), still reproducible per seed."""
     stage = stages["keyframe"]
     run = lambda b: rel.run_released_stage("keyframe", stage, None, ["a cat"], [5], b)  # noqa: E731
-    on, on2, off = run(beh(train_mode_dropout=True)), run(beh(train_mode_dropout=True)), run(beh(train_mode_dropout=False))
+    on, on2 = run(beh(train_mode_dropout=True)), run(beh(train_mode_dropout=True))
+    off = run(beh(train_mode_dropout=False))
     # Same seed -> the same dropout masks: identical arithmetic, so exact equality.
     assert torch.equal(on, on2)
     # Dropout p=0.1 in the temporal convs changes the sample by far more than float noise (relative 1e-3).
@@ -194,7 +195,8 @@ def test_sr2_uint8_pil_resize_switch(stages, monkeypatch):
     stage = stages["latent_sr"]
     seen: list[torch.Tensor] = []
     encode = stage.vae.encode
-    monkeypatch.setattr(stage.vae, "encode", lambda v, generator=None: (seen.append(v.clone()), encode(v, generator))[1])
+    monkeypatch.setattr(stage.vae, "encode",
+                        lambda v, generator=None: (seen.append(v.clone()), encode(v, generator))[1])
     video = torch.rand(1, 3, 2, 8, 12) * 2 - 1
     rel.run_released_stage("latent_sr", stage, video, ["a cat"], [0], beh(sr2_uint8_pil_resize=True))
     levels = (seen[0] + 1) / 2 * 255
@@ -265,3 +267,15 @@ def test_official_parity_script():
                            "A Panda playing guitar"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert proc.stdout.count("max_abs_diff=") == 5
+
+
+def test_trained_stage_keeps_its_size_under_the_preset(stages, monkeypatch):
+    """apply_to=all on a trained stage: the preset's released sizes (8 x 40x64) do not override the stage's."""
+    stage = stages["keyframe"]
+    monkeypatch.setattr(stage, "released", None)
+    monkeypatch.setattr(stage, "num_frames", 2)
+    monkeypatch.setattr(stage, "height", 8)
+    monkeypatch.setattr(stage, "width", 12)
+    sched = {**FAST, "keyframe": {**FAST["keyframe"], "num_frames": 8, "height": 40, "width": 64, "num_steps": 1}}
+    out = rel.run_released_stage("keyframe", stage, None, ["a cat"], [0], ReleasedBehaviour(schedules=sched))
+    assert out.shape == (1, 3, 2, 8, 12)

@@ -67,7 +67,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from show1_lightning.diffusion.module import DiffusionStage
 
@@ -105,7 +104,8 @@ class ReleasedBehaviour:
 
     def __post_init__(self) -> None:
         if self.prompt_preprocessing not in ("lower_strip", "none"):
-            raise ValueError(f"prompt_preprocessing must be 'lower_strip' or 'none', got {self.prompt_preprocessing!r}")
+            raise ValueError(f"prompt_preprocessing must be 'lower_strip' or 'none', "
+                             f"got {self.prompt_preprocessing!r}")
         if self.sr1_first_frame not in ("image_sr", "noisy"):
             raise ValueError(f"sr1_first_frame must be 'image_sr' or 'noisy', got {self.sr1_first_frame!r}")
         self.schedules = {k: dict(v) for k, v in (self.schedules or {}).items()}
@@ -217,7 +217,8 @@ def resolve_t5(folders: dict[str, str | Path | None], t5: str | Path | None) -> 
     if t5:
         p = Path(t5)
         if not (p / "config.json").is_file() and not _has_text_encoder(p):
-            raise FileNotFoundError(f"t5={p}: neither a T5 folder (config.json) nor one with text_encoder/ + tokenizer/")
+            raise FileNotFoundError(f"t5={p}: neither a T5 folder (config.json) nor one with text_encoder/ and "
+                                    "tokenizer/")
         return p
     for kind in ("keyframe", "interpolation", "pixel_sr"):
         f = folders.get(kind)
@@ -269,7 +270,7 @@ def load_released_stage(folder: str | Path, kind: str, t5: str | Path | None = N
         DDPMScheduler) and k not in ("variance_type", "thresholding")})
     common: dict[str, Any] = dict(unet=unet, noise_scheduler=train_sched,
                                   optimizer=functools.partial(torch.optim.AdamW), text_encoder=text_encoder,
-                                  ema={"enabled": False}, caption_dropout=0.0)
+                                  ema={"enabled": False}, caption_dropout=0.0, sampling=_training_sampling(kind))
     if kind == "keyframe":
         stage: DiffusionStage = KeyframeStage(num_frames=8, height=40, width=64, **common)
     elif kind == "interpolation":
@@ -282,6 +283,18 @@ def load_released_stage(folder: str | Path, kind: str, t5: str | Path | None = N
         stage = LatentSRStage(vae=vae, sample_channels=4, height=320, width=576, strength=0.8, **common)
     stage.released = ReleasedSource(folder, scheduler, noising)  # type: ignore[attr-defined]
     return stage.eval()
+
+
+def _training_sampling(kind: str) -> dict[str, Any]:
+    """This project's sampling defaults of a stage (``conf/stage/<kind>.yaml``: ``sampling``), used for released
+    folders when no released behaviour applies (``behaviour=none``)."""
+    from omegaconf import OmegaConf
+
+    path = Path(__file__).resolve().parents[2] / "conf" / "stage" / f"{kind}.yaml"
+    if not path.is_file():
+        return {}
+    node = OmegaConf.load(path).get("sampling")
+    return dict(OmegaConf.to_container(node, resolve=True)) if node is not None else {}
 
 
 # ---------------------------------------------------------------------------------------------------- sampling
@@ -579,7 +592,10 @@ def run_released_stage(name: str, stage: DiffusionStage, x: torch.Tensor | None,
     ``overrides`` update the preset's schedule of the stage (num_steps, guidance_scale, sizes, ...).
     Returns B x C x T x H x W (unclamped unless ``clamp_between_stages``).
     """
-    s = {**beh.schedule(name), **dict(overrides or {})}
+    s = beh.schedule(name)
+    if getattr(stage, "released", None) is None:  # a trained stage keeps its own frame count and size
+        s = {k: v for k, v in s.items() if k not in ("num_frames", "height", "width")}
+    s.update(overrides or {})
     outs = []
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     was_training = stage.unet.training
