@@ -9,6 +9,7 @@ See docs/evaluation.md; the loop itself is evaluation.runner.run_evaluation.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -16,7 +17,8 @@ from omegaconf import DictConfig
 from evaluation.runner import run_evaluation
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+# An absolute config path: the same configs when run as a script or as a console script (show1-*).
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="eval")
 def main(cfg: DictConfig) -> None:
     """Run the evaluation; exit code 3 when it stopped early (``stop_after``) and must be resumed."""
     report = run_evaluation(cfg)

@@ -68,7 +68,8 @@ def generate(cfg: DictConfig) -> list[Path]:
     return paths
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="generate.yaml")
+# An absolute config path: the same configs when run as a script or as a console script (show1-*).
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="generate.yaml")
 def main(cfg: DictConfig) -> None:
     try:
         generate(cfg)

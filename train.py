@@ -7,6 +7,7 @@ minutes and writes sample videos. See README.md for GPUs, DDP, SLURM, sweeps and
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -66,7 +67,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train.yaml")
+# An absolute config path: the same configs when run as a script or as a console script (show1-*).
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="train.yaml")
 def main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     # Returned for Hydra sweepers (e.g. optuna) that optimise a metric.

@@ -13,18 +13,16 @@ Defaults are the keyframe stage's clips (8 frames at 4 fps, 64x40) from the bund
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from show1_lightning.data.datamodule import VideoDataModule  # noqa: E402
-from show1_lightning.data.shards import expand_shard_spec, read_shard_samples  # noqa: E402
-from show1_lightning.data.toy_data import ensure_toy_dataset  # noqa: E402
-from show1_lightning.data.video_io import decode_video  # noqa: E402
+from show1_lightning.data.datamodule import VideoDataModule
+from show1_lightning.data.shards import expand_shard_spec, read_shard_samples
+from show1_lightning.data.toy_data import ensure_toy_dataset
+from show1_lightning.data.video_io import decode_video
 
 
 def bench_raw(urls: list[str], clips: int) -> tuple[int, int, float]:

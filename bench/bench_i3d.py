@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -24,11 +23,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from evaluation.fvd import frechet_distance  # noqa: E402
-from evaluation.i3d import load_i3d  # noqa: E402
+from evaluation.fvd import frechet_distance
+from evaluation.i3d import load_i3d
 
 
 def _parity_helpers():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -22,9 +21,8 @@ from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader, Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import train  # noqa: E402,F401  (registers the config resolvers)
+import train,F401  (registers the config resolvers)
 
 
 class RepeatBatch(Dataset):

@@ -18,15 +18,13 @@ next to the meta-device prediction for the same reduced model and inputs.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
+import torch
 
-from efficiency_lib import (  # noqa: E402
+from efficiency_lib import (
     GiB,
     MiB,
     POLICIES,

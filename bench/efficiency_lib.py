@@ -41,10 +41,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 POLICIES = ("efficient", "materialised", "materialised_fp32")
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from show1_lightning.models.show1_unet import build_show1_unet, load_released_config  # noqa: E402
+from show1_lightning.models.show1_unet import build_show1_unet, load_released_config
 
 GiB = 1024**3
 MiB = 1024**2

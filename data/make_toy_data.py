@@ -14,9 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from show1_lightning.data.toy_data import ensure_toy_dataset  # noqa: E402
+from show1_lightning.data.toy_data import ensure_toy_dataset
 
 
 def main(argv: list[str] | None = None) -> int:

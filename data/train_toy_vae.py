@@ -15,11 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from show1_lightning.models.vae import VideoVAE, ensure_toy_vae, reconstruction_psnr  # noqa: E402
+from show1_lightning.models.vae import VideoVAE, ensure_toy_vae, reconstruction_psnr
 
 
 def main(argv: list[str] | None = None) -> int:

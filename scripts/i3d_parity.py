@@ -18,8 +18,6 @@ from typing import Callable
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def jax_reference() -> Callable[[np.ndarray], np.ndarray]:

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
-
-from efficiency_lib import (  # noqa: E402
+from efficiency_lib import (  # bench/ is on the test path (pyproject.toml)
     LiveBytesTracker,
     measure_forward,
     predict_peak,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,7 @@ from show1_lightning.data.shards import (
 from show1_lightning.data.toy_data import make_toy_clip
 from show1_lightning.data.video_io import VideoDecodeError, decode_video, encode_mp4, to_float_video
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
-import webvid_to_shards  # noqa: E402
+import webvid_to_shards  # data/ is on the test path (pyproject.toml)
 
 
 def _clip(i: int, frames: int = 16, fps: float = 16) -> tuple[np.ndarray, bytes]:
