@@ -94,8 +94,8 @@ def setup(tats_repo: Path, ref_dir: Path = REF_DIR) -> None:
 
 
 def ref_worker(work: Path, src: Path, threads: int) -> None:
-    """Runs in the reference venv: TATS's network and distance on the inputs in ``work``."""
-    sys.path.insert(0, str(src))
+    """Runs in the reference venv (started with PYTHONPATH=<src>): TATS's network and distance on the inputs in
+    ``work``."""
     import torch
 
     torch.set_num_threads(threads)
@@ -163,7 +163,6 @@ def main() -> int:
         print(why, file=sys.stderr)
         return 2
 
-    sys.path.insert(0, str(ROOT))
     import torch
 
     from evaluation.fvd import FVD
@@ -184,7 +183,8 @@ def main() -> int:
         np.savez(work / "features.npz", real=real, fake=fake)
         cmd = [str(ref_python(args.ref_dir)), str(Path(__file__).resolve()), "--ref-worker", str(work),
                "--ref-dir", str(args.ref_dir), "--threads", str(args.threads)]
-        subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": ""})
+        # Only the copied TATS sources on the path: the reference never imports this project.
+        subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(args.ref_dir / "src")})
         ref_logits = np.load(work / "ref_logits.npy")
         ref = json.loads((work / "ref_fvd.json").read_text())
         # The same file loaded by our loader (TATS names -> ours).

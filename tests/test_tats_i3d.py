@@ -25,8 +25,7 @@ from evaluation.i3d import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import tats_parity  # noqa: E402
+import tats_parity  # scripts/ is on the test path (pyproject.toml)
 
 
 @pytest.fixture(scope="module")
