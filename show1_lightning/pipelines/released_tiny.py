@@ -137,7 +137,11 @@ _DDIM_0193 = {
 TINY_SCHEDULERS: dict[str, dict[str, dict[str, Any]]] = {
     "show-1-base": {"scheduler": _DPM_0193},
     "show-1-interpolation": {"scheduler": _DPM_0193},
-    "show-1-sr1": {"scheduler": {**_DPM_0193, "dynamic_thresholding_ratio": 0.995},
+    # sr1: v-prediction with fixed variance (the pipelines then drop the variance half before the step) keeps the
+    # tiny random SR model well-conditioned (see OUTPUT_SCALE); the learned-variance path is exercised by base,
+    # interpolation and IF-II-L.
+    "show-1-sr1": {"scheduler": {**_DPM_0193, "dynamic_thresholding_ratio": 0.995, "prediction_type": "v_prediction",
+                                 "variance_type": None},
                    "image_noising_scheduler": _DDPM_0193},
     "show-1-sr2": {"scheduler": _DDIM_0193},
     "IF-II-L-v1.0": {
@@ -174,7 +178,9 @@ def _wake_zero_parameters(model: torch.nn.Module, std: float = 0.05) -> None:
 #: ``conv_out`` of the tiny UNets is scaled by this: a random denoiser with CFG 9 is chaotic (float rounding of
 #: 1e-7, e.g. between diffusers versions' scheduler arithmetic, grows to ~3e-3 over 75 steps); a smaller output
 #: layer makes it well-conditioned like a trained one (same check: ~4e-6), every path still changes the result.
-OUTPUT_SCALE = 0.1
+#: The tiny SR1 (3 levels, CFG 7, 125 steps, chained windows) needs more: 0.01 and v-prediction (a 1e-6 input
+#: change then moves its output by ~6e-6 instead of ~2; its first-frame condition still moves it by ~0.04).
+OUTPUT_SCALE = {"show-1-sr1": 0.01}
 
 
 def _save_unet(model: torch.nn.Module, folder: Path, class_name: str) -> None:
@@ -182,7 +188,7 @@ def _save_unet(model: torch.nn.Module, folder: Path, class_name: str) -> None:
     _wake_zero_parameters(model)
     with torch.no_grad():
         for p in model.conv_out.parameters():
-            p.mul_(OUTPUT_SCALE)
+            p.mul_(OUTPUT_SCALE.get(folder.name, 0.1))
     model.save_pretrained(folder / "unet", safe_serialization=True)
     cfg_path = folder / "unet" / "config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -197,6 +203,13 @@ def _save_text(folder: Path, kind: str, seed: int) -> None:
     dim = TINY_TEXT_DIM if kind == "t5" else TINY_CLIP_DIM
     te = TextEncoder(kind, max_length=77, seed=seed, tiny_dim=dim, tiny_layers=2)
     te.model.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    if kind == "clip":  # the Hub layout (and transformers < 5) names CLIP text weights text_model.*
+        from safetensors.torch import load_file, save_file
+
+        path = folder / "text_encoder" / "model.safetensors"
+        sd = load_file(str(path))
+        save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in sd.items()}, str(path),
+                  metadata={"format": "pt"})
     # A minimal tokenizer_config.json that old (4.29) and new transformers read alike (ByT5 needs no vocab file).
     tok = folder / "tokenizer"
     _write_json(tok / "tokenizer_config.json", {
