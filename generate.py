@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from show1_lightning.callbacks.samples import slug
 from show1_lightning.data.video_io import to_uint8_frames, write_mp4
+from show1_lightning.fileio import atomic_write_text
 from show1_lightning.pipelines.cascade import Show1Cascade, format_reports
 from show1_lightning.runtime import finish_wandb, register_resolvers
 
@@ -33,7 +34,8 @@ def generate(cfg: DictConfig) -> list[Path]:
     cascade = Show1Cascade(**stages, device=cfg.device, precision=str(cfg.precision),
                            sampling=OmegaConf.to_container(cfg.sampling, resolve=True),
                            behaviour=OmegaConf.to_container(cfg.behaviour, resolve=True) if cfg.get("behaviour") else None,
-                           t5=cfg.get("t5"), if_ii_l=cfg.get("if_ii_l"))
+                           t5=cfg.get("t5"), if_ii_l=cfg.get("if_ii_l"),
+                           strict_sizes=bool(cfg.get("strict_sizes", False)))
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     run = None
@@ -59,7 +61,7 @@ def generate(cfg: DictConfig) -> list[Path]:
         if run is not None:
             for r in result.reports:
                 run.log({f"time/{r.name}_s": r.seconds, f"memory/{r.name}_peak_gib": r.peak_bytes / 2**30})
-    (out / "timings.json").write_text(json.dumps(timings, indent=2, default=list))
+    atomic_write_text(out / "timings.json", json.dumps(timings, indent=2, default=list))  # temp + rename
     if run is not None:
         import wandb
 

@@ -21,8 +21,11 @@ from show1_lightning.runtime import (
     register_resolvers,
     set_in,
     task_wrapper,
+    validate_built_stage,
     validate_train_config,
+    wandb_run_id,
 )
+from show1_lightning.stages.loading import check_checkpoint_pickle
 
 log = logging.getLogger("train")
 register_resolvers()
@@ -33,6 +36,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Build the datamodule, stage, loggers, callbacks and trainer from ``cfg`` and fit (resuming from
     the run's last.ckpt when there is one). Returns the final callback metrics."""
     validate_train_config(cfg)
+    resume_from = find_resume_checkpoint(cfg)
+    if resume_from:  # before anything starts: a checkpoint whose pickle would run code is refused unread
+        check_checkpoint_pickle(resume_from)
     L.seed_everything(cfg.seed, workers=True)
 
     multirun, sweep, label = hydra_multirun_info()
@@ -41,10 +47,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             set_in(cfg, "logger.wandb.group", sweep or cfg.experiment_name)
         if multirun:
             set_in(cfg, "logger.wandb.name", f"{cfg.run_name}[{label}]")
+        if cfg.logger.wandb.get("id") is None:  # continue the wandb run only when continuing its newest state
+            set_in(cfg, "logger.wandb.id", wandb_run_id(cfg, resume_from))
 
     log.info("output dir: %s", cfg.paths.output_dir)
     datamodule = hydra.utils.instantiate(cfg.data)
     stage = hydra.utils.instantiate(cfg.stage, _convert_="all")
+    validate_built_stage(stage)  # sizes against the UNet's downsampling, before any step
     stage.stage_config = OmegaConf.to_container(cfg.stage, resolve=True)
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
@@ -55,7 +64,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = find_resume_checkpoint(cfg)
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
-    trainer.fit(stage, datamodule=datamodule, ckpt_path=ckpt_path)
+    # weights_only: tensors and plain values only, whatever TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says.
+    trainer.fit(stage, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     for cb in callbacks:

@@ -8,21 +8,20 @@
     # the tiny offline default (tests, toy data)
     python data/precompute_text_embeddings.py --toy-root data/toy --out data/toy_text_cache
 
-Then set ``text_cache_dir`` (and ``text_encoder_identity``) in the datamodule config. Resumable:
-shards already in the cache with the same sample keys are skipped.
+Then set ``data.text_cache_dir`` (and, with ``text_encoder=none``, ``data.text_encoder_identity`` to the
+identity printed at the end: a cache is always checked against the encoder it must come from). Resumable:
+shards already in the cache with the same sample keys, captions and encoder are skipped. ``--overwrite``
+re-encodes a cache made by another encoder; until it finishes, the cache claims no encoder and is refused.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from show1_lightning.data.text_cache import precompute_text_embeddings  # noqa: E402
-from show1_lightning.models.text_encoder import TextEncoder  # noqa: E402
+from show1_lightning.data.text_cache import precompute_text_embeddings
+from show1_lightning.models.text_encoder import TextEncoder
 
 
 def main(argv: list[str] | None = None) -> int:

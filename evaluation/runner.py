@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
@@ -33,8 +32,11 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from evaluation.benchmarks import Benchmark, ClipSpec, cut_clip
+from evaluation.dist_guard import RankGuard
+from evaluation.fingerprint import check_or_write_fingerprint, claim_output_dir, generator_fingerprint
 from evaluation.generators import VideoGenerator, video_filename, write_manifest
 from show1_lightning.data.video_io import decode_video, to_uint8_frames, write_mp4
+from show1_lightning.fileio import atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ class DistContext:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     initialized_here: bool = False
+    guard: Optional[RankGuard] = None
 
     @property
     def is_main(self) -> bool:
@@ -63,17 +66,28 @@ class DistContext:
         if self.world_size > 1:
             dist.barrier()
 
+    def phase(self, name: str) -> contextlib.AbstractContextManager:
+        """Rank-local work ending in a sync point; a rank that raises in it stops every rank (``dist_guard``)."""
+        return self.guard.phase(name) if self.guard is not None else contextlib.nullcontext()
+
+    def close(self) -> None:
+        if self.guard is not None:
+            self.guard.close()
+
 
 def _env_int(name: str) -> Optional[int]:
     v = os.environ.get(name)
     return int(v) if v not in (None, "") else None
 
 
-def init_distributed(device: str = "auto", backend: Optional[str] = None) -> DistContext:
+def init_distributed(device: str = "auto", backend: Optional[str] = None, timeout_s: Optional[float] = None,
+                     peer_timeout_s: float = 300.0, sync_timeout_s: Optional[float] = None) -> DistContext:
     """Join the process group described by torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or SLURM
     (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; MASTER_ADDR must be exported) environment variables.
 
-    One process: no process group. Backend: nccl on GPU, gloo on CPU (unless given).
+    One process: no process group. Backend: nccl on GPU, gloo on CPU (unless given). ``timeout_s``: the
+    process group's collective timeout (None: torch's default); ``peer_timeout_s`` / ``sync_timeout_s``: see
+    :class:`evaluation.dist_guard.RankGuard` (every collective of the runner follows one of its sync points).
     """
     world = _env_int("WORLD_SIZE")
     if world is not None:
@@ -99,10 +113,17 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None) -> Dis
         torch.cuda.set_device(dev)
     ctx = DistContext(rank=rank, world_size=world, local_rank=local, device=dev)
     if world > 1 and not (dist.is_available() and dist.is_initialized()):
-        dist.init_process_group(backend=backend or ("nccl" if dev.type == "cuda" else "gloo"), rank=rank, world_size=world)
+        kwargs = {} if timeout_s is None else {"timeout": _dt.timedelta(seconds=float(timeout_s))}
+        dist.init_process_group(backend=backend or ("nccl" if dev.type == "cuda" else "gloo"), rank=rank,
+                                world_size=world, **kwargs)
         ctx.initialized_here = True
     elif world > 1:
         ctx.rank, ctx.world_size = dist.get_rank(), dist.get_world_size()
+    if ctx.world_size > 1:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        ctx.guard = RankGuard(_get_default_store(), ctx.rank, ctx.world_size, peer_timeout_s=peer_timeout_s,
+                              sync_timeout_s=sync_timeout_s)
     return ctx
 
 
@@ -211,9 +232,10 @@ def _fvd_real_stats(fvd: Any, benchmark: Benchmark, ctx: DistContext, cache_dir:
         fvd.load_real_stats(path, protocol)
         return {"source": "cache", "path": str(path)}
     n = benchmark.num_real_clips()
-    for batch in _batches(shard_indices(n, ctx.rank, ctx.world_size), batch_size):
-        clips = torch.stack([benchmark.real_clip(i) for i in batch]).to(ctx.device)
-        fvd.update(clips, real=True)
+    with ctx.phase("FVD real clips"):
+        for batch in _batches(shard_indices(n, ctx.rank, ctx.world_size), batch_size):
+            clips = torch.stack([benchmark.real_clip(i) for i in batch]).to(ctx.device)
+            fvd.update(clips, real=True)
     if path is not None:
         fvd.save_real_stats(path, protocol)  # every rank (all-reduce); rank 0 writes
         return {"source": "computed, cached", "path": str(path)}
@@ -239,17 +261,18 @@ def score(
     details: dict[str, Any] = {}
     if "fvd" in metrics:
         details["fvd_real_stats"] = _fvd_real_stats(metrics["fvd"], benchmark, ctx, fvd_cache_dir, batch_size)
-    for batch in _batches(indices, batch_size):
-        videos = [load_generated(video_dir, i) for i in batch]
-        if "clipsim" in metrics:  # every frame of the video as generated
-            for i, v in zip(batch, videos):  # videos may differ in length: one at a time
-                metrics["clipsim"].update(v[None].to(ctx.device), [prompts[i]])
-        if "is" in metrics or "fvd" in metrics:
-            clips = torch.stack([cut_clip(to_uint8_frames(v), clip, i) for i, v in zip(batch, videos)]).to(ctx.device)
-            if "is" in metrics:
-                metrics["is"].update(clips, indices=torch.tensor(batch, device=ctx.device))
-            if "fvd" in metrics:
-                metrics["fvd"].update(clips, real=False, indices=torch.tensor(batch))
+    with ctx.phase("scoring"):  # rank-local updates; the computes below are collective
+        for batch in _batches(indices, batch_size):
+            videos = [load_generated(video_dir, i) for i in batch]
+            if "clipsim" in metrics:  # every frame of the video as generated
+                for i, v in zip(batch, videos):  # videos may differ in length: one at a time
+                    metrics["clipsim"].update(v[None].to(ctx.device), [prompts[i]])
+            if "is" in metrics or "fvd" in metrics:
+                clips = torch.stack([cut_clip(to_uint8_frames(v), clip, i) for i, v in zip(batch, videos)]).to(ctx.device)
+                if "is" in metrics:
+                    metrics["is"].update(clips, indices=torch.tensor(batch, device=ctx.device))
+                if "fvd" in metrics:
+                    metrics["fvd"].update(clips, real=False, indices=torch.tensor(batch))
     values: dict[str, float] = {}
     if "is" in metrics:
         mean, std = metrics["is"].compute()
@@ -268,14 +291,6 @@ def score(
 # ---------------------------------------------------------------------------- report
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def weight_files(node: Any) -> dict[str, str]:
     """sha256 of every existing file named in a (resolved) metric config."""
     found: dict[str, str] = {}
@@ -288,7 +303,7 @@ def weight_files(node: Any) -> dict[str, str]:
             for v in x:
                 walk(v)
         elif isinstance(x, str) and len(x) < 4096 and os.path.isfile(x):
-            found[str(Path(x).resolve())] = _sha256(Path(x))
+            found[str(Path(x).resolve())] = sha256_file(x)
 
     walk(node)
     return found
@@ -353,8 +368,23 @@ def _check_existing_manifest(video_dir: Path, prompts: Sequence[str], base_seed:
             )
 
 
+def _serves_output_videos(generator_cfg: Any, video_dir: Path) -> bool:
+    """Whether the generator config names the output's own video folder (a folder generator scoring in place)."""
+    target = video_dir.resolve()
+    if isinstance(generator_cfg, Mapping):
+        return any(_serves_output_videos(v, video_dir) for v in generator_cfg.values())
+    if isinstance(generator_cfg, (list, tuple)):
+        return any(_serves_output_videos(v, video_dir) for v in generator_cfg)
+    return isinstance(generator_cfg, str) and bool(generator_cfg) and Path(generator_cfg).resolve() == target
+
+
 def run_evaluation(cfg: DictConfig) -> Optional[dict[str, Any]]:
     """Run one evaluation described by ``cfg`` (see ``conf/eval.yaml``) in every process.
+
+    Rank 0 holds ``<output_dir>/.lock`` for the whole run and checks the generator fingerprint recorded in
+    ``<output_dir>/generator.json`` (:mod:`evaluation.fingerprint`): a folder never holds two generators'
+    videos. Rank-local work runs in phases ending in sync points (:mod:`evaluation.dist_guard`): a rank
+    that raises stops every rank at once, with its error in their messages.
 
     Returns:
         None when ``stop_after`` ended generation early (on every rank); else the report dict on
@@ -362,7 +392,9 @@ def run_evaluation(cfg: DictConfig) -> Optional[dict[str, Any]]:
     """
     from hydra.utils import instantiate
 
-    ctx = init_distributed(cfg.get("device", "auto"), cfg.get("dist_backend"))
+    ctx = init_distributed(cfg.get("device", "auto"), cfg.get("dist_backend"), cfg.get("dist_timeout_s"),
+                           float(cfg.get("dist_peer_timeout_s") or 300.0), cfg.get("dist_sync_timeout_s"))
+    claim = contextlib.ExitStack()
     try:
         torch.backends.cuda.matmul.allow_tf32 = False  # metric networks in true float32
         torch.backends.cudnn.allow_tf32 = False
@@ -370,101 +402,114 @@ def run_evaluation(cfg: DictConfig) -> Optional[dict[str, Any]]:
         video_dir = out_dir / "videos"
         started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
-        names = [m for m in cfg.metrics]
-        unknown = set(names) - set(METRIC_NAMES)
-        if unknown:
-            raise ValueError(f"unknown metrics {sorted(unknown)}; available: {METRIC_NAMES}")
-        benchmark: Benchmark = instantiate(cfg.benchmark.adapter)
-        items = benchmark.prompts()
-        if cfg.get("limit_samples") is not None:
-            items = items[: int(cfg.limit_samples)]
-        prompts = [it.prompt for it in items]
-        n = len(prompts)
-        if n == 0:
-            raise ValueError("the benchmark produced no prompts")
-        base_seed = int(cfg.seed)
-        _check_existing_manifest(video_dir, prompts, base_seed)
-        ctx.barrier()  # every rank has read the old manifest before rank 0 replaces it
-        if ctx.is_main:
-            write_manifest(video_dir, ({"index": i, "prompt": p, "seed": sample_seed(base_seed, i)} for i, p in enumerate(prompts)))
-        ctx.barrier()
+        fingerprint: dict[str, Any] = {}
+        with ctx.phase("start"):
+            names = [m for m in cfg.metrics]
+            unknown = set(names) - set(METRIC_NAMES)
+            if unknown:
+                raise ValueError(f"unknown metrics {sorted(unknown)}; available: {METRIC_NAMES}")
+            benchmark: Benchmark = instantiate(cfg.benchmark.adapter)
+            items = benchmark.prompts()
+            if cfg.get("limit_samples") is not None:
+                items = items[: int(cfg.limit_samples)]
+            prompts = [it.prompt for it in items]
+            n = len(prompts)
+            if n == 0:
+                raise ValueError("the benchmark produced no prompts")
+            base_seed = int(cfg.seed)
+            if ctx.is_main:  # one job per folder, one generator per folder
+                claim.enter_context(claim_output_dir(out_dir))
+                gen_cfg = OmegaConf.to_container(cfg.generator, resolve=True)
+                fingerprint = generator_fingerprint(gen_cfg, str(cfg.precision), video_dir)
+                fingerprint["status"] = check_or_write_fingerprint(
+                    out_dir, fingerprint, in_place=_serves_output_videos(gen_cfg, video_dir))
+            _check_existing_manifest(video_dir, prompts, base_seed)
+        with ctx.phase("manifest"):  # after the sync: every rank has read the old manifest
+            if ctx.is_main:
+                write_manifest(video_dir, ({"index": i, "prompt": p, "seed": sample_seed(base_seed, i)}
+                                           for i, p in enumerate(prompts)))
         mine = shard_indices(n, ctx.rank, ctx.world_size)
 
-        generator: VideoGenerator = instantiate(cfg.generator)
-        for attr in ("name", "fps", "generate"):
-            if not hasattr(generator, attr):
-                raise TypeError(f"generator {type(generator).__name__} lacks '{attr}' (see evaluation.generators.VideoGenerator)")
-        made, existing, complete = generate_missing(
-            generator, prompts, mine, video_dir, ctx, base_seed, int(cfg.batch_size), str(cfg.precision),
-            None if cfg.get("stop_after") is None else int(cfg.stop_after),
-        )
+        with ctx.phase("generation"):
+            generator: VideoGenerator = instantiate(cfg.generator)
+            for attr in ("name", "fps", "generate"):
+                if not hasattr(generator, attr):
+                    raise TypeError(f"generator {type(generator).__name__} lacks '{attr}' "
+                                    "(see evaluation.generators.VideoGenerator)")
+            made, existing, complete = generate_missing(
+                generator, prompts, mine, video_dir, ctx, base_seed, int(cfg.batch_size), str(cfg.precision),
+                None if cfg.get("stop_after") is None else int(cfg.stop_after),
+            )
+            gen_info = {"name": str(generator.name), "fps": float(generator.fps)}
+            if callable(getattr(generator, "describe", None)):
+                gen_info.update(generator.describe())
+            del generator  # free its memory before the metric networks load
         if not _all_true(ctx, complete):
             log.warning("rank %d: stopped after %d new videos (stop_after); re-run to resume", ctx.rank, made)
             return None
         counts = torch.tensor([made, existing], dtype=torch.long, device=ctx.device)
         if ctx.world_size > 1:
             dist.all_reduce(counts)
-        gen_info = {"name": str(generator.name), "fps": float(generator.fps)}
-        if callable(getattr(generator, "describe", None)):
-            gen_info.update(generator.describe())
-        del generator  # free its memory before the metric networks load
 
-        from evaluation.protocols import metric_config_key
+        with ctx.phase("metric networks"):
+            from evaluation.protocols import metric_config_key
 
-
-        metric_keys = {m: metric_config_key(cfg, m) for m in names}  # the protocol picks the CLIPSIM implementation
-
-        metrics = {m: instantiate(cfg.eval_metrics[metric_keys[m]]).to(ctx.device) for m in names}
-        if "fvd" in metrics:  # the FVD metric does not register its network as a submodule
-            metrics["fvd"].feature_extractor.to(ctx.device)
-        clip = ClipSpec(**OmegaConf.to_container(cfg.generated_clip, resolve=True))
+            metric_keys = {m: metric_config_key(cfg, m) for m in names}  # the protocol picks the CLIPSIM implementation
+            metrics = {m: instantiate(cfg.eval_metrics[metric_keys[m]]).to(ctx.device) for m in names}
+            if "fvd" in metrics:  # the FVD metric does not register its network as a submodule
+                metrics["fvd"].feature_extractor.to(ctx.device)
+            clip = ClipSpec(**OmegaConf.to_container(cfg.generated_clip, resolve=True))
         values, details = score(metrics, benchmark, prompts, mine, video_dir, ctx, clip, int(cfg.score_batch_size), cfg.get("fvd_cache_dir"))
 
         report: dict[str, Any] = {}
-        if ctx.is_main:
-            from evaluation.protocols import markdown_report as protocol_markdown
-            from evaluation.protocols import protocol_report, video_encoding
+        with ctx.phase("report"):
+            if ctx.is_main:
+                from evaluation.protocols import markdown_report as protocol_markdown
+                from evaluation.protocols import protocol_report, video_encoding
 
-            metric_cfgs = {m: OmegaConf.to_container(cfg.eval_metrics[metric_keys[m]], resolve=True) for m in names}
-            counts_clips = details.pop("counts", {})
-            report = {
-                "benchmark": {"name": benchmark.name},
-                "metrics_run": names,
-                "metrics": values,
-                "protocol": {
-                    "num_samples": n,
-                    "seeds_rule": SEEDS_RULE,
-                    "base_seed": base_seed,
-                    "precision": str(cfg.precision),
-                    "generated_clip": clip.describe(),
-                    "benchmark": benchmark.protocol(),
-                    **{m: _metric_protocol(m, metrics[m], metric_cfgs[m]) for m in names},
-                    **details,
-                },
-                "metric_configs": metric_cfgs,
-                "weights": weight_files(metric_cfgs),
-                "generator": {**gen_info, "config": OmegaConf.to_container(cfg.generator, resolve=True)},
-                "paper": OmegaConf.to_container(cfg.benchmark.paper, resolve=True),
-                "eval_protocol": protocol_report(cfg, benchmark, metrics, clip, n,
-                                                 OmegaConf.to_container(cfg.benchmark.paper, resolve=True),
-                                                 OmegaConf.select(cfg, "benchmark.paper_protocols", default=None)),
-                "counts": {"generated_samples": n, **counts_clips},
-                "generated_videos": video_encoding(video_dir, list(range(n)), writer_defaults=int(counts[0]) > 0),
-                "run": {"world_size": ctx.world_size, "device": str(ctx.device), "host": socket.gethostname(),
-                        "started": started, "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                        "generated_this_run": int(counts[0]), "found_on_disk": int(counts[1]),
-                        "output_dir": str(out_dir.resolve())},
-            }
-            out_dir.mkdir(parents=True, exist_ok=True)
-            json_path = out_dir / "report.json"
-            json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-            md_path = out_dir / "report.md"
-            md_path.write_text(protocol_markdown(report))
-            log.info("report written to %s", json_path)
-            if cfg.logger.get("wandb", False):
-                _log_wandb(cfg, report, md_path)
-        ctx.barrier()
+                metric_cfgs = {m: OmegaConf.to_container(cfg.eval_metrics[metric_keys[m]], resolve=True) for m in names}
+                counts_clips = details.pop("counts", {})
+                report = {
+                    "benchmark": {"name": benchmark.name},
+                    "metrics_run": names,
+                    "metrics": values,
+                    "protocol": {
+                        "num_samples": n,
+                        "seeds_rule": SEEDS_RULE,
+                        "base_seed": base_seed,
+                        "precision": str(cfg.precision),
+                        "generated_clip": clip.describe(),
+                        "benchmark": benchmark.protocol(),
+                        **{m: _metric_protocol(m, metrics[m], metric_cfgs[m]) for m in names},
+                        **details,
+                    },
+                    "metric_configs": metric_cfgs,
+                    "weights": weight_files(metric_cfgs),
+                    "generator": {**gen_info, "config": OmegaConf.to_container(cfg.generator, resolve=True),
+                                  "fingerprint": fingerprint.get("fingerprint"),
+                                  "weights": fingerprint.get("weights")},
+                    "paper": OmegaConf.to_container(cfg.benchmark.paper, resolve=True),
+                    "eval_protocol": protocol_report(cfg, benchmark, metrics, clip, n,
+                                                     OmegaConf.to_container(cfg.benchmark.paper, resolve=True),
+                                                     OmegaConf.select(cfg, "benchmark.paper_protocols", default=None)),
+                    "counts": {"generated_samples": n, **counts_clips},
+                    "generated_videos": video_encoding(video_dir, list(range(n)), writer_defaults=int(counts[0]) > 0),
+                    "run": {"world_size": ctx.world_size, "device": str(ctx.device), "host": socket.gethostname(),
+                            "started": started,
+                            "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                            "generated_this_run": int(counts[0]), "found_on_disk": int(counts[1]),
+                            "output_dir": str(out_dir.resolve()), "generator_record": fingerprint.get("status")},
+                }
+                # temp file + rename: a kill leaves the previous report or the new one, never half of one
+                json_path = atomic_write_text(out_dir / "report.json",
+                                              json.dumps(report, indent=2, default=str) + "\n")
+                md_path = atomic_write_text(out_dir / "report.md", protocol_markdown(report))
+                log.info("report written to %s", json_path)
+                if cfg.logger.get("wandb", False):
+                    _log_wandb(cfg, report, md_path)
         return report
     finally:
+        claim.close()
+        ctx.close()
         if ctx.initialized_here and dist.is_initialized():
             dist.destroy_process_group()

@@ -73,3 +73,54 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
         for chunk in iter(lambda: f.read(chunk_size), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux ``renameat2(RENAME_EXCHANGE)``; False where unsupported."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
+
+
+def replace_dir(src: str | Path, dst: str | Path) -> Path:
+    """Move the finished folder ``src`` to ``dst`` (same filesystem), replacing an existing ``dst``.
+
+    A new ``dst`` appears with one ``rename``; an existing one is swapped with ``src`` atomically where the
+    kernel and filesystem allow (``renameat2(RENAME_EXCHANGE)``), else moved aside first (a kill between the two
+    renames leaves the old folder as a hidden ``.<name>.old-*`` sibling, never a half-written ``dst``). The old
+    content is then deleted.
+    """
+    import shutil
+    import uuid
+
+    src, dst = Path(src), Path(dst)
+    if not dst.exists():
+        os.rename(src, dst)
+        return dst
+    if _rename_exchange(src, dst):
+        shutil.rmtree(src)  # now the old content
+        return dst
+    old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(dst, old)
+    os.rename(src, dst)
+    shutil.rmtree(old)
+    return dst
+
+
+def temp_sibling_dir(dst: str | Path) -> Path:
+    """A new hidden folder beside ``dst`` (same filesystem) to build ``dst``'s content in, for :func:`replace_dir`."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the finished folder gets the usual permissions
+    return tmp

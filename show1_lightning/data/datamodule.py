@@ -1,23 +1,31 @@
 """``VideoDataModule``: captioned video clips from webdataset tar shards, multi-node safe.
 
 Training stream (per rank and DataLoader worker): shard URLs resampled with a seed derived from
-(seed, rank, worker, epoch) -> tar members grouped into samples -> seeded shuffle buffer -> decode
-only the frames needed (fps-aware stride, random start) -> antialiased resize + centre crop ->
-batches of exactly ``batch_size`` built inside the worker. The loader yields exactly
-``epoch_length`` batches per rank and epoch, so DDP ranks never wait on each other at epoch end.
+(seed, rank, worker, epoch, resume step) -> tar members grouped into samples -> seeded shuffle buffer
+(bounded in samples and in bytes) -> size/length checks before decoding -> decode only the frames needed
+(fps-aware stride, random start) -> antialiased resize + centre crop, one frame at a time -> batches of
+exactly ``batch_size`` built inside the worker. The loader yields exactly ``epoch_length`` batches per
+rank and epoch, so DDP ranks never wait on each other at epoch end. A run resumed from a checkpoint at
+global step S > 0 seeds its stream with S as well, so it continues with samples the interrupted run had
+not drawn instead of replaying the stream from the start (a fresh run, S = 0, keeps its seeds).
 
 Validation stream: shards in sorted order, sample ``i`` belongs to rank ``i % world_size``, frames
 taken from the start of the clip, chunks of ``batch_size`` samples dealt round-robin to workers (the
 batch order does not depend on ``num_workers``); the rank's samples are cycled so every rank yields
 exactly ``val_batches`` batches.
 
-Corrupt, truncated, too-short or too-small samples are skipped and counted: every batch carries
-``n_skipped``, the number of samples its worker dropped while assembling it.
+Every sample that cannot be used is skipped and counted with its reason (:data:`SKIP_REASONS`): corrupt,
+truncated, too short, too small or too large, a frame size change mid-stream, an invalid UTF-8 caption,
+an unreadable tar member, or any other exception while making the clip. Every batch carries
+``n_skipped`` (samples its worker dropped while assembling it) and ``skip_reasons`` (the same count split
+by reason, in :data:`SKIP_REASONS` order). Configuration problems (a stale or foreign text cache) are
+raised, not skipped.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import random
@@ -29,6 +37,7 @@ from typing import Any, Iterator, Sequence, Union
 import lightning as L
 import torch
 import webdataset as wds
+from omegaconf import OmegaConf
 from torch.utils.data import IterableDataset, get_worker_info
 
 from show1_lightning.data.frame_sampling import ClipTooShortError
@@ -37,13 +46,51 @@ from show1_lightning.data.video_io import VideoDecodeError, to_float_video
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VideoDataModule", "SkipCounter", "resolve_rank"]
+__all__ = ["VideoDataModule", "SkipCounter", "SKIP_REASONS", "FatalDataError", "resolve_rank"]
 
 ShardSpec = Union[str, Path, Sequence[Union[str, Path]], None]
 
+#: Why a sample was skipped; batches carry ``skip_reasons`` counts in this order and the stage logs
+#: ``data/skipped/<reason>``.
+SKIP_REASONS: tuple[str, ...] = (
+    "decode",             # not a decodable video / no video stream
+    "truncated",          # fewer frames than the container states, or damage mid-stream
+    "too_short",          # too few frames for num_frames at the fps-derived stride
+    "too_small",          # smaller side below min_side
+    "too_large",          # over max_source_pixels / max_source_frames / max_sample_mb (checked before decoding)
+    "resolution_change",  # the frame size changes inside the stream
+    "no_video",           # the sample has no mp4 member
+    "caption",            # the caption is not valid UTF-8
+    "tar",                # unreadable tar member or shard
+    "error",              # any other exception while making the clip
+)
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers (Hydra passes ListConfig/DictConfig when instantiating without ``_convert_``)
+    and paths as plain Python values: they are hyper-parameters stored in checkpoints, which
+    ``torch.load(weights_only=True)`` reads only when they hold plain types."""
+    if OmegaConf.is_config(value):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+class FatalDataError(RuntimeError):
+    """A problem with the data configuration (not with one sample): raised, never skipped."""
+
 
 class SampleSkipped(Exception):
-    """A sample that cannot be used (its reason is the message); it is skipped and counted."""
+    """A sample that cannot be used; ``reason`` is one of :data:`SKIP_REASONS`, the message says why."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        if reason not in SKIP_REASONS:
+            reason = "error"
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
 
 
 def _seed(*parts: Any) -> int:
@@ -71,55 +118,114 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tupl
 
 
 class SkipCounter:
-    """Counts skipped samples inside one worker; batches take (and reset) the running count."""
+    """Counts skipped samples inside one worker; batches take (and reset) the running counts."""
 
     def __init__(self, max_consecutive: int = 1000) -> None:
         self.pending = 0
+        self.pending_reasons = [0] * len(SKIP_REASONS)
         self.consecutive = 0
         self.max_consecutive = max_consecutive
         self.reasons: Counter[str] = Counter()
 
-    def add(self, reason: str, key: str = "?") -> None:
+    def add(self, reason: str, key: str = "?", message: str = "") -> None:
         """Count one skipped sample; raises after ``max_consecutive`` skips in a row (unusable data)."""
+        if reason not in SKIP_REASONS:
+            reason = "error"
         self.pending += 1
+        self.pending_reasons[SKIP_REASONS.index(reason)] += 1
         self.consecutive += 1
-        category = reason.split(":", 1)[0]
-        self.reasons[category] += 1
+        self.reasons[reason] += 1
         total = sum(self.reasons.values())
-        # Warn about the first few per worker only; the counts travel with the batches (n_skipped).
-        log.log(logging.WARNING if total <= 20 else logging.DEBUG, "skipping sample %s: %s", key, reason)
+        # Warn about the first few per worker only; the counts travel with the batches (n_skipped, skip_reasons).
+        log.log(logging.WARNING if total <= 20 else logging.DEBUG, "skipping sample %s (%s): %s", key, reason,
+                message or reason)
         if self.consecutive >= self.max_consecutive:
             raise RuntimeError(
                 f"{self.consecutive} samples in a row could not be used (reasons so far: {dict(self.reasons)}); "
-                f"last: {key}: {reason}. Check the shards and the num_frames/target_fps/min_side settings."
+                f"last: {key}: {message or reason}. Check the shards and the num_frames/target_fps/min_side/"
+                "max_source_* settings."
             )
+
+    def skipped(self, exc: SampleSkipped, key: str = "?") -> None:
+        self.add(exc.reason, key, str(exc))
 
     def ok(self) -> None:
         """A sample was used: resets the consecutive-skip run."""
         self.consecutive = 0
 
-    def take(self) -> int:
-        n, self.pending = self.pending, 0
-        return n
+    def take(self) -> tuple[int, list[int]]:
+        """(skipped since the last call, the same split by reason in SKIP_REASONS order) and reset."""
+        n, reasons = self.pending, self.pending_reasons
+        self.pending, self.pending_reasons = 0, [0] * len(SKIP_REASONS)
+        return n, reasons
 
     def handler(self, exn: Exception) -> bool:
-        """webdataset exception handler (unreadable tar member or shard): count it and continue."""
-        self.add(f"tar error: {type(exn).__name__}: {exn}")
+        """webdataset exception handler (unreadable tar member or truncated shard): count it and continue."""
+        self.add("tar", "?", f"{type(exn).__name__}: {exn}")
         return True
 
 
 class _WorkerSeed:
-    """``worker_seed`` for ``wds.ResampledShards``: distinct per rank and worker, picklable."""
+    """``worker_seed`` for ``wds.ResampledShards``: distinct per rank, worker and resume step, picklable."""
 
-    def __init__(self, rank: int) -> None:
-        self.rank = rank
+    def __init__(self, rank: int, start_step: int = 0) -> None:
+        self.rank, self.start_step = rank, start_step
 
     def __call__(self) -> int:
-        return self.rank * 1000 + _worker()[0]
+        if self.start_step == 0:
+            return self.rank * 1000 + _worker()[0]
+        return _seed("shards", self.rank, _worker()[0], "resumed", self.start_step)
+
+
+def _sample_bytes(sample: dict[str, Any]) -> int:
+    return sum(len(v) for v in sample.values() if isinstance(v, (bytes, bytearray)))
+
+
+def _bounded_shuffle(src: Iterator[dict[str, Any]], bufsize: int, max_bytes: int, initial: int,
+                     rng: random.Random) -> Iterator[dict[str, Any]]:
+    """webdataset's shuffle buffer (the same draws while the byte cap does not bind), also capped in bytes:
+    raw samples hold their encoded video, so ``bufsize`` samples of long clips can take gigabytes."""
+    src = iter(src)
+    initial = min(initial, bufsize)
+    buf: list[tuple[dict[str, Any], int]] = []
+    nbytes = 0
+
+    def add(sample: dict[str, Any]) -> None:
+        nonlocal nbytes
+        size = _sample_bytes(sample)
+        buf.append((sample, size))
+        nbytes += size
+
+    def pick() -> dict[str, Any]:
+        nonlocal nbytes
+        k = rng.randint(0, len(buf) - 1)
+        item = buf[k]
+        buf[k] = buf[-1]
+        buf.pop()
+        nbytes -= item[1]
+        return item[0]
+
+    for sample in src:
+        add(sample)
+        if len(buf) < bufsize and nbytes < max_bytes:
+            try:
+                add(next(src))
+            except StopIteration:
+                pass
+        if len(buf) >= initial or nbytes >= max_bytes:
+            yield pick()
+        while nbytes > max_bytes and buf:
+            yield pick()
+    while buf:
+        yield pick()
 
 
 class _ClipMaker:
-    """Raw webdataset sample -> dict with the clip tensor, caption, key, stride (and text embedding)."""
+    """Raw webdataset sample -> dict with the clip tensor, caption, key, stride (and text embedding).
+
+    Raises :class:`SampleSkipped` for anything wrong with the sample, :class:`FatalDataError` for a text
+    cache that does not match the data.
+    """
 
     def __init__(
         self,
@@ -130,40 +236,77 @@ class _ClipMaker:
         fixed_stride: int,
         min_side: int,
         text_cache: Any | None,
+        max_source_pixels: int | None = None,
+        max_source_frames: int | None = None,
+        max_sample_bytes: int | None = None,
     ) -> None:
         self.num_frames, self.height, self.width = num_frames, height, width
         self.target_fps, self.fixed_stride, self.min_side = target_fps, fixed_stride, min_side
         self.text_cache = text_cache
+        self.max_source_pixels, self.max_source_frames = max_source_pixels, max_source_frames
+        self.max_sample_bytes = max_sample_bytes
+
+    def to_video(self, frames: Any) -> torch.Tensor:
+        """uint8 T x H x W x 3 -> float C x T x height x width in [-1, 1], one frame at a time: the float32
+        copy at the source resolution is one frame, not the whole clip."""
+        return torch.cat([resize_center_crop(to_float_video(frames[t : t + 1]), self.height, self.width)
+                          for t in range(frames.shape[0])], dim=1)
 
     def __call__(self, sample: dict[str, Any], rng: random.Random | None, start: int | None) -> dict[str, Any]:
         key = sample.get("__key__", "?")
         data = sample.get("mp4")
         if not data:
-            raise SampleSkipped("no video: sample has no mp4 member")
+            raise SampleSkipped("no_video", "sample has no mp4 member")
+        if self.max_sample_bytes and len(data) > self.max_sample_bytes:
+            raise SampleSkipped("too_large",
+                                f"{len(data)} bytes of video > max_sample_mb ({self.max_sample_bytes} bytes)")
         try:
-            clip = decode_sampled_clip(data, self.num_frames, self.target_fps, rng, start, self.fixed_stride)
+            caption = sample_caption(sample)
+        except UnicodeDecodeError as exc:
+            raise SampleSkipped("caption", f"caption is not valid UTF-8 ({exc})") from exc
+        try:
+            clip = decode_sampled_clip(data, self.num_frames, self.target_fps, rng, start, self.fixed_stride,
+                                       max_pixels=self.max_source_pixels, max_frames=self.max_source_frames,
+                                       min_side=self.min_side)
         except VideoDecodeError as exc:
-            raise SampleSkipped(f"decode error: {exc}") from exc
+            raise SampleSkipped(exc.reason, str(exc)) from exc
         except ClipTooShortError as exc:
-            raise SampleSkipped(f"too short: {exc}") from exc
-        h, w = clip.frames.shape[1:3]
-        if min(h, w) < self.min_side:
-            raise SampleSkipped(f"too small: {w}x{h} < min_side {self.min_side}")
-        video = resize_center_crop(to_float_video(clip.frames), self.height, self.width)
+            raise SampleSkipped("too_short", str(exc)) from exc
         item = {
-            "video": video,
-            "caption": sample_caption(sample),
+            "video": self.to_video(clip.frames),
+            "caption": caption,
             "key": key,
             "stride": clip.stride,
             "fps": clip.source_fps / clip.stride,
         }
         if self.text_cache is not None:
-            emb, mask = self.text_cache.lookup(sample.get("__url__", ""), key)
+            try:
+                emb, mask = self.text_cache.lookup(sample.get("__url__", ""), key, caption)
+            except (KeyError, ValueError) as exc:  # missing shard or sample, stale or foreign cache
+                raise FatalDataError(exc.args[0] if exc.args else str(exc)) from exc
             item["text_emb"], item["text_mask"] = emb, mask
         return item
 
+    def make(self, sample: dict[str, Any], rng: random.Random | None, start: int | None,
+             counter: SkipCounter) -> dict[str, Any] | None:
+        """The clip, or None after counting why the sample was skipped (any exception but a fatal one)."""
+        key = sample.get("__key__", "?")
+        try:
+            item = self(sample, rng, start)
+        except SampleSkipped as exc:
+            counter.skipped(exc, key)
+            return None
+        except (FatalDataError, MemoryError):
+            raise
+        except Exception as exc:  # an unforeseen failure on this one sample: counted with its reason
+            counter.add("error", key, f"{type(exc).__name__}: {exc}")
+            return None
+        counter.ok()
+        return item
 
-def _collate(items: list[dict[str, Any]], n_skipped: int) -> dict[str, Any]:
+
+def _collate(items: list[dict[str, Any]], skipped: tuple[int, list[int]]) -> dict[str, Any]:
+    n_skipped, reasons = skipped
     batch = {
         "video": torch.stack([it["video"] for it in items]),
         "caption": [it["caption"] for it in items],
@@ -171,6 +314,7 @@ def _collate(items: list[dict[str, Any]], n_skipped: int) -> dict[str, Any]:
         "stride": torch.tensor([it["stride"] for it in items], dtype=torch.long),
         "fps": torch.tensor([it["fps"] for it in items], dtype=torch.float32),
         "n_skipped": torch.tensor(n_skipped, dtype=torch.long),
+        "skip_reasons": torch.tensor(reasons, dtype=torch.long),
     }
     if "text_emb" in items[0]:
         batch["text_emb"] = torch.stack([it["text_emb"] for it in items]).float()
@@ -181,30 +325,35 @@ def _collate(items: list[dict[str, Any]], n_skipped: int) -> dict[str, Any]:
 class _ShuffleDecodeBatch:
     """Training pipeline stage: seeded shuffle buffer, clip decoding with skip counting, batching.
 
-    Full batches only (``partial=False``): the stream is infinite (resampled shards).
+    Full batches only (``partial=False``): the stream is infinite (resampled shards). ``start_step`` (the
+    global step the run resumed from; 0 for a fresh run) enters every seed, so a resumed run draws new
+    samples rather than replaying the ones its first run already trained on.
     """
 
     def __init__(self, maker: _ClipMaker, batch_size: int, shuffle_buffer: int, seed: int, rank: int,
-                 counter: SkipCounter) -> None:
+                 counter: SkipCounter, start_step: int = 0, shuffle_buffer_bytes: int = 1 << 62) -> None:
         self.maker, self.batch_size, self.shuffle_buffer = maker, batch_size, shuffle_buffer
         self.seed, self.rank, self.counter = seed, rank, counter
+        self.start_step, self.shuffle_buffer_bytes = start_step, shuffle_buffer_bytes
         self.epoch = -1
 
     def __call__(self, src: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         self.epoch += 1
         worker, _ = _worker()
-        rng = random.Random(_seed("train", self.seed, self.rank, worker, self.epoch))
+        if self.start_step == 0:
+            rng = random.Random(_seed("train", self.seed, self.rank, worker, self.epoch))
+        else:
+            rng = random.Random(_seed("train", self.seed, self.rank, worker, self.epoch, "resumed", self.start_step))
         samples = src
         if self.shuffle_buffer > 1:
-            samples = wds.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)(src)
+            samples = _bounded_shuffle(src, self.shuffle_buffer, self.shuffle_buffer_bytes,
+                                       min(100, self.shuffle_buffer), rng)
         items: list[dict[str, Any]] = []
         for sample in samples:
-            try:
-                items.append(self.maker(sample, rng, None))
-            except SampleSkipped as exc:
-                self.counter.add(str(exc), sample.get("__key__", "?"))
+            item = self.maker.make(sample, rng, None, self.counter)
+            if item is None:
                 continue
-            self.counter.ok()
+            items.append(item)
             if len(items) == self.batch_size:
                 yield _collate(items, self.counter.take())
                 items = []
@@ -245,16 +394,54 @@ class _ValStream(IterableDataset):
             mine = chunk_index % num_workers == worker
             chunk_index += 1
             if mine:
-                items = []
-                for s in chunk:
-                    try:
-                        items.append(self.maker(s, None, 0))
-                        self.counter.ok()
-                    except SampleSkipped as exc:
-                        self.counter.add(str(exc), s.get("__key__", "?"))
+                items = [it for it in (self.maker.make(s, None, 0, self.counter) for s in chunk) if it is not None]
                 if items:
                     yield _collate(items, self.counter.take())
             chunk = []
+
+
+class _TrainLoader(wds.WebLoader):
+    """The training loader, resumable for Lightning: ``state_dict`` (saved in checkpoints) is the stream
+    position, the step its seeds were derived from plus the batches served since; ``load_state_dict`` (called
+    on resume before the first batch) reseeds the stream at that position. A resumed run thus continues with
+    new draws, and Lightning knows that resuming mid-epoch is safe."""
+
+    def __init__(self, dataset: Any, stream_parts: Sequence[Any], start_step: int, **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self._stream_parts = list(stream_parts)  # objects with a ``start_step`` (worker seed, shuffle stage)
+        self._start_step = int(start_step)
+        self._served = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"stream_start": self._start_step, "batches_served": self._served}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        start = int(state.get("stream_start", 0)) + int(state.get("batches_served", 0))
+        if start != self._start_step:
+            log.info("training stream reseeded for a resume at stream position %d", start)
+        self._start_step, self._served = start, 0
+        for part in self._stream_parts:
+            part.start_step = start
+
+
+def _warn_unfinished_datasets(urls: list[str]) -> None:
+    """Warn when a shard folder's ``stats.json`` (VideoShardWriter) says its conversion did not finish."""
+    for folder in sorted({os.path.dirname(u) for u in urls if "://" not in u}):
+        stats = Path(folder) / "stats.json"
+        if not stats.exists():
+            continue
+        try:
+            status = json.loads(stats.read_text()).get("status", "complete")
+        except (OSError, ValueError):
+            continue
+        if status != "complete":
+            log.warning("the dataset in %s is %s (stats.json): its conversion did not finish; only the shards "
+                        "written so far are used", folder, status)
 
 
 class VideoDataModule(L.LightningDataModule):
@@ -272,13 +459,19 @@ class VideoDataModule(L.LightningDataModule):
         epoch_length: training batches per epoch and rank (exact, on every rank).
         val_batches: validation batches per rank (exact, on every rank).
         shuffle_buffer: samples in the training shuffle buffer (<= 1: no shuffling).
-        seed: base seed; shuffles differ per rank, worker and epoch, and repeat for the same seed.
+        shuffle_buffer_mb: and at most this many MiB of raw samples (encoded video) in it, per worker.
+        seed: base seed; shuffles differ per rank, worker, epoch and resume step, and repeat for the same
+            seed (a run resumed at global step S > 0 continues with new samples, not the first run's).
         text_cache_dir: folder written by ``data/precompute_text_embeddings.py``; batches then
             carry ``text_emb`` (B x L x D float) and ``text_mask`` (B x L bool).
-        text_encoder_identity: the configured encoder's ``TextEncoder.identity``; when given, a cache
-            made by another encoder is an error.
+        text_encoder_identity: the identity (``TextEncoder.identity``, printed by the precompute) of the
+            encoder the cache must come from. None: the trainer's stage's text encoder; with neither, a
+            text cache is refused (the check is never off by default).
         toy_root: folder of the bundled toy dataset (generated on first use).
         min_side: samples whose smaller side is below this are skipped (0: keep all).
+        max_source_pixels / max_source_frames / max_sample_mb: samples whose frames have more pixels,
+            that hold more frames, or whose video is larger are skipped ("too_large") before anything is
+            decoded: decode memory stays below num_frames x max_source_pixels x 3 bytes (None: no cap).
         frame_stride: the stride used when ``target_fps`` is None.
         rank / world_size: override the distributed rank (default: the trainer's, else env
             RANK/WORLD_SIZE, else torch.distributed, else 0/1).
@@ -300,6 +493,7 @@ class VideoDataModule(L.LightningDataModule):
         epoch_length: int = 100,
         val_batches: int = 2,
         shuffle_buffer: int = 256,
+        shuffle_buffer_mb: float = 1024,
         seed: int = 0,
         text_cache_dir: str | Path | None = None,
         text_encoder_identity: str | None = None,
@@ -310,8 +504,14 @@ class VideoDataModule(L.LightningDataModule):
         world_size: int | None = None,
         pin_memory: bool = False,
         max_consecutive_skips: int = 1000,
+        max_source_pixels: int | None = 3840 * 2160,
+        max_source_frames: int | None = 36_000,
+        max_sample_mb: float | None = 1024,
     ) -> None:
         super().__init__()
+        # Plain values (not ListConfig/DictConfig/Path): the hyper-parameters go into every checkpoint.
+        train_shards, val_shards = _plain(train_shards), _plain(val_shards)
+        text_cache_dir, toy_root = _plain(text_cache_dir), _plain(toy_root)
         for name, value in (("num_frames", num_frames), ("height", height), ("width", width),
                             ("batch_size", batch_size), ("epoch_length", epoch_length), ("frame_stride", frame_stride)):
             if int(value) < 1:
@@ -329,6 +529,12 @@ class VideoDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.epoch_length, self.val_batches = int(epoch_length), int(val_batches)
         self.shuffle_buffer, self.seed = int(shuffle_buffer), int(seed)
+        self.shuffle_buffer_bytes = int(float(shuffle_buffer_mb) * 2**20)
+        if self.shuffle_buffer_bytes <= 0:
+            raise ValueError(f"shuffle_buffer_mb must be > 0, got {shuffle_buffer_mb}")
+        self.max_source_pixels = int(max_source_pixels) if max_source_pixels else None
+        self.max_source_frames = int(max_source_frames) if max_source_frames else None
+        self.max_sample_bytes = int(float(max_sample_mb) * 2**20) if max_sample_mb else None
         self.text_cache_dir = text_cache_dir
         self.text_encoder_identity = text_encoder_identity
         self.toy_root, self.min_side = toy_root, int(min_side)
@@ -363,10 +569,29 @@ class VideoDataModule(L.LightningDataModule):
         for url in self._train_urls + self._val_urls:
             if "://" not in url and not Path(url).exists():
                 raise FileNotFoundError(f"shard not found: {url}")
+        _warn_unfinished_datasets(self._train_urls + self._val_urls)
         if self.text_cache_dir is not None:
             from show1_lightning.data.text_cache import TextEmbeddingCache
 
-            self._text_cache = TextEmbeddingCache(self.text_cache_dir, expected_identity=self.text_encoder_identity)
+            cache = TextEmbeddingCache(self.text_cache_dir)
+            expected = self._expected_text_identity()
+            if expected is None:
+                raise FatalDataError(
+                    f"text_cache_dir={self.text_cache_dir} is set, but nothing says which text encoder it must come "
+                    "from: set data.text_encoder_identity (the cache says "
+                    f"{cache.identity!r}; the precompute prints it), "
+                    "or train with the text encoder that made it"
+                )
+            self._text_cache = TextEmbeddingCache(self.text_cache_dir, expected_identity=expected)
+
+    def _expected_text_identity(self) -> str | None:
+        """``text_encoder_identity``, else the identity of the trainer's stage's text encoder."""
+        if self.text_encoder_identity is not None:
+            return str(self.text_encoder_identity)
+        trainer = getattr(self, "trainer", None)
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        encoder = getattr(module, "text_encoder", None)
+        return getattr(encoder, "identity", None)
 
     def _resolved_rank(self) -> tuple[int, int]:
         if self._rank is not None or self._world_size is not None:
@@ -379,11 +604,22 @@ class VideoDataModule(L.LightningDataModule):
 
     def _maker(self) -> _ClipMaker:
         return _ClipMaker(self.num_frames, self.height, self.width, self.target_fps, self.frame_stride,
-                          self.min_side, self._text_cache)
+                          self.min_side, self._text_cache, self.max_source_pixels, self.max_source_frames,
+                          self.max_sample_bytes)
 
-    def _loader(self, dataset: IterableDataset, n_batches: int) -> wds.WebLoader:
-        loader = wds.WebLoader(
+    def _resume_step(self) -> int:
+        """The global step the trainer starts from (restored from the checkpoint before the loaders are
+        requested; 0 for a fresh run or without a trainer)."""
+        trainer = getattr(self, "trainer", None)
+        return int(getattr(trainer, "global_step", 0) or 0) if trainer is not None else 0
+
+    def _loader(self, dataset: IterableDataset, n_batches: int, stream_parts: Sequence[Any] = (),
+                start_step: int | None = None) -> wds.WebLoader:
+        cls, extra = (wds.WebLoader, {}) if start_step is None else (
+            _TrainLoader, {"stream_parts": stream_parts, "start_step": start_step})
+        loader = cls(
             dataset,
+            **extra,
             batch_size=None,  # batches are built inside the workers
             shuffle=False,
             num_workers=self.num_workers,
@@ -404,16 +640,29 @@ class VideoDataModule(L.LightningDataModule):
         self.setup()
         return list(self._val_urls)
 
-    def train_dataset(self) -> wds.DataPipeline:
-        """The per-rank infinite training pipeline (batches of ``batch_size``)."""
+    def train_dataset(self, start_step: int | None = None) -> wds.DataPipeline:
+        """The per-rank infinite training pipeline (batches of ``batch_size``).
+
+        ``start_step``: the global step the stream starts at (default: the trainer's, i.e. the resumed
+        checkpoint's); it seeds the stream, so a resumed run does not replay what the first run saw.
+        """
         self.setup()
         rank, world_size = self._resolved_rank()
+        start = self._resume_step() if start_step is None else int(start_step)
+        if start:
+            log.info("training stream of rank %d seeded for a resume at global step %d", rank, start)
         counter = SkipCounter(self.max_consecutive_skips)
-        return wds.DataPipeline(
-            wds.ResampledShards(self._train_urls, seed=self.seed, worker_seed=_WorkerSeed(rank), deterministic=True),
+        worker_seed = _WorkerSeed(rank, start)
+        stage = _ShuffleDecodeBatch(self._maker(), self.batch_size, self.shuffle_buffer, self.seed, rank, counter,
+                                    start_step=start, shuffle_buffer_bytes=self.shuffle_buffer_bytes)
+        pipeline = wds.DataPipeline(
+            wds.ResampledShards(self._train_urls, seed=self.seed, worker_seed=worker_seed, deterministic=True),
             wds.tarfile_to_samples(handler=counter.handler),
-            _ShuffleDecodeBatch(self._maker(), self.batch_size, self.shuffle_buffer, self.seed, rank, counter),
+            stage,
         )
+        pipeline.stream_parts = (worker_seed, stage)
+        pipeline.start_step = start
+        return pipeline
 
     def val_dataset(self) -> _ValStream:
         """The per-rank deterministic validation stream (cycled)."""
@@ -425,7 +674,8 @@ class VideoDataModule(L.LightningDataModule):
                           SkipCounter(self.max_consecutive_skips))
 
     def train_dataloader(self) -> wds.WebLoader:
-        return self._loader(self.train_dataset(), self.epoch_length)
+        dataset = self.train_dataset()
+        return self._loader(dataset, self.epoch_length, dataset.stream_parts, dataset.start_step)
 
     def val_dataloader(self) -> wds.WebLoader | list:
         if self.val_batches == 0:

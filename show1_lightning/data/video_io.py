@@ -18,33 +18,52 @@ import torch
 
 
 class VideoDecodeError(RuntimeError):
-    """Raised when a video cannot be decoded (corrupt, truncated, empty or no video stream)."""
+    """Raised when a video cannot be decoded (corrupt, truncated, empty or no video stream).
+
+    ``reason`` names the kind of failure for skip accounting: "decode" (default), "truncated",
+    "resolution_change", "too_large", "too_small".
+    """
+
+    def __init__(self, message: str, reason: str = "decode") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
 class DecodedVideo:
-    """Frames of a decoded video, uint8 ``T x H x W x 3`` (RGB), and its frame rate."""
+    """Frames of a decoded video, uint8 ``T x H x W x 3`` (RGB), and its frame rate.
+
+    ``complete`` is False when decoding stopped at damage after some frames (``error`` says what); those
+    frames are kept unless ``decode_video(strict=True)`` was asked.
+    """
 
     frames: np.ndarray
     fps: float
+    complete: bool = True
+    error: str | None = None
 
     @property
     def num_frames(self) -> int:
         return int(self.frames.shape[0])
 
 
-def decode_video(source: Union[bytes, str, Path], max_frames: int | None = None) -> DecodedVideo:
+def decode_video(source: Union[bytes, str, Path], max_frames: int | None = None, strict: bool = False) -> DecodedVideo:
     """Decode a video from bytes or a file path into RGB uint8 frames.
 
     Args:
         source: the encoded video (mp4, avi, ... anything FFmpeg reads) as bytes, or a path.
         max_frames: stop after this many frames (None: decode all).
+        strict: raise (reason "truncated") when decoding fails after some frames instead of returning
+            them with ``complete=False``.
 
     Raises:
-        VideoDecodeError: on any decoding failure, or when no frame could be decoded.
+        VideoDecodeError: on any decoding failure, or when no frame could be decoded; reason
+            "resolution_change" when the frame size changes inside the stream.
     """
     stream_src = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source)
     frames: list[np.ndarray] = []
+    error: str | None = None
+    fps = 0.0
     try:
         with av.open(stream_src, mode="r") as container:
             if not container.streams.video:
@@ -54,6 +73,10 @@ def decode_video(source: Union[bytes, str, Path], max_frames: int | None = None)
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             fps = float(rate) if rate else 0.0
             for frame in container.decode(stream):
+                if frames and (frame.height, frame.width) != frames[0].shape[:2]:
+                    raise VideoDecodeError(
+                        f"resolution change mid-stream: frame {len(frames)} is {frame.width}x{frame.height}, "
+                        f"frame 0 was {frames[0].shape[1]}x{frames[0].shape[0]}", reason="resolution_change")
                 frames.append(frame.to_ndarray(format="rgb24"))
                 if max_frames is not None and len(frames) >= max_frames:
                     break
@@ -62,12 +85,15 @@ def decode_video(source: Union[bytes, str, Path], max_frames: int | None = None)
     except Exception as exc:  # PyAV raises many error types (InvalidDataError, EOFError, ...)
         if not frames:
             raise VideoDecodeError(f"{type(exc).__name__}: {exc}") from exc
-        # A truncated file: keep the frames decoded before the damage.
+        # A truncated file: the frames decoded before the damage, flagged.
+        error = f"truncated or corrupt after {len(frames)} frames: {type(exc).__name__}: {exc}"
+        if strict:
+            raise VideoDecodeError(error, reason="truncated") from exc
     if not frames:
         raise VideoDecodeError("no frames decoded")
     if fps <= 0:
         fps = 25.0
-    return DecodedVideo(frames=np.stack(frames), fps=fps)
+    return DecodedVideo(frames=np.stack(frames), fps=fps, complete=error is None, error=error)
 
 
 def encode_mp4(frames: np.ndarray, fps: float = 8.0, crf: int = 18) -> bytes:

@@ -136,7 +136,10 @@ class DiffusionStage(L.LightningModule):
         self.ema: EMAModel | None = None
         if ema.pop("enabled", True):
             self.ema = EMAModel(self.unet.parameters(), **ema)
-        self.register_buffer("skipped_samples", torch.zeros((), dtype=torch.long), persistent=True)
+        # Skipped-sample totals over all ranks (identical on every rank), by reason. Plain attributes, not a
+        # registered buffer: DDP broadcasts buffers from rank 0 before every forward, which overwrote each
+        # rank's own count with rank 0's (the logged sum was about world_size x rank 0's count).
+        self.skip_totals: dict[str, int] = {}
 
     # ------------------------------------------------------------------ stage hooks
     def training_inputs(self, batch: dict) -> tuple[torch.Tensor, StageCondition]:
@@ -243,22 +246,60 @@ class DiffusionStage(L.LightningModule):
         weights = min_snr_weights(self.noise_scheduler, t, self.snr_gamma, self.snr_floor) if self.snr_gamma else None
         return diffusion_loss(pred, training_target(self.noise_scheduler, x0, noise, t), weights), t
 
+    @staticmethod
+    def _batch_skips(batch: dict) -> torch.Tensor | None:
+        """[total, per reason...] skipped on this rank while the batch was assembled (None: no counts)."""
+        if "n_skipped" not in batch:
+            return None
+        from show1_lightning.data.datamodule import SKIP_REASONS
+
+        counts = torch.zeros(1 + len(SKIP_REASONS), dtype=torch.long)
+        counts[0] = batch["n_skipped"].detach().long().sum().cpu()
+        if "skip_reasons" in batch:
+            counts[1:] = batch["skip_reasons"].detach().long().reshape(-1, len(SKIP_REASONS)).sum(0).cpu()
+        return counts
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, _ = self.diffusion_step(batch)
         b = batch["video"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=b)
-        if "n_skipped" in batch:
-            self.skipped_samples += batch["n_skipped"].to(self.skipped_samples.device).sum()
-            # Cumulative per rank; summed over ranks: each rank counts what its own workers skipped.
-            self.log("data/skipped_samples", self.skipped_samples.float(), on_step=True, on_epoch=False,
-                     reduce_fx="sum", sync_dist=True, batch_size=b)
+        counts = self._batch_skips(batch)
+        if counts is not None:
+            from show1_lightning.data.datamodule import SKIP_REASONS
+
+            trainer = self._trainer
+            if trainer is not None and trainer.world_size > 1:  # one small all-reduce; every rank is in this step
+                counts = trainer.strategy.reduce(counts.to(self.device), reduce_op="sum").cpu()
+            # Running totals over all ranks since the start of the run (kept in checkpoints), identical on every
+            # rank, so logged without another reduction.
+            for name, c in zip(("total", *SKIP_REASONS), counts.tolist()):
+                if c:
+                    self.skip_totals[name] = self.skip_totals.get(name, 0) + int(c)
+            self.log("data/skipped_samples", float(self.skip_totals.get("total", 0)), on_step=True, on_epoch=False,
+                     batch_size=b)
+            for name in SKIP_REASONS:
+                if self.skip_totals.get(name):
+                    self.log(f"data/skipped/{name}", float(self.skip_totals[name]), on_step=True, on_epoch=False,
+                             batch_size=b)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # Fixed noise and timesteps per batch index: the validation loss is comparable across evaluations.
         g = torch.Generator("cpu").manual_seed(10_000 + batch_idx)
         loss, _ = self.diffusion_step(batch, generator=g)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["video"].shape[0])
+        b = batch["video"].shape[0]
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=b)
+        counts = self._batch_skips(batch)
+        if counts is not None:
+            from show1_lightning.data.datamodule import SKIP_REASONS
+
+            # Per validation run: summed over its batches and (sync_dist) over the ranks. Every name is logged on
+            # every rank at every step, so the ranks enter the same reductions.
+            self.log("val/skipped_samples", float(counts[0]), on_step=False, on_epoch=True, reduce_fx="sum",
+                     sync_dist=True, batch_size=b)
+            for name, c in zip(SKIP_REASONS, counts[1:].tolist()):
+                self.log(f"val/skipped/{name}", float(c), on_step=False, on_epoch=True, reduce_fx="sum",
+                         sync_dist=True, batch_size=b)
         return loss
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -287,10 +328,17 @@ class DiffusionStage(L.LightningModule):
             checkpoint["ema"] = self.ema.state_dict()
         if self.stage_config is not None:
             checkpoint["stage_config"] = self.stage_config
+        checkpoint["skip_totals"] = dict(self.skip_totals)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
+        # Checkpoints before the skip accounting fix kept a (DDP-overwritten) buffer in the state_dict.
+        legacy = checkpoint.get("state_dict", {}).pop("skipped_samples", None)
+        totals = checkpoint.get("skip_totals")
+        if totals is None and legacy is not None:
+            totals = {"total": int(legacy)}
+        self.skip_totals = {str(k): int(v) for k, v in (totals or {}).items()}
 
     @contextlib.contextmanager
     def ema_weights(self, enabled: bool = True) -> Iterator[None]:
@@ -330,7 +378,7 @@ class DiffusionStage(L.LightningModule):
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         s = self.sampling_cfg
-        num_steps = num_steps or s.get("num_steps", 50)
+        num_steps = s.get("num_steps", 50) if num_steps is None else num_steps  # 0 is an error, not "the default"
         guidance_scale = s.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
         negative_prompt = s.get("negative_prompt", "") if negative_prompt is None else negative_prompt
         solver = {k: v for k, v in s.items() if k not in ("num_steps", "guidance_scale", "negative_prompt",

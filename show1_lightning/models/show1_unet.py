@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -61,7 +62,7 @@ __all__ = [
 
 
 def _as_list(value: Any, n: int, name: str) -> list:
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):  # also an OmegaConf ListConfig
         if len(value) != n:
             raise ValueError(f"`{name}` has {len(value)} entries but there are {n} down blocks: {value}")
         return list(value)
@@ -529,8 +530,10 @@ def released_config_names() -> list[str]:
 def load_released_config(config: str | os.PathLike | dict) -> dict:
     """Return a config dict from a bundled name (``"show-1-sr1"``), a JSON file, a folder holding
     ``config.json`` (or ``unet/config.json``), or a dict (copied)."""
-    if isinstance(config, dict):
-        return dict(config)
+    if isinstance(config, Mapping):  # also an OmegaConf DictConfig
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else dict(config)
     name = str(config)
     bundled = RELEASED_CONFIG_DIR / f"{name}.json"
     if bundled.is_file():

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import hydra
 import torch
+from omegaconf import OmegaConf
 
 from show1_lightning.diffusion.module import DiffusionStage
-from show1_lightning.stages.loading import load_stage_from_checkpoint
+from show1_lightning.stages.loading import instantiate_stage_config, load_stage_from_checkpoint
 
 STAGE_ORDER = ("keyframe", "interpolation", "pixel_sr", "latent_sr")
 
@@ -36,7 +36,7 @@ def load_stage(source: str | Path) -> DiffusionStage:
     from safetensors.torch import load_file
 
     config = json.loads(spec.read_text())
-    stage: DiffusionStage = hydra.utils.instantiate(config, _convert_="all")
+    stage: DiffusionStage = instantiate_stage_config(config, spec)  # refuses _target_s outside the allow-list
     stage.unet.load_state_dict(load_file(str(weights)))
     stage.stage_config = config
     stage.ema = None  # the export holds the EMA weights already
@@ -81,6 +81,8 @@ class Show1Cascade:
         behaviour: released-behaviour preset (``conf/behaviour/*.yaml``); stages from released Hub folders
             (``show1_lightning.pipelines.released``) sample the official way, trained ones too with ``apply_to: all``.
         t5, if_ii_l: folders of T5-XXL (when the released folders lack ``text_encoder/``) and IF-II-L.
+        strict_sizes: refuse (instead of warn about) a stage fed another frame size than it was trained at;
+            what cannot run (channels, frame counts, sizes the UNets cannot downsample) is always refused.
     """
 
     def __init__(
@@ -95,9 +97,8 @@ class Show1Cascade:
         behaviour: dict[str, Any] | None = None,
         t5: str | Path | None = None,
         if_ii_l: str | Path | None = None,
+        strict_sizes: bool = False,
     ) -> None:
-        from omegaconf import OmegaConf
-
         from show1_lightning.pipelines.released import ReleasedCascade, load_cascade_stage, resolve_t5
 
         given = {"keyframe": keyframe, "interpolation": interpolation, "pixel_sr": pixel_sr, "latent_sr": latent_sr}
@@ -121,10 +122,24 @@ class Show1Cascade:
         if precision not in ("32", "bf16"):
             raise ValueError(f"precision must be '32' or 'bf16', got {precision!r}")
         self.precision = precision
+        if OmegaConf.is_config(sampling):  # straight from Hydra (instantiate without _convert_)
+            sampling = OmegaConf.to_container(sampling, resolve=True)
         self.sampling = {k: dict(v) for k, v in (sampling or {}).items()}
         unknown = set(self.sampling) - set(STAGE_ORDER)
         if unknown:
             raise ValueError(f"sampling overrides for unknown stages: {sorted(unknown)}")
+        # Stage-to-stage sizes and sampling values, now rather than minutes into the first batch.
+        self.size_notes = check_cascade(self.stages, self.effective_sampling, strict_sizes)
+
+    def effective_sampling(self, name: str) -> dict[str, Any]:
+        """The sampling values stage ``name`` runs with: its released schedule (when it samples the official
+        way) updated by the ``sampling`` overrides."""
+        out: dict[str, Any] = {}
+        beh = getattr(self.released, "behaviour", None)
+        if self.released.runs(name) and beh is not None:
+            out.update(beh.schedule(name))
+        out.update(self.sampling.get(name, {}))
+        return out
 
     @property
     def fps(self) -> float:
@@ -174,6 +189,84 @@ class Show1Cascade:
         assert x is not None
         result.video = x.clamp(-1, 1).cpu()
         return result
+
+
+def check_cascade(stages: dict[str, DiffusionStage], sampling_of: Any, strict_sizes: bool = False) -> list[str]:
+    """Check what each stage hands the next, when the cascade is built.
+
+    Refused (ValueError naming the stage and key): sampling values that cannot work (``num_steps`` < 1,
+    ``guidance_scale`` <= 0, ``strength`` outside (0, 1]), a channel count the next stage does not take, fewer
+    than 2 keyframes for interpolation, and a frame size a stage's UNet cannot downsample (a Show-1 UNet raises
+    on it at its first forward, after every earlier stage has run). A stage fed another frame size than it was
+    trained at is refused with ``strict_sizes``, else reported (logged, and returned as notes for reports).
+    """
+    import logging
+
+    from show1_lightning.diffusion.sampling import check_sampling_args
+    from show1_lightning.runtime import unet_size_multiple
+
+    log = logging.getLogger(__name__)
+    notes: list[str] = []
+    for name, stage in stages.items():
+        s = {**getattr(stage, "sampling_cfg", {}), **sampling_of(name)}  # the stage's defaults, then overrides
+        strength = s.get("strength", getattr(stage, "strength", 1.0)) if name == "latent_sr" else 1.0
+        check_sampling_args(s.get("num_steps", 50), s.get("guidance_scale", 1.0), strength,
+                            with_init=name == "latent_sr", where=f"sampling.{name}")
+
+    def fits(name: str, stage: DiffusionStage, hw: tuple[int, int], what: str) -> None:
+        m = unet_size_multiple(stage.unet)
+        if hw[0] % m or hw[1] % m:
+            raise ValueError(f"cascade: the {name} UNet downsamples {m}x, so {what} must be multiples of {m}; "
+                             f"got {hw[0]}x{hw[1]} (H x W)")
+
+    def trained(name: str, got: tuple[int, int], want: tuple[int, int], source: str) -> None:
+        if got == want:
+            return
+        msg = (f"cascade: {name} was trained on {want[0]}x{want[1]} (H x W) frames but gets {got[0]}x{got[1]} from "
+               f"{source}; a convolutional UNet runs, but not at the size it learned")
+        if strict_sizes:
+            raise ValueError(msg + " (strict_sizes: refused)")
+        log.warning(msg)
+        notes.append(msg)
+
+    # What flows between the stages: channels, frames, height, width.
+    kf = stages["keyframe"]
+    s = sampling_of("keyframe")
+    shape = (int(kf.sample_channels), int(s.get("num_frames", getattr(kf, "num_frames", 0))),
+             int(s.get("height", getattr(kf, "height", 0))), int(s.get("width", getattr(kf, "width", 0))))
+    fits("keyframe", kf, shape[2:], "the keyframe size")
+    source = "keyframe"
+    for name in STAGE_ORDER[1:]:
+        if name not in stages:
+            break
+        st = stages[name]
+        c, t, h, w = shape
+        if name in ("interpolation", "pixel_sr") and c != st.sample_channels:
+            raise ValueError(f"cascade: {source} hands on {c}-channel frames but {name} generates "
+                             f"{st.sample_channels}")
+        if name == "latent_sr" and c != 3:
+            raise ValueError(f"cascade: {source} hands on {c}-channel frames; latent_sr takes RGB video (3)")
+        if name == "interpolation":
+            if t < 2:
+                raise ValueError(f"cascade: interpolation needs at least 2 keyframes, {source} makes {t}")
+            trained(name, (h, w), (int(st.height), int(st.width)), source)
+            fits(name, st, (h, w), "the frames it gets")
+            shape = (c, st.output_frames(t), h, w)
+        elif name == "pixel_sr":
+            trained(name, (h, w), tuple(int(v) for v in st.low_res_size), source)
+            sf = int(st.scale_factor)
+            fits(name, st, (h * sf, w * sf), f"the {sf}x frames it makes")
+            shape = (c, t, h * sf, w * sf)
+        else:
+            s = sampling_of(name)
+            oh, ow = int(s.get("height", st.height)), int(s.get("width", st.width))
+            factor = int(st.height) // int(st.latent_height) if getattr(st, "latent_height", None) else 8
+            if oh % factor or ow % factor:
+                raise ValueError(f"cascade: latent_sr output {oh}x{ow} must be multiples of the VAE factor {factor}")
+            fits(name, st, (oh // factor, ow // factor), f"its latents ({oh}x{ow} / {factor})")
+            shape = (c, t, oh, ow)
+        source = name
+    return notes
 
 
 def format_reports(reports: Sequence[StageReport]) -> str:

@@ -21,7 +21,7 @@ class CascadeGenerator:
         keyframe, interpolation, pixel_sr, latent_sr: checkpoint or export paths (a prefix of the cascade).
         fps: frame rate written into the evaluation's mp4 files.
         name: identifier in reports (default: ``cascade:<stages>``).
-        device, precision, sampling, behaviour, t5, if_ii_l: see ``Show1Cascade``.
+        device, precision, sampling, behaviour, t5, if_ii_l, strict_sizes: see ``Show1Cascade``.
     """
 
     def __init__(
@@ -38,12 +38,13 @@ class CascadeGenerator:
         behaviour: dict[str, Any] | None = None,
         t5: str | Path | None = None,
         if_ii_l: str | Path | None = None,
+        strict_sizes: bool = False,
     ) -> None:
         self.sources = {"keyframe": keyframe, "interpolation": interpolation, "pixel_sr": pixel_sr,
                         "latent_sr": latent_sr}
         self.cascade = Show1Cascade(keyframe, interpolation, pixel_sr, latent_sr, device=device,
                                     precision=precision, sampling=sampling, behaviour=behaviour, t5=t5,
-                                    if_ii_l=if_ii_l)
+                                    if_ii_l=if_ii_l, strict_sizes=strict_sizes)
         self.fps = float(fps)
         self.name = name or "cascade:" + "+".join(n for n in STAGE_ORDER if n in self.cascade.stages)
 
@@ -52,7 +53,7 @@ class CascadeGenerator:
         return {"name": self.name, "type": "cascade", "fps": self.fps,
                 "stages": {k: str(v) for k, v in self.sources.items() if v is not None},
                 "precision": self.cascade.precision, "sampling": self.cascade.sampling,
-                "behaviour": self.cascade.released.describe()}
+                "behaviour": self.cascade.released.describe(), "size_notes": self.cascade.size_notes}
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
         return self.cascade(list(prompts), list(seeds)).video
