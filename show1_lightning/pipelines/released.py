@@ -24,21 +24,21 @@ The switches (``conf/behaviour/released.yaml``; the issue's items 1-7):
 switch                                 official code it follows
 ====================================  =================================================================
 ``text_attention_mask: false``         the pixel pipelines call the UNet without ``encoder_attention_mask``
-                                       (pipeline_t2v_base_pixel.py:724, interp_pixel.py:~700,
+                                       (pipeline_t2v_base_pixel.py:724, interp_pixel.py:748,
                                        sr_pixel_cond.py:838): cross-attention sees all 77 T5 states
 ``prompt_preprocessing: lower_strip``  ``encode_prompt`` -> ``_text_preprocessing`` (base_pixel.py:249, 491-507):
-                                       ``text.lower().strip()`` (run_inference.py:79 leaves ``clean_caption``
+                                       ``text.lower().strip()`` (run_inference.py:73 leaves ``clean_caption``
                                        False); the embeddings are shared by every pixel stage (run_inference.py)
 ``train_mode_dropout: true``           ``enable_model_cpu_offload`` calls ``self.unet.train()``
                                        (base_pixel.py:130), so show-1-base samples with dropout on
 ``interp_model_keyframes: true``       the whole 5-frame window is written back, keyframe positions included
-                                       (run_inference.py:120); the next window then overwrites its first frame
+                                       (run_inference.py:118); the next window then overwrites its first frame
 ``interp_shared_noise: true``          one ``init_noise`` drawn once from the seed for all windows
-                                       (run_inference.py:98-99, interp_pixel.py:~660)
-``sr1_overlapping_windows: true``      8-frame windows, stride 7 (run_inference.py:127-131)
+                                       (run_inference.py:96, interp_pixel.py:700)
+``sr1_overlapping_windows: true``      8-frame windows, stride 7 (run_inference.py:125-127)
 ``sr1_first_frame: image_sr``          window 0's frame 0 is the IF-II-L image SR of the first keyframe (70
-                                       steps, CFG 4, noise level 150; run_inference.py:136-148), later windows'
-                                       frame 0 the previous window's output (run_inference.py:150); the clean
+                                       steps, CFG 4, noise level 150; run_inference.py:135-146), later windows'
+                                       frame 0 the previous window's output (run_inference.py:149); the clean
                                        frame replaces frame 0 of the noise-augmented condition
                                        (sr_pixel_cond.py:817-819). ``noisy``: our behaviour, frame 0 of window 0
                                        is noise-augmented like the others (the fallback when no IF-II-L folder is
