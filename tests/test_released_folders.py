@@ -166,3 +166,17 @@ def test_behaviour_none_uses_training_sampling_defaults(released_dir):
     stage = load_released_stage(released_dir / "show-1-sr2", "latent_sr")
     assert stage.sampling_cfg["num_steps"] == 50 and stage.sampling_cfg["negative_prompt"] == "low resolution, blur"
     assert load_released_stage(released_dir / "show-1-base", "keyframe").sampling_cfg["guidance_scale"] == 9.0
+
+
+def test_cascade_checks_every_folder_before_loading(released_dir, tmp_path, monkeypatch):
+    """A component missing in the last folder fails before any stage is loaded (start-up, not after minutes)."""
+    from show1_lightning.pipelines import released as rel
+    from show1_lightning.pipelines.cascade import Show1Cascade
+
+    sr2 = tmp_path / "show-1-sr2"
+    shutil.copytree(released_dir / "show-1-sr2", sr2)
+    shutil.rmtree(sr2 / "vae")
+    monkeypatch.setattr(rel, "load_released_stage", lambda *a, **k: pytest.fail("a stage was loaded first"))
+    with pytest.raises(FileNotFoundError, match=r"latent_sr: released folder .*show-1-sr2 lacks vae/config.json"):
+        Show1Cascade(keyframe=released_dir / "show-1-base", interpolation=released_dir / "show-1-interpolation",
+                     pixel_sr=released_dir / "show-1-sr1", latent_sr=sr2, device="cpu")

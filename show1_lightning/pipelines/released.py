@@ -213,7 +213,22 @@ def _shared_text_encoder(kind: str, path: str):
 
 def resolve_t5(folders: dict[str, str | Path | None], t5: str | Path | None) -> Path | None:
     """The one T5 the pixel stages share (run_inference.py encodes the prompt once with show-1-base's encoder):
-    ``t5`` when set, else the first pixel folder holding ``text_encoder/`` + ``tokenizer/``."""
+    ``t5`` when set, else the first pixel folder holding ``text_encoder/`` + ``tokenizer/``.
+
+    Also checks every released folder of the cascade first, so a missing component fails at start-up, before
+    any model is loaded.
+    """
+    pixel = []
+    for kind, f in folders.items():
+        if f is not None and not isinstance(f, (str, Path)):
+            continue  # a stage object
+        if f and is_released_folder(f):
+            check_released_folder(f, kind)
+            if kind != "latent_sr":
+                pixel.append(Path(f))
+    if pixel and not t5 and not any(_has_text_encoder(p) for p in pixel):
+        raise FileNotFoundError(f"released folders {', '.join(map(str, pixel))} lack text_encoder/ and tokenizer/ "
+                                "(T5-XXL); download them or set t5=<folder with the T5-XXL encoder>")
     if t5:
         p = Path(t5)
         if not (p / "config.json").is_file() and not _has_text_encoder(p):
