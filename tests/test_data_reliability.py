@@ -141,6 +141,7 @@ class KeyLog(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+@pytest.mark.slow  # whole train.py / DDP processes (tens of seconds): run with -m slow
 def test_kill_9_then_the_same_command_continues_with_unseen_data(tmp_path):
     from tests.conftest import TINY_TRAIN
 
@@ -443,6 +444,7 @@ def _ddp_worker(out: str) -> None:
     trainer.fit(_skip_stage(), datamodule=_SkipData())
 
 
+@pytest.mark.slow  # whole train.py / DDP processes (tens of seconds): run with -m slow
 def test_skip_counts_are_summed_over_ddp_ranks(tmp_path):
     """2 ranks: rank 0 skips 1 and rank 1 skips 2 samples per training batch. Before the fix the count lived in a
     registered buffer that DDP re-broadcast from rank 0 before every forward, and the logged sum was wrong."""

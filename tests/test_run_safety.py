@@ -266,6 +266,7 @@ def test_fresh_start_gets_a_fresh_wandb_run_resume_continues_it(compose_train, t
     assert fourth not in (first, second) and fourth in _wandb_runs(tmp_path)
 
 
+@pytest.mark.slow  # whole train.py / DDP processes (tens of seconds): run with -m slow
 def test_multirun_job_keeps_the_sweep_folder_its_launcher_made(tmp_path):
     """hydra-submitit-launcher runs each job in another process (another node, again after a requeue); the sweep
     folder name ends in the launcher's pid. The job must write into the folder the launcher made and printed,
