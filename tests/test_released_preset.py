@@ -257,7 +257,7 @@ def test_clamp_between_stages_switch(stages):
 @pytest.mark.slow
 def test_official_parity_script():
     """scripts/official_parity.py (tiny released weights, official pipelines in their pinned env): every stage
-    within 1e-4 (step counts capped at 10: a few minutes instead of ~18 on 2 cores; the same code paths). Skipped unless
+    within 1e-4 (step counts capped at 10: minutes instead of ~18 on 2 cores; the same code paths). Skipped unless
     `python scripts/official_parity.py --setup` has been run."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import official_parity
