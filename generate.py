@@ -31,23 +31,33 @@ def generate(cfg: DictConfig) -> list[Path]:
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     stages = {k: v for k, v in cfg.stages.items() if v}
-    cascade = Show1Cascade(**stages, device=cfg.device, precision=str(cfg.precision),
-                           sampling=OmegaConf.to_container(cfg.sampling, resolve=True),
-                           behaviour=OmegaConf.to_container(cfg.behaviour, resolve=True) if cfg.get("behaviour") else None,
-                           t5=cfg.get("t5"), if_ii_l=cfg.get("if_ii_l"),
-                           strict_sizes=bool(cfg.get("strict_sizes", False)))
+    cascade = Show1Cascade(
+        **stages,
+        device=cfg.device,
+        precision=str(cfg.precision),
+        sampling=OmegaConf.to_container(cfg.sampling, resolve=True),
+        behaviour=OmegaConf.to_container(cfg.behaviour, resolve=True) if cfg.get("behaviour") else None,
+        t5=cfg.get("t5"),
+        if_ii_l=cfg.get("if_ii_l"),
+        strict_sizes=bool(cfg.get("strict_sizes", False)),
+    )
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     run = None
     if cfg.logger.wandb:
         import wandb
 
-        run = wandb.init(project=cfg.logger.project, name=cfg.run_name, dir=str(out), job_type="generate",
-                         mode=None if "WANDB_MODE" in __import__("os").environ else "offline",
-                         config=OmegaConf.to_container(cfg, resolve=True))
+        run = wandb.init(
+            project=cfg.logger.project,
+            name=cfg.run_name,
+            dir=str(out),
+            job_type="generate",
+            mode=None if "WANDB_MODE" in __import__("os").environ else "offline",
+            config=OmegaConf.to_container(cfg, resolve=True),
+        )
     paths, timings = [], []
     for start in range(0, len(prompts), cfg.batch_size):
-        bp, bs = prompts[start:start + cfg.batch_size], seeds[start:start + cfg.batch_size]
+        bp, bs = prompts[start : start + cfg.batch_size], seeds[start : start + cfg.batch_size]
         result = cascade(bp, bs)
         print(format_reports(result.reports), flush=True)
         timings += [{"batch": start // cfg.batch_size, **r.__dict__} for r in result.reports]

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
-
 
 import torch
 
@@ -42,9 +40,18 @@ def bench_raw(urls: list[str], clips: int) -> tuple[int, int, float]:
 def bench_datamodule(urls: list[str], clips: int, workers: int, args: argparse.Namespace) -> tuple[int, int, float]:
     """(clips, frames, seconds) for ``clips`` clips of training batches (after one warm-up batch)."""
     n_batches = max(1, clips // args.batch_size)
-    dm = VideoDataModule(train_shards=urls, num_frames=args.num_frames, target_fps=args.target_fps,
-                         height=args.height, width=args.width, batch_size=args.batch_size, num_workers=workers,
-                         epoch_length=n_batches + 1, shuffle_buffer=args.shuffle_buffer, seed=0)
+    dm = VideoDataModule(
+        train_shards=urls,
+        num_frames=args.num_frames,
+        target_fps=args.target_fps,
+        height=args.height,
+        width=args.width,
+        batch_size=args.batch_size,
+        num_workers=workers,
+        epoch_length=n_batches + 1,
+        shuffle_buffer=args.shuffle_buffer,
+        seed=0,
+    )
     it = iter(dm.train_dataloader())
     next(it)  # warm-up: worker start-up and the first shard open are not throughput
     t0 = time.perf_counter()
@@ -73,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("raw PyAV (all frames)", *bench_raw(urls, args.clips))]
     for w in args.workers:
         rows.append((f"datamodule (workers={w})", *bench_datamodule(urls, args.clips, w, args)))
-    print(f"shards: {len(urls)} ({urls[0]} ...); clip: {args.num_frames} frames @ {args.target_fps} fps, "
-          f"{args.width}x{args.height}, batch {args.batch_size}; torch threads 1")
+    print(
+        f"shards: {len(urls)} ({urls[0]} ...); clip: {args.num_frames} frames @ {args.target_fps} fps, "
+        f"{args.width}x{args.height}, batch {args.batch_size}; torch threads 1"
+    )
     print(f"| {'pipeline':<26} | {'clips':>6} | {'seconds':>8} | {'clips/s':>8} | {'frames out/s':>12} |")
     print(f"|{'-' * 28}|{'-' * 8}|{'-' * 10}|{'-' * 10}|{'-' * 14}|")
     for name, n, frames, sec in rows:

@@ -15,17 +15,17 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from evaluation.fvd import frechet_distance
 from evaluation.i3d import load_i3d
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _parity_helpers():
@@ -80,8 +80,10 @@ def main() -> None:
         except ImportError as exc:
             print(f"(reference skipped: {exc})")
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, clips 3x{args.frames}x224x224, "
-          f"best of {args.repeats}")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, clips 3x{args.frames}x224x224, "
+        f"best of {args.repeats}"
+    )
     rows = []
     for bs in args.batch_sizes:
         clip = helpers.natural_clip(bs, args.frames, seed=bs)
@@ -106,8 +108,10 @@ def main() -> None:
             cpu = float(np.median([t[1] for t in ts]))
             rows.append((bs, name, bs / wall, bs / cpu, err))
     ref_rate = {bs: (r, c) for bs, n, r, c, _ in rows if n.startswith("reference")}
-    print("\n| batch | network | clips/s (best wall) | vs reference | clips per CPU-s (median) | vs reference "
-          "| max rel L2 vs reference |\n|---|---|---|---|---|---|---|")
+    print(
+        "\n| batch | network | clips/s (best wall) | vs reference | clips per CPU-s (median) | vs reference "
+        "| max rel L2 vs reference |\n|---|---|---|---|---|---|---|"
+    )
     for bs, name, rate, cpu_rate, err in rows:
         speed = f"{rate / ref_rate[bs][0]:.2f}x" if bs in ref_rate else "-"
         cpu_speed = f"{cpu_rate / ref_rate[bs][1]:.2f}x" if bs in ref_rate else "-"
@@ -121,8 +125,10 @@ def main() -> None:
     peak = matmul_gflops()
     best = max(r for bs, n, r, _, _ in rows if n.startswith("ours"))
     print(f"\nI3D forward: {gflop:.1f} GFLOP per {args.frames}-frame clip (FlopCounterMode: 2 x multiply-adds)")
-    print(f"float32 2048x2048 matmul: {peak:.1f} GFLOP/s; best I3D: {best * gflop:.1f} GFLOP/s "
-          f"= {100 * best * gflop / peak:.0f}% of the matmul rate")
+    print(
+        f"float32 2048x2048 matmul: {peak:.1f} GFLOP/s; best I3D: {best * gflop:.1f} GFLOP/s "
+        f"= {100 * best * gflop / peak:.0f}% of the matmul rate"
+    )
 
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(400, 800)), rng.normal(size=(400, 800))

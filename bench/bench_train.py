@@ -20,9 +20,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader, Dataset
 
-ROOT = Path(__file__).resolve().parents[1]
+import train  # noqa: F401  (registers the config resolvers)
 
-import train,F401  (registers the config resolvers)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class RepeatBatch(Dataset):
@@ -52,8 +52,15 @@ class StepTimer(L.Callback):
 
 def build(experiment: str, overrides: list[str]):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={experiment}", "paths.output_dir=/tmp/bench_train",
-                                          "data.num_workers=0", *overrides])
+        cfg = compose(
+            "train",
+            overrides=[
+                f"experiment={experiment}",
+                "paths.output_dir=/tmp/bench_train",
+                "data.num_workers=0",
+                *overrides,
+            ],
+        )
     return cfg
 
 
@@ -68,10 +75,20 @@ def lightning_steps(cfg, batch: dict, precision: str, n: int) -> list[float]:
     L.seed_everything(0)
     stage = hydra.utils.instantiate(cfg.stage, _convert_="all")
     timer = StepTimer()
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=n, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[timer], gradient_clip_val=cfg.trainer.gradient_clip_val,
-                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision=precision,
+        max_steps=n,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+        gradient_clip_val=cfg.trainer.gradient_clip_val,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     trainer.fit(stage, train_dataloaders=DataLoader(RepeatBatch(batch, n), batch_size=None))
     return timer.times
 
@@ -111,12 +128,14 @@ def main() -> None:
     rows = []
     for precision in ("32-true", "bf16-mixed"):
         for name, fn in (("plain PyTorch loop", plain_steps), ("Lightning stage", lightning_steps)):
-            times = fn(cfg, batch, precision, n)[args.warmup:]
+            times = fn(cfg, batch, precision, n)[args.warmup :]
             rows.append((name, precision, statistics.median(times), min(times)))
     clips = batch["video"].shape[0]
     shape = "x".join(str(s) for s in batch["video"].shape[1:])
-    print(f"\nexperiment={args.experiment}  batch={clips} clips of {shape}  threads={args.threads}  "
-          f"torch {torch.__version__}")
+    print(
+        f"\nexperiment={args.experiment}  batch={clips} clips of {shape}  threads={args.threads}  "
+        f"torch {torch.__version__}"
+    )
     print(f"{'loop':<20} {'precision':<11} {'s/step (median)':>16} {'s/step (min)':>13} {'clips/s':>8}")
     base = {p: t for (name, p, t, _) in rows if name.startswith("plain")}
     for name, p, med, mn in rows:

@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
-
 
 import torch
-
 from efficiency_lib import (
+    POLICIES,
     GiB,
     MiB,
-    POLICIES,
     StageEstimate,
     estimate_stage,
     paper_stages,
@@ -43,8 +40,11 @@ SHORT = {"efficient": "eff", "materialised": "mat16", "materialised_fp32": "mat3
 # are divided by each divisor. Full spatial size of each last stage.
 VALIDATION = [
     ("hybrid", "show-1-sr2", dict(batch=1, channels=4, frames=8, height=40, width=72, text=[77, 1024])),
-    ("all_pixel", "show-1-sr1",
-     dict(batch=1, channels=6, frames=2, height=320, width=576, text=[77, 4096], noise_level=True)),
+    (
+        "all_pixel",
+        "show-1-sr1",
+        dict(batch=1, channels=6, frames=2, height=320, width=576, text=[77, 4096], noise_level=True),
+    ),
 ]
 
 
@@ -81,8 +81,10 @@ def print_estimates(estimates: dict[str, list[StageEstimate]]) -> dict[str, floa
         f"{'cascade':9s} | {'stage':26s} | {'schedule':52s} | {'FLOPs/fwd':>10s} | {'FLOPs/gen':>10s} | "
         f"{'weights':>8s} | " + " | ".join(f"{'mem ' + SHORT[p]:>10s}" for p in policies)
     )
-    print("Part 1: estimate at paper size (meta device, bf16). mem = weights + inputs + peak activations of one "
-          "forward, GiB")
+    print(
+        "Part 1: estimate at paper size (meta device, bf16). mem = weights + inputs + peak activations of one "
+        "forward, GiB"
+    )
     print(head)
     print("-" * len(head))
     ratios: dict[str, float] = {}
@@ -97,33 +99,45 @@ def print_estimates(estimates: dict[str, list[StageEstimate]]) -> dict[str, floa
         total = sum(s.flops_per_generation for s in stages)
         peaks[cascade] = {p: cascade_peak(stages, p) for p in policies}
         mems = " | ".join(f"{peaks[cascade][p][0] / GiB:10.2f}" for p in policies)
-        print(f"{cascade:9s} | {'TOTAL (peak = max stage)':26s} | {'':52s} | {'':>10s} | {_fmt_flops(total):>10s} | "
-              f"{'':>8s} | {mems}")
+        print(
+            f"{cascade:9s} | {'TOTAL (peak = max stage)':26s} | {'':52s} | {'':>10s} | {_fmt_flops(total):>10s} | "
+            f"{'':>8s} | {mems}"
+        )
         print("-" * len(head))
     hybrid_flops = sum(s.flops_per_generation for s in estimates["hybrid"])
     pixel_flops = sum(s.flops_per_generation for s in estimates["all_pixel"])
     print(f"FLOPs per generation, all-pixel / hybrid: {pixel_flops / hybrid_flops:.2f}x")
-    print(f"Peak memory ratio (b) all-pixel / (a) hybrid   [paper: {PAPER_PIXEL_GB:.0f} GB / {PAPER_HYBRID_GB:.0f} GB "
-          f"= {PAPER_PIXEL_GB / PAPER_HYBRID_GB:.2f}]")
+    print(
+        f"Peak memory ratio (b) all-pixel / (a) hybrid   [paper: {PAPER_PIXEL_GB:.0f} GB / {PAPER_HYBRID_GB:.0f} GB "
+        f"= {PAPER_PIXEL_GB / PAPER_HYBRID_GB:.2f}]"
+    )
     for p in policies:
         (a, a_stage), (b, b_stage) = peaks["hybrid"][p], peaks["all_pixel"][p]
         ratios[p] = b / a
-        print(f"  attention {p:18s}: hybrid {a / GiB:6.2f} GiB ({a_stage}), all-pixel {b / GiB:6.2f} GiB ({b_stage})"
-              f" -> ratio {b / a:.2f}")
+        print(
+            f"  attention {p:18s}: hybrid {a / GiB:6.2f} GiB ({a_stage}), all-pixel {b / GiB:6.2f} GiB ({b_stage})"
+            f" -> ratio {b / a:.2f}"
+        )
     for p in policies:  # the same ratio over the UNet stages only (text encoders set aside: T5-XXL weights)
         a = max(s.peak_bytes(p) for s in estimates["hybrid"] if "text" not in s.name)
         b = max(s.peak_bytes(p) for s in estimates["all_pixel"] if "text" not in s.name)
-        print(f"  without text encoders, {p:18s}: hybrid {a / GiB:6.2f} GiB, all-pixel {b / GiB:6.2f} GiB -> "
-              f"ratio {b / a:.2f}")
+        print(
+            f"  without text encoders, {p:18s}: hybrid {a / GiB:6.2f} GiB, all-pixel {b / GiB:6.2f} GiB -> "
+            f"ratio {b / a:.2f}"
+        )
     return ratios
 
 
 def run_validation(divisors: list[int]) -> list[dict]:
     """Real CPU peaks vs meta predictions for each cascade's last stage at reduced widths."""
-    print(f"\nPart 2: validation, real tensors on the CPU (fp32, 1 thread, fresh process per run) vs the meta "
-          f"estimate for the same reduced model and inputs. Activation peak of one forward, MiB")
-    head = (f"{'cascade':9s} | {'last stage':11s} | {'width':>5s} | {'inputs (B,C,F,H,W)':22s} | {'FLOPs':>9s} | "
-            f"{'predicted':>9s} | {'RSS delta':>9s} | {'tracked real':>12s} | {'RSS/pred':>8s}")
+    print(
+        "\nPart 2: validation, real tensors on the CPU (fp32, 1 thread, fresh process per run) vs the meta "
+        "estimate for the same reduced model and inputs. Activation peak of one forward, MiB"
+    )
+    head = (
+        f"{'cascade':9s} | {'last stage':11s} | {'width':>5s} | {'inputs (B,C,F,H,W)':22s} | {'FLOPs':>9s} | "
+        f"{'predicted':>9s} | {'RSS delta':>9s} | {'tracked real':>12s} | {'RSS/pred':>8s}"
+    )
     print(head)
     print("-" * len(head))
     rows = []
@@ -133,9 +147,12 @@ def run_validation(divisors: list[int]) -> list[dict]:
             pred = predict_peak(cfg, spec)
             real = real_peak_subprocess(cfg, spec)
             shape = f"({spec['batch']},{spec['channels']},{spec['frames']},{spec['height']},{spec['width']})"
-            print(f"{cascade:9s} | {name:11s} | {'1/' + str(d):>5s} | {shape:22s} | {_fmt_flops(pred.flops):>9s} | "
-                  f"{pred.peak_activation_bytes / MiB:9.1f} | {real['rss_delta'] / MiB:9.1f} | "
-                  f"{real['tracked'] / MiB:12.1f} | {real['rss_delta'] / pred.peak_activation_bytes:8.2f}", flush=True)
+            print(
+                f"{cascade:9s} | {name:11s} | {'1/' + str(d):>5s} | {shape:22s} | {_fmt_flops(pred.flops):>9s} | "
+                f"{pred.peak_activation_bytes / MiB:9.1f} | {real['rss_delta'] / MiB:9.1f} | "
+                f"{real['tracked'] / MiB:12.1f} | {real['rss_delta'] / pred.peak_activation_bytes:8.2f}",
+                flush=True,
+            )
             rows.append({"cascade": cascade, "divisor": d, "predicted": pred.peak_activation_bytes, **real})
     return rows
 
@@ -143,7 +160,11 @@ def run_validation(divisors: list[int]) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="estimate with the efficient-attention costing only, no validation (for tests)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="estimate with the efficient-attention costing only, no validation (for tests)",
+    )
     parser.add_argument("--divisors", type=int, nargs="+", default=None, help="validation width divisors")
     parser.add_argument("--no-validate", action="store_true", help="skip the real-tensor CPU validation")
     args = parser.parse_args(argv)

@@ -29,8 +29,9 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,10 +40,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
+from show1_lightning.models.show1_unet import build_show1_unet, load_released_config
+
 POLICIES = ("efficient", "materialised", "materialised_fp32")
 ROOT = Path(__file__).resolve().parents[1]
-
-from show1_lightning.models.show1_unet import build_show1_unet, load_released_config
 
 GiB = 1024**3
 MiB = 1024**2
@@ -254,8 +255,15 @@ def build_t5_xxl_encoder() -> nn.Module:
     from transformers import T5Config, T5EncoderModel
 
     cfg = T5Config(
-        vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-        feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+        vocab_size=32128,
+        d_model=4096,
+        d_kv=64,
+        d_ff=10240,
+        num_layers=24,
+        num_heads=64,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
     )
     return TextEncode(T5EncoderModel(cfg))
 
@@ -265,8 +273,14 @@ def build_openclip_h_text() -> nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = CLIPTextConfig(
-        vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
-        max_position_embeddings=77, hidden_act="gelu", projection_dim=1024,
+        vocab_size=49408,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=23,
+        num_attention_heads=16,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=1024,
     )
     return TextEncode(CLIPTextModel(cfg))
 
@@ -365,36 +379,56 @@ def paper_stages(divisor: int = 1) -> dict[str, list[StageSpec]]:
     show-1-sr1 config, 6-channel input) from 256x160 to 576x320 directly, windowed like SR1.
     """
     t5 = (77, 4096)
-    unet = lambda name: (lambda: build_unet(reduced_unet_config(name, divisor)))  # noqa: E731
+    unet = lambda name: lambda: build_unet(reduced_unet_config(name, divisor))  # noqa: E731
     text_t5 = StageSpec("T5-XXL text encoder", build_t5_xxl_encoder, _token_inputs(2), 1, "prompt + negative, once")
     keyframes = StageSpec(
-        "keyframes (show-1-base)", unet("show-1-base"), _unet_inputs(2, 3, 8, 40, 64, t5), KEYFRAME_STEPS,
+        "keyframes (show-1-base)",
+        unet("show-1-base"),
+        _unet_inputs(2, 3, 8, 40, 64, t5),
+        KEYFRAME_STEPS,
         f"{KEYFRAME_STEPS} steps CFG, 8x64x40",
     )
     interp = StageSpec(
-        "interpolation", unet("show-1-interpolation"), _unet_inputs(2, 7, 5, 40, 64, t5),
-        INTERP_STEPS * INTERP_WINDOWS, f"{INTERP_STEPS} steps CFG x {INTERP_WINDOWS} windows of 5 frames",
+        "interpolation",
+        unet("show-1-interpolation"),
+        _unet_inputs(2, 7, 5, 40, 64, t5),
+        INTERP_STEPS * INTERP_WINDOWS,
+        f"{INTERP_STEPS} steps CFG x {INTERP_WINDOWS} windows of 5 frames",
     )
     sr1 = StageSpec(
-        "pixel SR1 (show-1-sr1)", unet("show-1-sr1"), _unet_inputs(2, 6, SR_WINDOW, 160, 256, t5, noise_level=True),
-        SR1_STEPS * SR_WINDOWS, f"{SR1_STEPS} steps CFG x {SR_WINDOWS} windows of {SR_WINDOW} frames, 256x160",
+        "pixel SR1 (show-1-sr1)",
+        unet("show-1-sr1"),
+        _unet_inputs(2, 6, SR_WINDOW, 160, 256, t5, noise_level=True),
+        SR1_STEPS * SR_WINDOWS,
+        f"{SR1_STEPS} steps CFG x {SR_WINDOWS} windows of {SR_WINDOW} frames, 256x160",
     )
     clip = StageSpec("OpenCLIP-H text encoder", build_openclip_h_text, _token_inputs(2), 1, "prompt + negative")
     vae_enc = StageSpec(
-        "VAE encode", lambda: VAEEncode(build_vae()), _image_inputs(1, 3, 320, 576), FRAMES,
+        "VAE encode",
+        lambda: VAEEncode(build_vae()),
+        _image_inputs(1, 3, 320, 576),
+        FRAMES,
         f"{FRAMES} frames one at a time, 576x320",
     )
     sr2 = StageSpec(
-        "latent SR2 (show-1-sr2)", unet("show-1-sr2"), _unet_inputs(2, 4, FRAMES, 40, 72, (77, 1024)), SR2_EXECUTED,
+        "latent SR2 (show-1-sr2)",
+        unet("show-1-sr2"),
+        _unet_inputs(2, 4, FRAMES, 40, 72, (77, 1024)),
+        SR2_EXECUTED,
         f"{SR2_STEPS} steps x strength {SR2_STRENGTH} = {SR2_EXECUTED} CFG, 29x72x40 latents",
     )
     vae_dec = StageSpec(
-        "VAE decode", lambda: VAEDecode(build_vae()), _image_inputs(1, 4, 40, 72), FRAMES,
+        "VAE decode",
+        lambda: VAEDecode(build_vae()),
+        _image_inputs(1, 4, 40, 72),
+        FRAMES,
         f"{FRAMES} frames one at a time",
     )
     pixel_sr2 = StageSpec(
-        "pixel SR2 (sr1 config)", unet("show-1-sr1"),
-        _unet_inputs(2, 6, SR_WINDOW, 320, 576, t5, noise_level=True), SR1_STEPS * SR_WINDOWS,
+        "pixel SR2 (sr1 config)",
+        unet("show-1-sr1"),
+        _unet_inputs(2, 6, SR_WINDOW, 320, 576, t5, noise_level=True),
+        SR1_STEPS * SR_WINDOWS,
         f"{SR1_STEPS} steps CFG x {SR_WINDOWS} windows of {SR_WINDOW} frames, 576x320",
     )
     return {
@@ -485,7 +519,10 @@ def real_peak_subprocess(config: dict, input_spec: dict, dtype: str = "float32",
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")
     payload = json.dumps({"config": config, "input_spec": input_spec, "dtype": dtype})
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), payload], capture_output=True, text=True, env=env,
+        [sys.executable, str(Path(__file__).resolve()), payload],
+        capture_output=True,
+        text=True,
+        env=env,
         timeout=timeout,
     )
     if proc.returncode != 0:

@@ -24,16 +24,16 @@ VAE and sizes are the paper's; only the frozen text towers are stand-ins (their 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -63,22 +63,31 @@ class Sizes:
 def gpu_sizes() -> Sizes:
     text = ["text_encoder.tiny_layers=1"]
     return Sizes(
-        device="cuda", precision="bf16-mixed", train_steps=5, warmup=2, sampling_steps=10,
+        device="cuda",
+        precision="bf16-mixed",
+        train_steps=5,
+        warmup=2,
+        sampling_steps=10,
         overrides={
             "paper_keyframe": ["text_encoder=tiny_t5", "text_dim=4096", *text],
             "paper_interpolation": ["text_encoder=tiny_t5", "text_dim=4096", *text],
             "paper_pixel_sr": ["text_encoder=tiny_t5", "text_dim=4096", *text],
-            "paper_latent_sr": ["text_encoder=tiny_clip", "text_dim=1024", *text, "vae@stage.vae=tiny",
-                                *SD_VAE_ARCH],
+            "paper_latent_sr": ["text_encoder=tiny_clip", "text_dim=1024", *text, "vae@stage.vae=tiny", *SD_VAE_ARCH],
         },
-        i3d_batch=16, i3d_hw=224, compile_backend="inductor", latent_sr_batch=1, keyframe_batch=8,
+        i3d_batch=16,
+        i3d_hw=224,
+        compile_backend="inductor",
+        latent_sr_batch=1,
+        keyframe_batch=8,
     )
 
 
 # The Stable Diffusion VAE architecture (AutoencoderKL f=8) with random weights, through the tiny VAE builder.
 SD_VAE_ARCH = [
-    "stage.vae.tiny.block_out_channels=[128,256,512,512]", "stage.vae.tiny.layers_per_block=2",
-    "stage.vae.tiny.norm_num_groups=32", "stage.vae.tiny.mid_block_add_attention=true",
+    "stage.vae.tiny.block_out_channels=[128,256,512,512]",
+    "stage.vae.tiny.layers_per_block=2",
+    "stage.vae.tiny.norm_num_groups=32",
+    "stage.vae.tiny.mid_block_add_attention=true",
     "stage.vae.tiny.scaling_factor=0.18215",
 ]
 
@@ -92,18 +101,39 @@ def cpu_sizes() -> Sizes:
     text = ["text_encoder=tiny_t5", "text_dim=64", "text_encoder.tiny_layers=1"]
     show1 = ["+model.attention_head_dim=8", "+model.encoder_hid_dim=64", "+model.cross_attention_dim=32"]
     return Sizes(
-        device="cpu", precision="32-true", train_steps=1, warmup=0, sampling_steps=2,
+        device="cpu",
+        precision="32-true",
+        train_steps=1,
+        warmup=0,
+        sampling_steps=2,
         # 2 keyframes (-> 5 frames) 16x8 -> pixel SR 64x32 -> latent SR 128x64: every code path, seconds on a CPU.
         overrides={
-            "paper_keyframe": [*text, "+model.block_out_channels=[32,32,32,32]", *show1, *small(8, 16), "stage.num_frames=2"],
+            "paper_keyframe": [
+                *text,
+                "+model.block_out_channels=[32,32,32,32]",
+                *show1,
+                *small(8, 16),
+                "stage.num_frames=2",
+            ],
             "paper_interpolation": [*text, "+model.block_out_channels=[32,32,32,32]", *show1, *small(8, 16)],
             "paper_pixel_sr": [*text, "+model.block_out_channels=[32,32,32,32,32]", *show1, *small(32, 64)],
-            "paper_latent_sr": ["text_encoder=tiny_clip", "text_dim=64", "text_encoder.tiny_layers=1",
-                                "vae@stage.vae=tiny", "+model.block_out_channels=[32,32,32,32]",
-                                "+model.attention_head_dim=8", "+model.cross_attention_dim=64", *small(64, 128),
-                                "stage.num_frames=2"],
+            "paper_latent_sr": [
+                "text_encoder=tiny_clip",
+                "text_dim=64",
+                "text_encoder.tiny_layers=1",
+                "vae@stage.vae=tiny",
+                "+model.block_out_channels=[32,32,32,32]",
+                "+model.attention_head_dim=8",
+                "+model.cross_attention_dim=64",
+                *small(64, 128),
+                "stage.num_frames=2",
+            ],
         },
-        i3d_batch=1, i3d_hw=224, compile_backend="aot_eager", latent_sr_batch=1, keyframe_batch=2,
+        i3d_batch=1,
+        i3d_hw=224,
+        compile_backend="aot_eager",
+        latent_sr_batch=1,
+        keyframe_batch=2,
     )
 
 
@@ -167,8 +197,9 @@ def synthetic_batch(stage: Any, batch: int, device: torch.device) -> dict:
     return {"video": video.to(device), "caption": ["a panda playing guitar"] * batch}
 
 
-def time_train_steps(stage: Any, batch: dict, sizes: Sizes, device: torch.device, train_mode: bool = True,
-                     count_flops: bool = True) -> dict[str, Any]:
+def time_train_steps(
+    stage: Any, batch: dict, sizes: Sizes, device: torch.device, train_mode: bool = True, count_flops: bool = True
+) -> dict[str, Any]:
     """Seconds per optimizer step (forward + backward + AdamW), FLOPs of one step, peak memory."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -197,8 +228,13 @@ def time_train_steps(stage: Any, batch: dict, sizes: Sizes, device: torch.device
         with FlopCounterMode(display=False) as counter:
             step()
         flops = counter.get_total_flops()
-    return {"step_s": seconds, "flops_per_step": flops, "achieved_tflops": flops / seconds / 1e12,
-            "peak_memory_bytes": peak_bytes(device), "loss_finite": bool(torch.isfinite(torch.tensor(losses)).all())}
+    return {
+        "step_s": seconds,
+        "flops_per_step": flops,
+        "achieved_tflops": flops / seconds / 1e12,
+        "peak_memory_bytes": peak_bytes(device),
+        "loss_finite": bool(torch.isfinite(torch.tensor(losses)).all()),
+    }
 
 
 # ----------------------------------------------------------------------------- sections
@@ -217,7 +253,11 @@ def section_train(sizes: Sizes, device: torch.device, data_dir: Path, peak: floa
                 rows.append(row)
                 continue
             if supported:  # whatever the experiment config chose, measure both ways
-                (stage.unet.enable_gradient_checkpointing if checkpointing else stage.unet.disable_gradient_checkpointing)()
+                (
+                    stage.unet.enable_gradient_checkpointing
+                    if checkpointing
+                    else stage.unet.disable_gradient_checkpointing
+                )()
             row.update(time_train_steps(stage, data, sizes, device))
             row["mfu"] = row["achieved_tflops"] / peak if peak else None
             rows.append(row)
@@ -229,19 +269,35 @@ def section_train(sizes: Sizes, device: torch.device, data_dir: Path, peak: floa
 def section_cascade(sizes: Sizes, device: torch.device, data_dir: Path) -> list[dict]:
     from show1_lightning.pipelines.cascade import STAGE_ORDER, Show1Cascade
 
-    experiments = dict(zip(STAGE_ORDER, ("paper_keyframe", "paper_interpolation", "paper_pixel_sr",
-                                         "paper_latent_sr")))
+    experiments = dict(
+        zip(STAGE_ORDER, ("paper_keyframe", "paper_interpolation", "paper_pixel_sr", "paper_latent_sr"))
+    )
     stages = {name: compose_stage(exp, sizes.overrides[exp], data_dir).eval() for name, exp in experiments.items()}
     steps = {name: {"num_steps": sizes.sampling_steps} for name in STAGE_ORDER}
-    cascade = Show1Cascade(**stages, device=str(device), precision="bf16" if device.type == "cuda" else "32",
-                           sampling=steps)
+    cascade = Show1Cascade(
+        **stages, device=str(device), precision="bf16" if device.type == "cuda" else "32", sampling=steps
+    )
     reset_peak(device)
     result = cascade(["a panda playing guitar"], [0])
-    rows = [{"stage": r.name, "seconds": r.seconds, "peak_memory_bytes": r.peak_bytes, "output_shape": list(r.output_shape),
-             "num_steps": sizes.sampling_steps} for r in result.reports]
-    rows.append({"stage": "total", "seconds": sum(r.seconds for r in result.reports),
-                 "peak_memory_bytes": max(r.peak_bytes for r in result.reports),
-                 "output_shape": list(result.video.shape), "num_steps": sizes.sampling_steps})
+    rows = [
+        {
+            "stage": r.name,
+            "seconds": r.seconds,
+            "peak_memory_bytes": r.peak_bytes,
+            "output_shape": list(r.output_shape),
+            "num_steps": sizes.sampling_steps,
+        }
+        for r in result.reports
+    ]
+    rows.append(
+        {
+            "stage": "total",
+            "seconds": sum(r.seconds for r in result.reports),
+            "peak_memory_bytes": max(r.peak_bytes for r in result.reports),
+            "output_shape": list(result.video.shape),
+            "num_steps": sizes.sampling_steps,
+        }
+    )
     return rows
 
 
@@ -259,18 +315,40 @@ def section_i3d(sizes: Sizes, device: torch.device) -> list[dict]:
             logits = model(clip)
         sync(device)
     seconds = (time.perf_counter() - t0) / n
-    return [{"batch": sizes.i3d_batch, "frames": 16, "size": sizes.i3d_hw, "clips_per_s": sizes.i3d_batch / seconds,
-             "logits_shape": list(logits.shape)}]
+    return [
+        {
+            "batch": sizes.i3d_batch,
+            "frames": 16,
+            "size": sizes.i3d_hw,
+            "clips_per_s": sizes.i3d_batch / seconds,
+            "logits_shape": list(logits.shape),
+        }
+    ]
 
 
 def section_ddp(sizes: Sizes, device: torch.device, data_dir: Path) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
-        args = [sys.executable, "train.py", "trainer=ddp", "trainer.devices=1", "trainer.max_steps=3",
-                f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}", "trainer.val_check_interval=3",
-                "trainer.limit_val_batches=1", "data.batch_size=2", "data.num_workers=0", "data.epoch_length=3",
-                "data.val_batches=1", "callbacks.samples=null", "callbacks.toy_adherence=null",
-                "callbacks.progress_bar=null", "logger=csv", f"paths.data_dir={data_dir}", f"paths.log_dir={tmp}",
-                "run_name=gpu_check_ddp"]
+        args = [
+            sys.executable,
+            "train.py",
+            "trainer=ddp",
+            "trainer.devices=1",
+            "trainer.max_steps=3",
+            f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}",
+            "trainer.val_check_interval=3",
+            "trainer.limit_val_batches=1",
+            "data.batch_size=2",
+            "data.num_workers=0",
+            "data.epoch_length=3",
+            "data.val_batches=1",
+            "callbacks.samples=null",
+            "callbacks.toy_adherence=null",
+            "callbacks.progress_bar=null",
+            "logger=csv",
+            f"paths.data_dir={data_dir}",
+            f"paths.log_dir={tmp}",
+            "run_name=gpu_check_ddp",
+        ]
         if device.type == "cuda":
             args.append("trainer.precision=bf16-mixed")
         env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true")
@@ -319,8 +397,16 @@ def section_compile(sizes: Sizes, device: torch.device, data_dir: Path) -> list[
     tol = 2e-2 if sizes.precision.startswith("bf16") else 1e-4
     if rel > tol:
         raise AssertionError(f"compiled loss {compiled_loss} vs eager {eager_loss}: rel diff {rel:.2e} > {tol}")
-    return [{"backend": sizes.compile_backend, "eager_step_s": eager["step_s"], "compiled_step_s": compiled["step_s"],
-             "speedup": eager["step_s"] / compiled["step_s"], "loss_rel_diff": rel, "tolerance": tol}]
+    return [
+        {
+            "backend": sizes.compile_backend,
+            "eager_step_s": eager["step_s"],
+            "compiled_step_s": compiled["step_s"],
+            "speedup": eager["step_s"] / compiled["step_s"],
+            "loss_rel_diff": rel,
+            "tolerance": tol,
+        }
+    ]
 
 
 # ----------------------------------------------------------------------------- report
@@ -333,28 +419,49 @@ def fmt_bytes(n: int | None) -> str:
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"# GPU check: {results['device_name']}", "", f"torch {results['torch']}, {results['mode']}", ""]
     if rows := results["sections"].get("train"):
-        lines += ["## Training steps", "", "| experiment | batch | grad ckpt | s/step | TFLOP/step | TFLOP/s | MFU | peak mem |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Training steps",
+            "",
+            "| experiment | batch | grad ckpt | s/step | TFLOP/step | TFLOP/s | MFU | peak mem |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
             if "skipped" in r:
-                lines.append(f"| {r['experiment']} | {r['batch']} | {r['gradient_checkpointing']} | {r['skipped']} | | | | |")
+                lines.append(
+                    f"| {r['experiment']} | {r['batch']} | {r['gradient_checkpointing']} | {r['skipped']} | | | | |"
+                )
                 continue
             mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-            lines.append(f"| {r['experiment']} | {r['batch']} | {r['gradient_checkpointing']} | {r['step_s']:.3f} | "
-                         f"{r['flops_per_step'] / 1e12:.2f} | {r['achieved_tflops']:.1f} | {mfu} | "
-                         f"{fmt_bytes(r['peak_memory_bytes'])} |")
+            lines.append(
+                f"| {r['experiment']} | {r['batch']} | {r['gradient_checkpointing']} | {r['step_s']:.3f} | "
+                f"{r['flops_per_step'] / 1e12:.2f} | {r['achieved_tflops']:.1f} | {mfu} | "
+                f"{fmt_bytes(r['peak_memory_bytes'])} |"
+            )
         lines.append("")
     if rows := results["sections"].get("cascade"):
-        lines += ["## Cascade (random weights)", "", "| stage | steps | seconds | peak memory | output |", "|---|---|---|---|---|"]
-        lines += [f"| {r['stage']} | {r['num_steps']} | {r['seconds']:.2f} | {fmt_bytes(r['peak_memory_bytes'])} | "
-                  f"{'x'.join(map(str, r['output_shape']))} |" for r in rows]
+        lines += [
+            "## Cascade (random weights)",
+            "",
+            "| stage | steps | seconds | peak memory | output |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['stage']} | {r['num_steps']} | {r['seconds']:.2f} | {fmt_bytes(r['peak_memory_bytes'])} | "
+            f"{'x'.join(map(str, r['output_shape']))} |"
+            for r in rows
+        ]
         lines.append("")
-    for name, keys in (("i3d", ("batch", "size", "clips_per_s")), ("ddp", ("backend", "global_step", "seconds")),
-                       ("compile", ("backend", "eager_step_s", "compiled_step_s", "speedup", "loss_rel_diff"))):
+    for name, keys in (
+        ("i3d", ("batch", "size", "clips_per_s")),
+        ("ddp", ("backend", "global_step", "seconds")),
+        ("compile", ("backend", "eager_step_s", "compiled_step_s", "speedup", "loss_rel_diff")),
+    ):
         if rows := results["sections"].get(name):
             lines += [f"## {name}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-            lines += ["| " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |"
-                      for r in rows]
+            lines += [
+                "| " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |"
+                for r in rows
+            ]
             lines.append("")
     for name, err in results["errors"].items():
         lines += [f"## {name}: FAILED", "", "```", err.strip()[-2000:], "```", ""]
@@ -379,9 +486,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(sizes.device)
     peak = peak_tflops(device, args.peak_tflops)
     results: dict[str, Any] = {
-        "mode": "cpu-smoke" if args.cpu_smoke else "gpu", "torch": torch.__version__,
+        "mode": "cpu-smoke" if args.cpu_smoke else "gpu",
+        "torch": torch.__version__,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "peak_bf16_tflops": peak, "sections": {}, "errors": {}, "seconds": {},
+        "peak_bf16_tflops": peak,
+        "sections": {},
+        "errors": {},
+        "seconds": {},
     }
     runners: dict[str, Callable[[], list[dict]]] = {
         "train": lambda: section_train(sizes, device, args.data_dir, peak),

@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from show1_lightning.data.toy_data import ensure_toy_dataset
 
 

@@ -48,13 +48,27 @@ def main(argv: list[str] | None = None) -> int:
         shards = toy["train"] + toy["val"]
     else:
         shards = args.shards
-    encoder = TextEncoder(kind=args.kind, pretrained_path=args.pretrained_path, max_length=args.max_length,
-                          seed=args.seed, torch_dtype=args.torch_dtype).to(args.device)
+    encoder = TextEncoder(
+        kind=args.kind,
+        pretrained_path=args.pretrained_path,
+        max_length=args.max_length,
+        seed=args.seed,
+        torch_dtype=args.torch_dtype,
+    ).to(args.device)
     t0 = time.time()
-    counts = precompute_text_embeddings(shards, encoder, args.out, batch_size=args.batch_size, dtype=args.dtype,
-                                        overwrite=args.overwrite, progress=True)
-    print(f"{counts['samples']} captions in {counts['shards']} shards ({counts['computed_shards']} computed) "
-          f"in {time.time() - t0:.1f}s; encoder identity: {encoder.identity}")
+    counts = precompute_text_embeddings(
+        shards,
+        encoder,
+        args.out,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        progress=True,
+    )
+    print(
+        f"{counts['samples']} captions in {counts['shards']} shards ({counts['computed_shards']} computed) "
+        f"in {time.time() - t0:.1f}s; encoder identity: {encoder.identity}"
+    )
     return 0
 
 

@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-
 import torch
 
 from show1_lightning.models.vae import VideoVAE, ensure_toy_vae, reconstruction_psnr
@@ -41,13 +40,30 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    tiny = {"block_out_channels": args.block_out_channels, "layers_per_block": 1, "latent_channels": 4,
-            "norm_num_groups": args.norm_num_groups, "mid_block_add_attention": False, "scaling_factor": 1.0}
+    tiny = {
+        "block_out_channels": args.block_out_channels,
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": args.norm_num_groups,
+        "mid_block_add_attention": False,
+        "scaling_factor": 1.0,
+    }
     t0 = time.time()
-    root = ensure_toy_vae(args.root, args.toy_root, height=args.height, width=args.width, tiny=tiny,
-                          steps=args.steps, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
-                          kl_weight=args.kl_weight, num_clips=args.num_clips, seed=args.seed,
-                          time_limit_s=args.time_limit)
+    root = ensure_toy_vae(
+        args.root,
+        args.toy_root,
+        height=args.height,
+        width=args.width,
+        tiny=tiny,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        crop=args.crop,
+        lr=args.lr,
+        kl_weight=args.kl_weight,
+        num_clips=args.num_clips,
+        seed=args.seed,
+        time_limit_s=args.time_limit,
+    )
     stats = json.loads((root / "DONE.json").read_text())["stats"]
     psnr = reconstruction_psnr(VideoVAE.from_pretrained(root), args.toy_root, args.height, args.width)
     print(json.dumps({"root": str(root), **stats, "val_psnr_db": round(psnr, 2)}, indent=1))

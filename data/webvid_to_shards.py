@@ -87,8 +87,10 @@ def convert(
     """Write the shards; returns the dataset stats (also in ``<out>/stats.json``, status "complete")."""
     if not csv_path.exists():
         raise FileNotFoundError(f"CSV not found: {csv_path}")
-    with open(csv_path, newline="", encoding="utf-8") as fh, \
-            VideoShardWriter(out, samples_per_shard, resume=resume) as writer:
+    with (
+        open(csv_path, newline="", encoding="utf-8") as fh,
+        VideoShardWriter(out, samples_per_shard, resume=resume) as writer,
+    ):
         reader = csv.DictReader(fh)
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
@@ -155,20 +157,37 @@ def convert(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--csv", type=Path, required=True, help="WebVid CSV (videoid,name,page_idx,page_dir,duration,contentUrl)")
-    ap.add_argument("--videos", type=Path, required=True, help="root of the downloads: <root>/<page_dir>/<videoid>.mp4")
+    ap.add_argument(
+        "--csv", type=Path, required=True, help="WebVid CSV (videoid,name,page_idx,page_dir,duration,contentUrl)"
+    )
+    ap.add_argument(
+        "--videos", type=Path, required=True, help="root of the downloads: <root>/<page_dir>/<videoid>.mp4"
+    )
     ap.add_argument("--out", type=Path, required=True, help="output folder for {00000..}.tar shards")
     ap.add_argument("--samples-per-shard", type=int, default=1000)
-    ap.add_argument("--min-duration", type=float, default=0.0, help="skip clips shorter than this (seconds, from the CSV)")
+    ap.add_argument(
+        "--min-duration", type=float, default=0.0, help="skip clips shorter than this (seconds, from the CSV)"
+    )
     ap.add_argument("--max-samples", type=int, default=None, help="stop after writing this many samples")
     ap.add_argument("--probe-frames", type=int, default=2, help="frames decoded to check each video")
-    ap.add_argument("--resume", action="store_true",
-                    help="continue an unfinished job in --out after its last finished shard")
+    ap.add_argument(
+        "--resume", action="store_true", help="continue an unfinished job in --out after its last finished shard"
+    )
     args = ap.parse_args(argv)
-    stats = convert(args.csv, args.videos, args.out, args.samples_per_shard, args.min_duration,
-                    args.max_samples, args.probe_frames, resume=args.resume)
-    print(f"wrote {stats['written']} samples in {len(stats['shards'])} shards to {args.out}; "
-          f"skipped {stats['skipped']} {stats['skip_reasons']}")
+    stats = convert(
+        args.csv,
+        args.videos,
+        args.out,
+        args.samples_per_shard,
+        args.min_duration,
+        args.max_samples,
+        args.probe_frames,
+        resume=args.resume,
+    )
+    print(
+        f"wrote {stats['written']} samples in {len(stats['shards'])} shards to {args.out}; "
+        f"skipped {stats['skipped']} {stats['skip_reasons']}"
+    )
     return 0
 
 

@@ -21,9 +21,10 @@ import math
 import re
 import zlib
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,7 +77,7 @@ class ClipSpec:
     frames: int = 16
     stride: int = 1
     start: str = "random"
-    resolution: Optional[Sequence[int]] = None
+    resolution: Sequence[int] | None = None
     seed: int = 0
     resize: str = "cover_antialias"
 
@@ -91,7 +92,11 @@ class ClipSpec:
                 raise ValueError(f"clip resolution must be [H, W], got {self.resolution}")
         if self.resize not in CLIP_RESIZES:
             raise ValueError(f"clip resize must be one of {CLIP_RESIZES}, got {self.resize!r}")
-        if self.resize == "tats_short_side" and self.resolution is not None and self.resolution[0] != self.resolution[1]:
+        if (
+            self.resize == "tats_short_side"
+            and self.resolution is not None
+            and self.resolution[0] != self.resolution[1]
+        ):
             raise ValueError(f"tats_short_side crops a square: resolution must be [R, R], got {self.resolution}")
 
     def describe(self) -> dict[str, Any]:
@@ -101,13 +106,19 @@ class ClipSpec:
             del d["resize"]  # the original description: keeps the tf_fvd cache keys
             d["resize_method"] = "bilinear, antialias, cover + centre crop" if self.resolution else "none"
         else:
-            d["resize_method"] = ("TATS: short side to R (long side ceil), bilinear align_corners=False, no antialias, "
-                                  "centre crop, uint8 by truncation") if self.resolution else "none"
+            d["resize_method"] = (
+                (
+                    "TATS: short side to R (long side ceil), bilinear align_corners=False, no antialias, "
+                    "centre crop, uint8 by truncation"
+                )
+                if self.resolution
+                else "none"
+            )
         d["short_videos"] = "last frame repeated"
         return d
 
 
-def cut_clip(frames: np.ndarray, spec: ClipSpec, clip_index: int, start: Optional[int] = None) -> torch.Tensor:
+def cut_clip(frames: np.ndarray, spec: ClipSpec, clip_index: int, start: int | None = None) -> torch.Tensor:
     """Cut a clip from uint8 ``T x H x W x 3`` frames -> float ``3 x frames x H' x W'`` in [-1, 1].
 
     Videos shorter than ``frames * stride`` start at 0 and repeat their last frame. ``start``
@@ -153,7 +164,7 @@ def resize_short_side_crop_tats(frames: np.ndarray, resolution: int) -> np.ndarr
     return ((x + 0.5) * 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def count_frames(path: Union[str, Path]) -> int:
+def count_frames(path: str | Path) -> int:
     """Number of video frames of a file (demuxed packets of its first video stream, no decoding)."""
     import av
 
@@ -181,8 +192,13 @@ class Benchmark(ABC):
 
     name: str = "benchmark"
 
-    def __init__(self, clip: Union[ClipSpec, Mapping[str, Any], None] = None, real_clips: Optional[int] = None, seed: int = 0,
-                 real_sampling: str = "permutation"):
+    def __init__(
+        self,
+        clip: ClipSpec | Mapping[str, Any] | None = None,
+        real_clips: int | None = None,
+        seed: int = 0,
+        real_sampling: str = "permutation",
+    ):
         self.clip = clip if isinstance(clip, ClipSpec) else ClipSpec(**dict(clip or {}))
         self.real_clips = None if real_clips is None else int(real_clips)
         self.seed = int(seed)
@@ -191,10 +207,10 @@ class Benchmark(ABC):
         if real_sampling == "all_windows" and self.real_clips is None:
             raise ValueError("real_sampling=all_windows needs a number of real_clips (TATS: 2048)")
         self.real_sampling = real_sampling
-        self._real_order: Optional[np.ndarray] = None
+        self._real_order: np.ndarray | None = None
         self._frame_counts: dict[Path, int] = {}
-        self._windows: Optional[list[tuple[Path, int]]] = None
-        self._long_sorted: Optional[list[Path]] = None
+        self._windows: list[tuple[Path, int]] | None = None
+        self._long_sorted: list[Path] | None = None
 
     @abstractmethod
     def prompts(self) -> list[PromptItem]:
@@ -244,8 +260,10 @@ class Benchmark(ABC):
             per_video = np.array([max(self._frames_of(p) - self._span() + 1, 0) for p in videos], dtype=np.int64)
             total = int(per_video.sum())
             if total < int(self.real_clips):  # type: ignore[arg-type]
-                raise RuntimeError(f"{self.name}: {self.real_clips} real clips asked, only {total} windows of "
-                                   f"{self._span()} frames exist")
+                raise RuntimeError(
+                    f"{self.name}: {self.real_clips} real clips asked, only {total} windows of "
+                    f"{self._span()} frames exist"
+                )
             chosen = np.random.default_rng([self.seed, 2]).choice(total, size=int(self.real_clips), replace=False)  # type: ignore[arg-type]
             ends = np.cumsum(per_video)
             video_idx = np.searchsorted(ends, chosen, side="right")
@@ -260,7 +278,9 @@ class Benchmark(ABC):
         if self._real_order is None:
             # Fixed order when taking every video once; otherwise a seeded permutation, cycled.
             n = len(videos)
-            self._real_order = np.arange(n) if self.real_clips is None else np.random.default_rng([self.seed, 1]).permutation(n)
+            self._real_order = (
+                np.arange(n) if self.real_clips is None else np.random.default_rng([self.seed, 1]).permutation(n)
+            )
         return videos[int(self._real_order[clip_index % len(videos)])]
 
     def real_clip(self, clip_index: int) -> torch.Tensor:
@@ -294,11 +314,15 @@ class Benchmark(ABC):
 
     def _selection_description(self) -> str:
         if self.real_sampling == "all_windows":
-            return (f"{self.real_clips} windows of {self._span()} consecutive frames drawn without replacement (seeded) "
-                    "from every stride-1 window of every reference video (TATS)")
+            return (
+                f"{self.real_clips} windows of {self._span()} consecutive frames drawn without replacement (seeded) "
+                "from every stride-1 window of every reference video (TATS)"
+            )
         if self.real_sampling == "first_sorted":
-            return (f"the first {self.real_clips} reference videos in sorted path order with >= {self._span()} frames, "
-                    "one clip each at a seeded random offset (StyleGAN-V)")
+            return (
+                f"the first {self.real_clips} reference videos in sorted path order with >= {self._span()} frames, "
+                "one clip each at a seeded random offset (StyleGAN-V)"
+            )
         return "every video once, in order" if self.real_clips is None else "seeded permutation of videos, cycled"
 
     @abstractmethod
@@ -351,15 +375,15 @@ class UCF101Benchmark(Benchmark):
 
     def __init__(
         self,
-        root: Union[str, Path],
+        root: str | Path,
         num_samples: int = 10000,
         split: int = 1,
         template: str = "{words}",
-        class_prompts: Optional[Mapping[str, str]] = None,
+        class_prompts: Mapping[str, str] | None = None,
         sampling: str = "proportional",
         real_split: str = "train",
-        real_clips: Optional[int] = None,
-        clip: Union[ClipSpec, Mapping[str, Any], None] = None,
+        real_clips: int | None = None,
+        clip: ClipSpec | Mapping[str, Any] | None = None,
         seed: int = 0,
         real_sampling: str = "permutation",
     ) -> None:
@@ -390,8 +414,8 @@ class UCF101Benchmark(Benchmark):
             raise ValueError(f"class_prompts names unknown classes: {sorted(unknown)}")
         self.train_list = self._read_list(f"trainlist{self.split:02d}.txt")
         self.test_list = self._read_list(f"testlist{self.split:02d}.txt")
-        self._prompts: Optional[list[PromptItem]] = None
-        self._reference: Optional[list[Path]] = None
+        self._prompts: list[PromptItem] | None = None
+        self._reference: list[Path] | None = None
 
     def _read_classes(self) -> list[str]:
         path = self.list_root / "classInd.txt"
@@ -448,13 +472,16 @@ class UCF101Benchmark(Benchmark):
             else:
                 labels = rng.choice(len(self.classes), size=self.num_samples, p=counts / counts.sum())
             self._prompts = [
-                PromptItem(i, self.class_prompt(self.classes[k]), self.classes[k]) for i, k in enumerate(labels.tolist())
+                PromptItem(i, self.class_prompt(self.classes[k]), self.classes[k])
+                for i, k in enumerate(labels.tolist())
             ]
         return self._prompts
 
     def reference_videos(self) -> list[Path]:
         if self._reference is None:
-            rels = {"train": self.train_list, "test": self.test_list, "all": self.train_list + self.test_list}[self.real_split]
+            rels = {"train": self.train_list, "test": self.test_list, "all": self.train_list + self.test_list}[
+                self.real_split
+            ]
             paths = [self.video_root / r for r in rels]
             missing = [p for p in paths if not p.is_file()]
             if missing:
@@ -471,8 +498,11 @@ class UCF101Benchmark(Benchmark):
             "num_samples": self.num_samples,
             "num_classes": len(self.classes),
             "split": self.split,
-            "prompt_distribution": (f"class frequencies of trainlist{self.split:02d}.txt ({len(self.train_list)} videos)"
-                                    if self.sampling != "uniform" else "every class equally (TATS)"),
+            "prompt_distribution": (
+                f"class frequencies of trainlist{self.split:02d}.txt ({len(self.train_list)} videos)"
+                if self.sampling != "uniform"
+                else "every class equally (TATS)"
+            ),
             "sampling": self.sampling,
             "template": self.template,
             "class_prompt_overrides": self.class_prompts,
@@ -502,14 +532,14 @@ class MSRVTTBenchmark(Benchmark):
 
     def __init__(
         self,
-        root: Union[str, Path],
+        root: str | Path,
         annotation: str = "MSRVTT_data.json",
         video_dir: str = "videos/all",
         split: str = "test",
         captions: str = "one",
-        expected_videos: Optional[int] = 2990,
-        real_clips: Optional[int] = None,
-        clip: Union[ClipSpec, Mapping[str, Any], None] = None,
+        expected_videos: int | None = 2990,
+        real_clips: int | None = None,
+        clip: ClipSpec | Mapping[str, Any] | None = None,
         seed: int = 0,
         real_sampling: str = "permutation",
     ) -> None:
@@ -543,8 +573,8 @@ class MSRVTTBenchmark(Benchmark):
         empty = [v for v, c in self.video_captions.items() if not c]
         if empty:
             raise ValueError(f"{self.annotation}: {len(empty)} {split} videos have no caption, e.g. {empty[0]}")
-        self._prompts: Optional[list[PromptItem]] = None
-        self._reference: Optional[list[Path]] = None
+        self._prompts: list[PromptItem] | None = None
+        self._reference: list[Path] | None = None
 
     def chosen_caption(self, video_id: str) -> int:
         """Index of the caption used for ``video_id`` when ``captions == "one"`` (seeded per video)."""

@@ -15,7 +15,6 @@ Weights are the chainer npz ``conv3d_deepnetA_ucf.npz`` (keys ``conv1a/W``, ``co
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -111,7 +110,13 @@ def _crop_mean(mean: torch.Tensor) -> torch.Tensor:
     """The TGAN crop ``mean[:, :, 8:120, 8:120]`` of a ``3 x 16 x H0 x W0`` mean clip."""
     while mean.ndim > 4 and mean.shape[0] == 1:
         mean = mean[0]
-    if mean.ndim != 4 or mean.shape[0] != 3 or mean.shape[1] != NUM_FRAMES or mean.shape[2] < 120 or mean.shape[3] < 120:
+    if (
+        mean.ndim != 4
+        or mean.shape[0] != 3
+        or mean.shape[1] != NUM_FRAMES
+        or mean.shape[2] < 120
+        or mean.shape[3] < 120
+    ):
         raise ValueError(f"C3D mean must be 3 x {NUM_FRAMES} x H x W with H, W >= 120, got {tuple(mean.shape)}")
     return mean[:, :, 8 : 8 + INPUT_SIZE, 8 : 8 + INPUT_SIZE].clone()
 
@@ -124,7 +129,7 @@ def _strip_prefix(keys: list[str]) -> str:
     return hits[0][: -len("conv1a/W")]
 
 
-def load_c3d(weights: Union[str, Path], mean: Union[str, Path], device: Union[str, torch.device] = "cpu") -> C3D:
+def load_c3d(weights: str | Path, mean: str | Path, device: str | torch.device = "cpu") -> C3D:
     """Build :class:`C3D` from TGAN's ``conv3d_deepnetA_ucf.npz`` and ``mean2.npz`` files.
 
     Args:

@@ -16,9 +16,10 @@ default, every frame scored against its caption, clamp at 0 applied to the mean)
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +46,8 @@ class ClipBundle:
 
 def load_clip(
     model_name: str = "ViT-B-32",
-    checkpoint: Union[str, Path, None] = None,
-    model_cfg: Optional[dict] = None,
+    checkpoint: str | Path | None = None,
+    model_cfg: dict | None = None,
     seed: int = 0,
 ) -> ClipBundle:
     """Build an open_clip model for CLIPSIM.
@@ -82,7 +83,7 @@ def load_clip(
     return ClipBundle(model=model.eval(), tokenizer=tokenizer, image_size=image_size, description=desc)
 
 
-def _image_size(size: Union[int, Sequence[int]]) -> int:
+def _image_size(size: int | Sequence[int]) -> int:
     if isinstance(size, int):
         return size
     size = tuple(size)
@@ -105,7 +106,9 @@ def _plain(cfg: Any) -> Any:
     return cfg
 
 
-def clip_preprocess(frames: torch.Tensor, image_size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def clip_preprocess(
+    frames: torch.Tensor, image_size: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
     """CLIP preprocessing of float frames ``N x 3 x H x W`` in [-1, 1] -> normalised ``N x 3 x S x S``."""
     if frames.ndim != 4 or frames.shape[1] != 3:
         raise ValueError(f"expected N x 3 x H x W frames, got shape {tuple(frames.shape)}")
@@ -164,13 +167,19 @@ class CLIPSim(Metric):
             frames = videos.transpose(1, 2).reshape(b * t, *videos.shape[1:2], *videos.shape[3:])
             img = []
             for i in range(0, frames.shape[0], self.frame_batch_size):
-                x = clip_preprocess(frames[i : i + self.frame_batch_size], self.clip.image_size, self.clip.mean, self.clip.std)
+                x = clip_preprocess(
+                    frames[i : i + self.frame_batch_size], self.clip.image_size, self.clip.mean, self.clip.std
+                )
                 img.append(self.clip_model.encode_image(x).float())
             image = torch.cat(img).reshape(b, t, -1)
         return cosine_per_frame(image, text[:, None, :]).mean(1)
 
     def update(
-        self, videos: Optional[torch.Tensor] = None, captions: Optional[Sequence[str]] = None, *, similarities: Optional[torch.Tensor] = None
+        self,
+        videos: torch.Tensor | None = None,
+        captions: Sequence[str] | None = None,
+        *,
+        similarities: torch.Tensor | None = None,
     ) -> None:
         """Add videos ``B x 3 x T x H x W`` in [-1, 1] with their ``B`` captions, or precomputed
         per-video ``similarities`` (mean over frames of the raw cosine)."""
@@ -208,7 +217,7 @@ class HFClipBundle:
     description: dict[str, Any] = field(default_factory=dict)
 
 
-def load_hf_clip(path: Union[str, Path]) -> HFClipBundle:
+def load_hf_clip(path: str | Path) -> HFClipBundle:
     """``CLIPModel`` + ``CLIPProcessor`` from a local Hugging Face folder (no download).
 
     torchmetrics' default is ``openai/clip-vit-large-patch14``: put that repository's files
@@ -219,13 +228,18 @@ def load_hf_clip(path: Union[str, Path]) -> HFClipBundle:
 
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no Hugging Face CLIP folder at {path} (config.json missing); set assets.clip_hf_dir, "
-                                "see docs/evaluation.md")
+        raise FileNotFoundError(
+            f"no Hugging Face CLIP folder at {path} (config.json missing); set assets.clip_hf_dir, "
+            "see docs/evaluation.md"
+        )
     model = CLIPModel.from_pretrained(str(path), local_files_only=True).float().eval()
     processor = CLIPProcessor.from_pretrained(str(path), local_files_only=True)
-    desc = {"model": "transformers CLIPModel + CLIPProcessor", "path": str(path.resolve()),
-            "name_or_path": str(getattr(model.config, "_name_or_path", "")),
-            "max_text_tokens": int(model.config.text_config.max_position_embeddings)}
+    desc = {
+        "model": "transformers CLIPModel + CLIPProcessor",
+        "path": str(path.resolve()),
+        "name_or_path": str(getattr(model.config, "_name_or_path", "")),
+        "max_text_tokens": int(model.config.text_config.max_position_embeddings),
+    }
     return HFClipBundle(model=model, processor=processor, description=desc)
 
 
@@ -297,11 +311,21 @@ class CLIPScoreSim(Metric):
             raise ValueError(f"need one caption per video: {videos.shape[0]} videos")
         b, _, t = videos.shape[:3]
         # The uint8 frames of the decoded video (exact: [-1, 1] floats come from uint8 levels).
-        frames = ((videos.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).transpose(1, 2).reshape(b * t, 3, *videos.shape[3:])
+        frames = (
+            ((videos.float().clamp(-1, 1) + 1) * 127.5)
+            .round()
+            .to(torch.uint8)
+            .transpose(1, 2)
+            .reshape(b * t, 3, *videos.shape[3:])
+        )
         caps = [c for c in captions for _ in range(t)]
         with torch.autocast(device_type=videos.device.type, enabled=False):
-            out = [clipscore_per_frame(self.clip, frames[i : i + self.frame_batch_size], caps[i : i + self.frame_batch_size])
-                   for i in range(0, b * t, self.frame_batch_size)]
+            out = [
+                clipscore_per_frame(
+                    self.clip, frames[i : i + self.frame_batch_size], caps[i : i + self.frame_batch_size]
+                )
+                for i in range(0, b * t, self.frame_batch_size)
+            ]
         return torch.cat(out)
 
     def update(self, videos: torch.Tensor, captions: Sequence[str]) -> None:

@@ -24,7 +24,8 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,15 @@ class RankGuard:
         heartbeat_s: heartbeat period.
     """
 
-    def __init__(self, store: Any, rank: int, world_size: int, peer_timeout_s: float = 300.0,
-                 sync_timeout_s: Optional[float] = None, heartbeat_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        store: Any,
+        rank: int,
+        world_size: int,
+        peer_timeout_s: float = 300.0,
+        sync_timeout_s: float | None = None,
+        heartbeat_s: float = 2.0,
+    ) -> None:
         self.store, self.rank, self.world_size = store, int(rank), int(world_size)
         self.peer_timeout_s = float(peer_timeout_s)
         self.sync_timeout_s = None if sync_timeout_s is None else float(sync_timeout_s)
@@ -60,7 +68,7 @@ class RankGuard:
         self.ns = f"show1_eval/{restart}/{next(_SESSIONS)}"
         self._count = 0
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self.active = store is not None and self.world_size > 1
         if self.active:
             self._beat_store = store.clone() if hasattr(store, "clone") else store
@@ -87,7 +95,7 @@ class RankGuard:
             self._thread.join(timeout=self.heartbeat_s + 1.0)
 
     # ------------------------------------------------------------------ failure
-    def failure(self) -> Optional[dict[str, Any]]:
+    def failure(self) -> dict[str, Any] | None:
         """The failure record written by a rank that raised, if any."""
         key = self._key("failed")
         if not self.store.check([key]):
@@ -115,8 +123,10 @@ class RankGuard:
         with contextlib.suppress(Exception):
             self.store.set(self._key("ack", self.rank), "1")
             if self.rank == 0:  # the store's host stays until the other ranks have read the record too
-                self._wait_for([self._key("ack", r) for r in range(self.world_size)
-                                if r not in (self.rank, int(rec["rank"]))], linger_s)
+                self._wait_for(
+                    [self._key("ack", r) for r in range(self.world_size) if r not in (self.rank, int(rec["rank"]))],
+                    linger_s,
+                )
         raise PeerFailedError(
             f"rank {self.rank}: stopping at '{phase}' because rank {rec['rank']} failed during "
             f"'{rec['phase']}': {rec['error']}"

@@ -24,8 +24,9 @@ import hashlib
 import json
 import os
 import socket
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from show1_lightning.fileio import atomic_write_json, file_lock, sha256_file
 
@@ -84,8 +85,9 @@ def _normalise(node: Any, weights: dict[str, str], skip: tuple[Path, ...]) -> An
     return node
 
 
-def generator_fingerprint(generator_cfg: Mapping[str, Any], precision: str,
-                          video_dir: str | Path | None = None) -> dict[str, Any]:
+def generator_fingerprint(
+    generator_cfg: Mapping[str, Any], precision: str, video_dir: str | Path | None = None
+) -> dict[str, Any]:
     """The fingerprint of a (resolved, plain) generator config: ``{"fingerprint", "content", "weights"}``.
 
     ``content`` is what is hashed (the config with file paths replaced by their hashes, and the precision);
@@ -119,10 +121,12 @@ def describe_difference(old: Mapping[str, Any], new: Mapping[str, Any], limit: i
     lines = []
     for key in sorted(set(a) | set(b)):
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
+
             def show(v: Any) -> str:
                 if isinstance(v, Mapping) and "sha256" in v:
                     return f"file sha256 {v['sha256'][:12]}"
                 return repr(v)
+
             lines.append(f"{key}: {show(a.get(key, '<absent>'))} -> {show(b.get(key, '<absent>'))}")
     if len(lines) > limit:
         lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
@@ -150,8 +154,9 @@ def check_or_write_fingerprint(out_dir: str | Path, fingerprint: Mapping[str, An
         try:
             old = json.loads(path.read_text())
         except (OSError, ValueError) as e:
-            raise GeneratorMismatchError(f"{path} is unreadable ({e}); cannot tell which generator made "
-                                         f"the {n_videos} videos in {video_dir}") from e
+            raise GeneratorMismatchError(
+                f"{path} is unreadable ({e}); cannot tell which generator made the {n_videos} videos in {video_dir}"
+            ) from e
         if old.get("fingerprint") == fingerprint["fingerprint"]:
             return "same"
         if n_videos:
@@ -160,7 +165,8 @@ def check_or_write_fingerprint(out_dir: str | Path, fingerprint: Mapping[str, An
                 f"{out_dir} holds {n_videos} videos of another generator (fingerprint "
                 f"{str(old.get('fingerprint'))[:16]} in {FINGERPRINT_NAME}, this run "
                 f"{fingerprint['fingerprint'][:16]}); scoring them as this generator's would mix two models. "
-                "What differs:\n  " + "\n  ".join(diff or ["(content equal, fingerprint rule changed)"])
+                "What differs:\n  "
+                + "\n  ".join(diff or ["(content equal, fingerprint rule changed)"])
                 + "\nEvaluate into another folder (run_name=... or output_dir=...), "
                 f"or delete {video_dir} to start over."
             )
@@ -171,8 +177,11 @@ def check_or_write_fingerprint(out_dir: str | Path, fingerprint: Mapping[str, An
             f"folder (run_name=... or output_dir=...), move the videos away, or score them as they are with "
             f"generator=folder generator.root={video_dir} output_dir={out_dir}."
         )
-    record = {**fingerprint, "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-              "host": socket.gethostname()}
+    record = {
+        **fingerprint,
+        "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+    }
     atomic_write_json(path, record)
     return "new"
 
@@ -195,6 +204,12 @@ def claim_output_dir(out_dir: str | Path) -> Iterator[Path]:
                 f"another evaluation is writing {out_dir}{who}: two jobs on one output folder would interleave "
                 "their videos and reports. Wait for it, or use another run_name / output_dir."
             )
-        atomic_write_json(owner_path, {"pid": os.getpid(), "host": socket.gethostname(),
-                                       "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+        atomic_write_json(
+            owner_path,
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            },
+        )
         yield out_dir

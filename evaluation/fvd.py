@@ -10,8 +10,9 @@ import contextlib
 import hashlib
 import json
 import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from torchmetrics import Metric
 
 from evaluation.resize import RESIZE_METHODS, resize_video
 
-ArrayLike = Union[np.ndarray, Tensor]
+ArrayLike = np.ndarray | Tensor
 COVARIANCES = ("unbiased", "biased")
 # How Tr((S1 S2)^1/2) is computed (see frechet_distance_by):
 #   eigh_float64:      ours (float64, symmetric eigen-decompositions) - the default, most accurate;
@@ -55,8 +56,10 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
     m1, m2, s1, s2 = _f64(mu1), _f64(mu2), _f64(sigma1), _f64(sigma2)
     d = m1.shape[-1] if m1.ndim == 1 else -1
     if m1.ndim != 1 or m2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
-        raise ValueError(f"expected mu (D,) and sigma (D, D); got mu1 {tuple(m1.shape)}, sigma1 {tuple(s1.shape)}, "
-                         f"mu2 {tuple(m2.shape)}, sigma2 {tuple(s2.shape)}")
+        raise ValueError(
+            f"expected mu (D,) and sigma (D, D); got mu1 {tuple(m1.shape)}, sigma1 {tuple(s1.shape)}, "
+            f"mu2 {tuple(m2.shape)}, sigma2 {tuple(s2.shape)}"
+        )
     for name, t in (("mu1", m1), ("mu2", m2), ("sigma1", s1), ("sigma2", s2)):
         if not torch.isfinite(t).all():
             raise ValueError(f"{name} contains NaN or inf")
@@ -105,8 +108,9 @@ def quantize_to_uint8_levels(videos: Tensor) -> Tensor:
     return ((videos.float().clamp(-1, 1) + 1) * 127.5).round()
 
 
-def preprocess_for_fvd(videos: Tensor, clip_length: int = 16, resize: str = "tf1_bilinear",
-                       size: tuple[int, int] = (224, 224)) -> Tensor:
+def preprocess_for_fvd(
+    videos: Tensor, clip_length: int = 16, resize: str = "tf1_bilinear", size: tuple[int, int] = (224, 224)
+) -> Tensor:
     """The reference FVD preprocessing: first ``clip_length`` frames, uint8 levels, resize, scale to [-1, 1].
 
     Args:
@@ -138,8 +142,11 @@ def exact_float32() -> Iterator[None]:
 
     The previous settings are restored after the block.
     """
-    saved = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
-             torch.backends.cudnn.allow_tf32)
+    saved = (
+        torch.get_float32_matmul_precision(),
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    )
     torch.set_float32_matmul_precision("highest")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -156,7 +163,7 @@ def protocol_hash(protocol: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def real_stats_cache_path(cache_dir: Union[str, Path], dataset: str, protocol: Mapping[str, Any]) -> Path:
+def real_stats_cache_path(cache_dir: str | Path, dataset: str, protocol: Mapping[str, Any]) -> Path:
     """Where the real-video statistics of ``dataset`` under ``protocol`` are cached.
 
     ``protocol`` should hold everything the statistics depend on (clip length, resize, frames,
@@ -196,10 +203,20 @@ class FVD(Metric):
     is_differentiable = False
     higher_is_better = False
 
-    def __init__(self, feature_extractor: nn.Module | None = None, clip_length: int = 16,
-                 resize: str = "tf1_bilinear", covariance: str = "unbiased", feature_batch_size: int = 8,
-                 num_features: int = 400, reset_real_features: bool = True, distance: str = "eigh_float64",
-                 num_generated: int | None = None, repeats: int = 1, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        feature_extractor: nn.Module | None = None,
+        clip_length: int = 16,
+        resize: str = "tf1_bilinear",
+        covariance: str = "unbiased",
+        feature_batch_size: int = 8,
+        num_features: int = 400,
+        reset_real_features: bool = True,
+        distance: str = "eigh_float64",
+        num_generated: int | None = None,
+        repeats: int = 1,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if covariance not in COVARIANCES:
             raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
@@ -244,9 +261,16 @@ class FVD(Metric):
     def protocol(self) -> dict[str, Any]:
         """The choices that define this FVD, for reports and for :func:`real_stats_cache_path`."""
         net = self.feature_extractor
-        out = {"metric": "fvd", "clip_length": self.clip_length, "resize": self.resize,
-               "resolution": 224, "covariance": self.covariance, "num_features": self.num_features,
-               "feature_extractor": type(net).__name__, "weights_id": getattr(net, "weights_id", "")}
+        out = {
+            "metric": "fvd",
+            "clip_length": self.clip_length,
+            "resize": self.resize,
+            "resolution": 224,
+            "covariance": self.covariance,
+            "num_features": self.num_features,
+            "feature_extractor": type(net).__name__,
+            "weights_id": getattr(net, "weights_id", ""),
+        }
         # Only when they differ from the original recipe, so tf_fvd caches and reports keep their keys.
         if getattr(net, "variant", "tf") != "tf":
             out["network_variant"] = net.variant
@@ -256,9 +280,13 @@ class FVD(Metric):
 
     def generated_protocol(self) -> dict[str, Any]:
         """How many generated samples are used and how they are grouped (not part of the real-stats key)."""
-        return {"num_generated": self.num_generated if self.num_generated is not None else "all",
-                "repeats": self.repeats,
-                "sets": "consecutive global indices r*num_generated .. (r+1)*num_generated-1" if self.repeats > 1 else "one"}
+        return {
+            "num_generated": self.num_generated if self.num_generated is not None else "all",
+            "repeats": self.repeats,
+            "sets": "consecutive global indices r*num_generated .. (r+1)*num_generated-1"
+            if self.repeats > 1
+            else "one",
+        }
 
     @torch.no_grad()
     def features(self, videos: Tensor) -> Tensor:
@@ -273,8 +301,10 @@ class FVD(Metric):
                 clip = preprocess_for_fvd(chunk.to(device), self.clip_length, self.resize)
                 feats = net(clip)
                 if feats.ndim != 2 or feats.shape != (chunk.shape[0], self.num_features):
-                    raise ValueError(f"feature extractor returned {tuple(feats.shape)}, "
-                                     f"expected ({chunk.shape[0]}, {self.num_features})")
+                    raise ValueError(
+                        f"feature extractor returned {tuple(feats.shape)}, "
+                        f"expected ({chunk.shape[0]}, {self.num_features})"
+                    )
                 out.append(feats.to(self.real_sum.device, torch.float64))
         return torch.cat(out)
 
@@ -325,8 +355,9 @@ class FVD(Metric):
         count = float(n)
         ddof = 1 if self.covariance == "unbiased" else 0
         if count - ddof < 1:
-            raise RuntimeError(f"FVD needs at least {ddof + 1} {side} clips for a {self.covariance} "
-                               f"covariance, got {count:g}")
+            raise RuntimeError(
+                f"FVD needs at least {ddof + 1} {side} clips for a {self.covariance} covariance, got {count:g}"
+            )
         mu = s / count
         cov = (outer - count * torch.outer(mu, mu)) / (count - ddof)
         return mu, cov
@@ -382,7 +413,7 @@ class FVD(Metric):
                 dist.all_reduce(v, op=dist.ReduceOp.SUM, group=group)
         return {k: v.detach().clone().cpu() for k, v in states.items()}
 
-    def save_real_stats(self, path: Union[str, Path], protocol: Mapping[str, Any] | None = None) -> Path:
+    def save_real_stats(self, path: str | Path, protocol: Mapping[str, Any] | None = None) -> Path:
         """Write the (all-process) real statistics to safetensors with the protocol as metadata.
 
         Every process must call it in a distributed run (it all-reduces); only rank 0 writes.
@@ -393,15 +424,18 @@ class FVD(Metric):
         path = Path(path)
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             return path
-        meta = {"format": STATS_FORMAT, "protocol": json.dumps(dict(protocol or {}), sort_keys=True, default=str),
-                "count": str(int(stats["count"]))}
+        meta = {
+            "format": STATS_FORMAT,
+            "protocol": json.dumps(dict(protocol or {}), sort_keys=True, default=str),
+            "count": str(int(stats["count"])),
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         save_file({k: v.contiguous() for k, v in stats.items()}, str(tmp), metadata=meta)
         tmp.replace(path)
         return path
 
-    def load_real_stats(self, path: Union[str, Path], protocol: Mapping[str, Any] | None = None) -> None:
+    def load_real_stats(self, path: str | Path, protocol: Mapping[str, Any] | None = None) -> None:
         """Replace the real statistics by those saved in ``path`` (checking ``protocol`` if given).
 
         In a distributed run every process calls it; rank 0 holds the statistics and the others

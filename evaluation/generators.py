@@ -12,8 +12,9 @@ with one ``{"index", "prompt", "seed"}`` object per line.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Optional, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -44,7 +45,7 @@ def video_filename(index: int) -> str:
     return f"{index:06d}.mp4"
 
 
-def write_manifest(root: Union[str, Path], entries: Iterable[dict[str, Any]]) -> Path:
+def write_manifest(root: str | Path, entries: Iterable[dict[str, Any]]) -> Path:
     """Write ``manifest.jsonl`` (one ``{"index", "prompt", "seed"}`` per line) atomically."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -57,7 +58,7 @@ def write_manifest(root: Union[str, Path], entries: Iterable[dict[str, Any]]) ->
     return path
 
 
-def read_manifest(root: Union[str, Path]) -> list[dict[str, Any]]:
+def read_manifest(root: str | Path) -> list[dict[str, Any]]:
     """Read ``manifest.jsonl`` entries."""
     path = Path(root) / MANIFEST_NAME
     if not path.is_file():
@@ -79,7 +80,9 @@ class FolderGenerator:
         num_frames: if set, videos are cut to their first ``num_frames`` frames (error if shorter).
     """
 
-    def __init__(self, root: Union[str, Path], name: Optional[str] = None, fps: Optional[float] = None, num_frames: Optional[int] = None) -> None:
+    def __init__(
+        self, root: str | Path, name: str | None = None, fps: float | None = None, num_frames: int | None = None
+    ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"video folder {self.root} does not exist")

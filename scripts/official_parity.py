@@ -48,8 +48,19 @@ VENV = CACHE / "venv"
 DEFAULT_REPO = CACHE / "Show-1"
 DEFAULT_GIT_DIR = Path("/work/.mirror/showlab+Show-1/repo")
 OFFICIAL_URL = "https://github.com/showlab/Show-1"
-PINNED = ["torch==2.14.1", "diffusers==0.19.3", "transformers==4.29.1", "accelerate==0.18.0",
-          "huggingface_hub<0.26", "numpy<2", "setuptools>=77,<81", "einops", "safetensors", "pillow", "sentencepiece"]
+PINNED = [
+    "torch==2.14.1",
+    "diffusers==0.19.3",
+    "transformers==4.29.1",
+    "accelerate==0.18.0",
+    "huggingface_hub<0.26",
+    "numpy<2",
+    "setuptools>=77,<81",
+    "einops",
+    "safetensors",
+    "pillow",
+    "sentencepiece",
+]
 STAGES = ("keyframe", "interpolation", "pixel_sr", "latent_sr")
 # Tiny frame sizes (the released 40x64 keyframes, 4x SR1 and 320x576 SR2, scaled down); step counts are
 # run_inference.py's.
@@ -76,25 +87,39 @@ def setup(official_repo: Path, git_dir: Path) -> None:
             shutil.rmtree(official_repo)
         official_repo.mkdir(parents=True)
         if git_dir.is_dir():
-            archive = subprocess.run(["git", f"--git-dir={git_dir}", "archive", "HEAD"], check=True,
-                                     capture_output=True).stdout
+            archive = subprocess.run(
+                ["git", f"--git-dir={git_dir}", "archive", "HEAD"], check=True, capture_output=True
+            ).stdout
             subprocess.run(["tar", "-x", "-C", str(official_repo)], input=archive, check=True)
         else:
             shutil.rmtree(official_repo)
             subprocess.run(["git", "clone", "--depth", "1", OFFICIAL_URL, str(official_repo)], check=True)
-    check = subprocess.run([str(_python()), "-c", "import diffusers, transformers, torch, showone.pipelines; "
-                            "print(diffusers.__version__, transformers.__version__, torch.__version__)"],
-                           env={**os.environ, "PYTHONPATH": str(official_repo)}, capture_output=True, text=True)
+    check = subprocess.run(
+        [
+            str(_python()),
+            "-c",
+            "import diffusers, transformers, torch, showone.pipelines; "
+            "print(diffusers.__version__, transformers.__version__, torch.__version__)",
+        ],
+        env={**os.environ, "PYTHONPATH": str(official_repo)},
+        capture_output=True,
+        text=True,
+    )
     if check.returncode != 0:
         raise SystemExit(f"reference environment broken:\n{check.stderr[-3000:]}")
-    print(f"reference environment ready: diffusers / transformers / torch {check.stdout.strip()}; "
-          f"official code at {official_repo}")
+    print(
+        f"reference environment ready: diffusers / transformers / torch {check.stdout.strip()}; "
+        f"official code at {official_repo}"
+    )
 
 
 def reference_ready(official_repo: Path = DEFAULT_REPO) -> bool:
     """True when ``--setup`` has been run (used by the slow test)."""
-    return _python().exists() and (VENV / "show1_parity_pins.json").exists() and (
-        official_repo / "showone" / "pipelines").is_dir()
+    return (
+        _python().exists()
+        and (VENV / "show1_parity_pins.json").exists()
+        and (official_repo / "showone" / "pipelines").is_dir()
+    )
 
 
 # ------------------------------------------------------------------------------------------ official side
@@ -134,27 +159,48 @@ def official_worker(folders: Path, prompt: str, seed: int, out: Path, steps: dic
     saved = {}
 
     prompt_embeds, negative_embeds = pipe_base.encode_prompt(prompt)
-    video_frames = pipe_base(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
-                             num_frames=TINY["num_frames"], height=h, width=w, num_inference_steps=steps["keyframe"],
-                             guidance_scale=9.0, generator=torch.manual_seed(seed), output_type="pt").frames
+    video_frames = pipe_base(
+        prompt_embeds=prompt_embeds,
+        negative_prompt_embeds=negative_embeds,
+        num_frames=TINY["num_frames"],
+        height=h,
+        width=w,
+        num_inference_steps=steps["keyframe"],
+        guidance_scale=9.0,
+        generator=torch.manual_seed(seed),
+        output_type="pt",
+    ).frames
     saved["keyframe"] = video_frames.clone()
 
     bsz, channel, num_frames, height, width = video_frames.shape
     new_num_frames = 3 * (num_frames - 1) + num_frames
     new_video_frames = torch.zeros((bsz, channel, new_num_frames, height, width), dtype=video_frames.dtype)
     new_video_frames[:, :, torch.arange(0, new_num_frames, 4), ...] = video_frames
-    init_noise = randn_tensor((bsz, channel, 5, height, width), dtype=video_frames.dtype,
-                              device=video_frames.device, generator=torch.manual_seed(seed))
+    init_noise = randn_tensor(
+        (bsz, channel, 5, height, width),
+        dtype=video_frames.dtype,
+        device=video_frames.device,
+        generator=torch.manual_seed(seed),
+    )
     for i in range(num_frames - 1):
         batch_i = torch.zeros((bsz, channel, 5, height, width), dtype=video_frames.dtype)
         batch_i[:, :, 0, ...] = video_frames[:, :, i, ...]
         batch_i[:, :, -1, ...] = video_frames[:, :, i + 1, ...]
-        batch_i = pipe_interp(pixel_values=batch_i, prompt_embeds=prompt_embeds,
-                              negative_prompt_embeds=negative_embeds, num_frames=batch_i.shape[2], height=h,
-                              width=w, num_inference_steps=steps["interpolation"], guidance_scale=4.0,
-                              generator=torch.manual_seed(seed), output_type="pt", init_noise=init_noise,
-                              cond_interpolation=True).frames
-        new_video_frames[:, :, i * 4:i * 4 + 5, ...] = batch_i
+        batch_i = pipe_interp(
+            pixel_values=batch_i,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_embeds,
+            num_frames=batch_i.shape[2],
+            height=h,
+            width=w,
+            num_inference_steps=steps["interpolation"],
+            guidance_scale=4.0,
+            generator=torch.manual_seed(seed),
+            output_type="pt",
+            init_noise=init_noise,
+            cond_interpolation=True,
+        ).frames
+        new_video_frames[:, :, i * 4 : i * 4 + 5, ...] = batch_i
     video_frames = new_video_frames
     saved["interpolation"] = video_frames.clone()
 
@@ -162,31 +208,53 @@ def official_worker(folders: Path, prompt: str, seed: int, out: Path, steps: dic
     window_size, stride = 8, 7
     new_video_frames = torch.zeros((bsz, channel, num_frames, height * 4, width * 4), dtype=video_frames.dtype)
     for i in range(0, num_frames - window_size + 1, stride):
-        batch_i = video_frames[:, :, i:i + window_size, ...]
+        batch_i = video_frames[:, :, i : i + window_size, ...]
         if i == 0:
-            first_frame_cond = pipe_sr_1_image(image=video_frames[:, :, 0, ...], prompt_embeds=prompt_embeds,
-                                               negative_prompt_embeds=negative_embeds, height=height * 4,
-                                               width=width * 4, num_inference_steps=steps["image_sr"],
-                                               guidance_scale=4.0,
-                                               noise_level=150, generator=torch.manual_seed(seed),
-                                               output_type="pt").images
+            first_frame_cond = pipe_sr_1_image(
+                image=video_frames[:, :, 0, ...],
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_embeds,
+                height=height * 4,
+                width=width * 4,
+                num_inference_steps=steps["image_sr"],
+                guidance_scale=4.0,
+                noise_level=150,
+                generator=torch.manual_seed(seed),
+                output_type="pt",
+            ).images
             saved["image_sr"] = first_frame_cond.clone()
             first_frame_cond = first_frame_cond.unsqueeze(2)
         else:
-            first_frame_cond = new_video_frames[:, :, i:i + 1, ...]
-        batch_i = pipe_sr_1_cond(image=batch_i, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
-                                 first_frame_cond=first_frame_cond, height=height * 4, width=width * 4,
-                                 num_inference_steps=steps["pixel_sr"], guidance_scale=7.0, noise_level=250,
-                                 generator=torch.manual_seed(seed), output_type="pt").frames
-        new_video_frames[:, :, i:i + window_size, ...] = batch_i
+            first_frame_cond = new_video_frames[:, :, i : i + 1, ...]
+        batch_i = pipe_sr_1_cond(
+            image=batch_i,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_embeds,
+            first_frame_cond=first_frame_cond,
+            height=height * 4,
+            width=width * 4,
+            num_inference_steps=steps["pixel_sr"],
+            guidance_scale=7.0,
+            noise_level=250,
+            generator=torch.manual_seed(seed),
+            output_type="pt",
+        ).frames
+        new_video_frames[:, :, i : i + window_size, ...] = batch_i
     video_frames = new_video_frames
     saved["pixel_sr"] = video_frames.clone()
 
-    frames = [Image.fromarray(f).resize((TINY["sr2_width"], TINY["sr2_height"]))
-              for f in tensor2vid(video_frames.clone())]
-    video_frames = pipe_sr_2(prompt, negative_prompt=negative_prompt, video=frames, strength=0.8,
-                             num_inference_steps=steps["latent_sr"], generator=torch.manual_seed(seed),
-                             output_type="pt").frames
+    frames = [
+        Image.fromarray(f).resize((TINY["sr2_width"], TINY["sr2_height"])) for f in tensor2vid(video_frames.clone())
+    ]
+    video_frames = pipe_sr_2(
+        prompt,
+        negative_prompt=negative_prompt,
+        video=frames,
+        strength=0.8,
+        num_inference_steps=steps["latent_sr"],
+        generator=torch.manual_seed(seed),
+        output_type="pt",
+    ).frames
     saved["latent_sr"] = video_frames.clone()
     np.savez(out, **{k: v.detach().float().cpu().numpy() for k, v in saved.items()})
 
@@ -206,9 +274,15 @@ def ours(folders: Path, prompt: str, seed: int, steps: dict[str, int], behaviour
     for name, n in steps.items():
         assert beh["schedules"][name]["num_steps"] == STEPS[name], name  # the preset has the official counts
         beh["schedules"][name]["num_steps"] = n
-    cascade = Show1Cascade(keyframe=folders / "show-1-base", interpolation=folders / "show-1-interpolation",
-                           pixel_sr=folders / "show-1-sr1", latent_sr=folders / "show-1-sr2", device="cpu",
-                           behaviour=beh, if_ii_l=folders / "IF-II-L-v1.0")
+    cascade = Show1Cascade(
+        keyframe=folders / "show-1-base",
+        interpolation=folders / "show-1-interpolation",
+        pixel_sr=folders / "show-1-sr1",
+        latent_sr=folders / "show-1-sr2",
+        device="cpu",
+        behaviour=beh,
+        if_ii_l=folders / "IF-II-L-v1.0",
+    )
     result = cascade([prompt], [seed])
     out = {k: v.float() for k, v in result.intermediates.items()}
     out["video"] = result.video.float()
@@ -251,8 +325,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setup", action="store_true", help="create the reference environment (idempotent) and exit")
     ap.add_argument("--official-repo", type=Path, default=DEFAULT_REPO, help="checkout of showlab/Show-1")
-    ap.add_argument("--official-git-dir", type=Path, default=DEFAULT_GIT_DIR,
-                    help="local git mirror of showlab/Show-1 to extract --official-repo from on --setup")
+    ap.add_argument(
+        "--official-git-dir",
+        type=Path,
+        default=DEFAULT_GIT_DIR,
+        help="local git mirror of showlab/Show-1 to extract --official-repo from on --setup",
+    )
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--prompt", default="a panda playing guitar")
     ap.add_argument("--weights-seed", type=int, default=0, help="seed of the tiny random weights")
@@ -288,10 +366,26 @@ def main() -> None:
     out = args.workdir / f"official_seed{args.seed}.npz"
     t0 = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": str(args.official_repo.resolve()), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(_python()), str(Path(__file__).resolve()), "--official-worker", "--folders",
-                           str(folders), "--prompt", args.prompt, "--seed", str(args.seed), "--out", str(out),
-                           "--steps", json.dumps(steps)],
-                          env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            str(_python()),
+            str(Path(__file__).resolve()),
+            "--official-worker",
+            "--folders",
+            str(folders),
+            "--prompt",
+            args.prompt,
+            "--seed",
+            str(args.seed),
+            "--out",
+            str(out),
+            "--steps",
+            json.dumps(steps),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise SystemExit(f"official pipelines failed:\n{proc.stderr[-5000:]}")
     t1 = time.perf_counter()
@@ -303,10 +397,14 @@ def main() -> None:
     for name, d in diffs.items():
         if not name.startswith("chained_"):
             print(f"stage {name}: max_abs_diff={d:.3e}")
-    print("chained (each stage on our previous output): " + ", ".join(
-        f"{n[8:]} {d:.3e}" for n, d in diffs.items() if n.startswith("chained_")))
-    print(f"(official {t1 - t0:.0f}s, ours {t2 - t1:.0f}s; seed {args.seed}, prompt {args.prompt!r}, "
-          f"steps {steps}, tolerance {args.tol:g})")
+    print(
+        "chained (each stage on our previous output): "
+        + ", ".join(f"{n[8:]} {d:.3e}" for n, d in diffs.items() if n.startswith("chained_"))
+    )
+    print(
+        f"(official {t1 - t0:.0f}s, ours {t2 - t1:.0f}s; seed {args.seed}, prompt {args.prompt!r}, "
+        f"steps {steps}, tolerance {args.tol:g})"
+    )
     bad = [n for n, d in diffs.items() if not n.startswith("chained_") and not d <= args.tol]
     if bad:
         print(f"above tolerance: {', '.join(bad)}")

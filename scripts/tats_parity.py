@@ -80,8 +80,12 @@ def setup(tats_repo: Path, ref_dir: Path = REF_DIR) -> None:
     venv = ref_dir / "venv"
     if not ref_python(ref_dir).is_file():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    ref_site = subprocess.run([str(ref_python(ref_dir)), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              capture_output=True, text=True, check=True).stdout.strip()
+    ref_site = subprocess.run(
+        [str(ref_python(ref_dir)), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     # torch / numpy from this project's environment (local disk), after the venv's own packages.
     Path(ref_site, "show1_main_site.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     check = subprocess.run([str(ref_python(ref_dir)), "-c", "import sklearn"], capture_output=True)
@@ -115,9 +119,11 @@ def ref_worker(work: Path, src: Path, threads: int) -> None:
     # inputs give its formula without float32 rounding; float32 is what it runs in practice, and
     # the order of the samples (a shuffled loader) changes that rounding.
     perm = torch.from_numpy(np.random.default_rng(1).permutation(real.shape[0]))
-    out = {"fvd_float64": float(frechet_distance(fake.double(), real.double())),
-           "fvd_float32": float(frechet_distance(fake, real)),
-           "fvd_float32_permuted": float(frechet_distance(fake[perm], real[perm]))}
+    out = {
+        "fvd_float64": float(frechet_distance(fake.double(), real.double())),
+        "fvd_float32": float(frechet_distance(fake, real)),
+        "fvd_float32_permuted": float(frechet_distance(fake[perm], real[perm])),
+    }
     (work / "ref_fvd.json").write_text(json.dumps(out))
 
 
@@ -137,8 +143,12 @@ def synthetic_features(n: int = 2048, d: int = 400, seed: int = 0) -> tuple[np.n
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--setup", action="store_true", help="copy the TATS files and build the reference venv")
-    ap.add_argument("--tats-repo", type=Path, default=os.environ.get("TATS_REPO"),
-                    help="TATS checkout or bare git dir (default: $TATS_REPO)")
+    ap.add_argument(
+        "--tats-repo",
+        type=Path,
+        default=os.environ.get("TATS_REPO"),
+        help="TATS checkout or bare git dir (default: $TATS_REPO)",
+    )
     ap.add_argument("--ref-dir", type=Path, default=REF_DIR)
     ap.add_argument("--ref-worker", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--frames", type=int, default=16)
@@ -170,10 +180,14 @@ def main() -> int:
     from scripts.i3d_parity import natural_clip, relative_l2
 
     torch.set_num_threads(args.threads)
-    clips = np.concatenate([
-        natural_clip(args.batch, args.frames, args.seed),
-        np.random.default_rng(args.seed + 1).uniform(-1, 1, (args.batch, 3, args.frames, 224, 224)).astype(np.float32),
-    ])
+    clips = np.concatenate(
+        [
+            natural_clip(args.batch, args.frames, args.seed),
+            np.random.default_rng(args.seed + 1)
+            .uniform(-1, 1, (args.batch, 3, args.frames, 224, 224))
+            .astype(np.float32),
+        ]
+    )
     real, fake = synthetic_features(seed=args.seed)
     with tempfile.TemporaryDirectory(prefix="tats_parity_") as tmp:
         work = Path(tmp)
@@ -181,8 +195,16 @@ def main() -> int:
         torch.save(to_tats_state_dict(state), work / "i3d_pretrained_400.pt")
         np.save(work / "clips.npy", clips)
         np.savez(work / "features.npz", real=real, fake=fake)
-        cmd = [str(ref_python(args.ref_dir)), str(Path(__file__).resolve()), "--ref-worker", str(work),
-               "--ref-dir", str(args.ref_dir), "--threads", str(args.threads)]
+        cmd = [
+            str(ref_python(args.ref_dir)),
+            str(Path(__file__).resolve()),
+            "--ref-worker",
+            str(work),
+            "--ref-dir",
+            str(args.ref_dir),
+            "--threads",
+            str(args.threads),
+        ]
         # Only the copied TATS sources on the path: the reference never imports this project.
         subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(args.ref_dir / "src")})
         ref_logits = np.load(work / "ref_logits.npy")
@@ -191,15 +213,20 @@ def main() -> int:
         from_pt = load_i3d(work / "i3d_pretrained_400.pt", variant="tats", fuse=False)
 
     worst = 0.0
-    models = {"fuse=False": load_i3d(variant="tats", fuse=False), "fuse=True ": load_i3d(variant="tats", fuse=True),
-              "from .pt  ": from_pt}
+    models = {
+        "fuse=False": load_i3d(variant="tats", fuse=False),
+        "fuse=True ": load_i3d(variant="tats", fuse=True),
+        "from .pt  ": from_pt,
+    }
     kinds = ["natural"] * args.batch + ["uniform noise"] * args.batch
     for name, model in models.items():
         with torch.inference_mode():
             ours = torch.cat([model(torch.from_numpy(c[None])) for c in clips]).numpy()
         err = relative_l2(ours, ref_logits)
         worst = max(worst, float(err.max()))
-        print(f"tats {name} T={args.frames} rel L2 per clip ({', '.join(kinds)}): " + " ".join(f"{e:.2e}" for e in err))
+        print(
+            f"tats {name} T={args.frames} rel L2 per clip ({', '.join(kinds)}): " + " ".join(f"{e:.2e}" for e in err)
+        )
     tf_model = load_i3d(variant="tf", fuse=False)
     with torch.inference_mode():
         tf_err = relative_l2(torch.cat([tf_model(torch.from_numpy(c[None])) for c in clips]).numpy(), ref_logits)
@@ -218,12 +245,16 @@ def main() -> int:
 
     fvd_err = rel(values["eigh_float64"], ref["fvd_float64"])
     fvd32_err = rel(values["tfgan_svd_float32"], ref["fvd_float32"])
-    print(f"FVD, 2048 x 400 features: TATS frechet_distance(float64) = {ref['fvd_float64']:.8f}; "
-          f"ours (FVD, eigh_float64) = {values['eigh_float64']:.8f}; rel diff {fvd_err:.2e} (tolerance {args.tol_fvd:g})")
-    print(f"FVD float32: TATS frechet_distance(float32) = {ref['fvd_float32']:.6f} (same features permuted: "
-          f"{ref['fvd_float32_permuted']:.6f}, rel {rel(ref['fvd_float32_permuted'], ref['fvd_float32']):.2e}; "
-          f"vs its float64 value: rel {rel(ref['fvd_float32'], ref['fvd_float64']):.2e}); "
-          f"ours tfgan_svd_float32 = {values['tfgan_svd_float32']:.6f}, rel diff {fvd32_err:.2e} (tolerance {args.tol_fvd32:g})")
+    print(
+        f"FVD, 2048 x 400 features: TATS frechet_distance(float64) = {ref['fvd_float64']:.8f}; "
+        f"ours (FVD, eigh_float64) = {values['eigh_float64']:.8f}; rel diff {fvd_err:.2e} (tolerance {args.tol_fvd:g})"
+    )
+    print(
+        f"FVD float32: TATS frechet_distance(float32) = {ref['fvd_float32']:.6f} (same features permuted: "
+        f"{ref['fvd_float32_permuted']:.6f}, rel {rel(ref['fvd_float32_permuted'], ref['fvd_float32']):.2e}; "
+        f"vs its float64 value: rel {rel(ref['fvd_float32'], ref['fvd_float64']):.2e}); "
+        f"ours tfgan_svd_float32 = {values['tfgan_svd_float32']:.6f}, rel diff {fvd32_err:.2e} (tolerance {args.tol_fvd32:g})"
+    )
     ok = worst <= args.tol_logits and fvd_err <= args.tol_fvd and fvd32_err <= args.tol_fvd32
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1

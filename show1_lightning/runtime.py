@@ -10,8 +10,9 @@ import os
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -37,15 +38,17 @@ def _agreed_launch_time(prefix: str, timeout_s: float = 120.0) -> str | None:
     from torch.distributed import TCPStore
 
     try:
-        store = TCPStore(addr, int(port), is_master=False, wait_for_workers=False,
-                         timeout=datetime.timedelta(seconds=timeout_s))
+        store = TCPStore(
+            addr, int(port), is_master=False, wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout_s)
+        )
         mine = time.strftime("%Y-%m-%d_%H-%M-%S")
         agreed = store.compare_set(f"show1/run_name_default/{prefix}", "", mine)
     except Exception as e:  # the names would differ per node: refuse rather than split the run
         raise ConfigError(
             f"config error at 'run_name': multi-node torchrun without a rendezvous id; could not agree on a run "
             f"name through the store at {addr}:{port} ({e}). Set run_name=... (the same on every node) or pass "
-            "torchrun --rdzv-id") from e
+            "torchrun --rdzv-id"
+        ) from e
     return agreed.decode() if isinstance(agreed, bytes) else str(agreed)
 
 
@@ -96,15 +99,24 @@ def validate_train_config(cfg: DictConfig) -> None:
     for key in ("num_frames", "height", "width"):
         if key in st:
             _check(int(st[key]) > 0, f"stage.{key}", f"must be positive, got {st[key]}")
-    _check(0.0 <= float(st.caption_dropout) <= 1.0, "stage.caption_dropout",
-           f"must be in [0, 1], got {st.caption_dropout}")
+    _check(
+        0.0 <= float(st.caption_dropout) <= 1.0,
+        "stage.caption_dropout",
+        f"must be in [0, 1], got {st.caption_dropout}",
+    )
     ns = st.noise_scheduler
-    _check(ns.prediction_type in ("epsilon", "v_prediction"), "stage.noise_scheduler.prediction_type",
-           f"must be 'epsilon' or 'v_prediction', got {ns.prediction_type!r}")
+    _check(
+        ns.prediction_type in ("epsilon", "v_prediction"),
+        "stage.noise_scheduler.prediction_type",
+        f"must be 'epsilon' or 'v_prediction', got {ns.prediction_type!r}",
+    )
     n = int(ns.num_train_timesteps)
     t_max = n - 1 if st.t_max is None else int(st.t_max)
-    _check(0 <= int(st.t_min) <= t_max < n, "stage.t_min/t_max",
-           f"need 0 <= t_min <= t_max < {n}, got t_min={st.t_min}, t_max={st.t_max}")
+    _check(
+        0 <= int(st.t_min) <= t_max < n,
+        "stage.t_min/t_max",
+        f"need 0 <= t_min <= t_max < {n}, got t_min={st.t_min}, t_max={st.t_max}",
+    )
     _check(float(st.optimizer.lr) > 0, "stage.optimizer.lr", f"must be positive, got {st.optimizer.lr}")
     _check(int(data.batch_size) > 0, "data.batch_size", f"must be positive, got {data.batch_size}")
     _check(int(data.num_workers) >= 0, "data.num_workers", f"must be >= 0, got {data.num_workers}")
@@ -116,8 +128,11 @@ def validate_train_config(cfg: DictConfig) -> None:
     if isinstance(vci, int):
         _check(vci > 0, "trainer.val_check_interval", f"must be positive, got {vci}")
     prec = str(tr.precision)
-    _check(prec in {"32", "32-true", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true"},
-           "trainer.precision", f"unknown precision {prec!r}")
+    _check(
+        prec in {"32", "32-true", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true"},
+        "trainer.precision",
+        f"unknown precision {prec!r}",
+    )
     if tr.get("accelerator") == "cpu":
         _check(prec != "16-mixed", "trainer.precision", "16-mixed needs a GPU; use bf16-mixed on CPU")
     _validate_sampling(cfg)
@@ -138,11 +153,17 @@ def _sampling_callbacks(cfg: DictConfig) -> dict[str, DictConfig]:
 
 def _check_steps_guidance(num_steps: Any, guidance: Any, key: str) -> None:
     if num_steps is not None:
-        _check(not isinstance(num_steps, bool) and isinstance(num_steps, int) and num_steps >= 1, f"{key}.num_steps",
-               f"must be a positive integer (null: the stage's sampling.num_steps), got {num_steps!r}")
+        _check(
+            not isinstance(num_steps, bool) and isinstance(num_steps, int) and num_steps >= 1,
+            f"{key}.num_steps",
+            f"must be a positive integer (null: the stage's sampling.num_steps), got {num_steps!r}",
+        )
     if guidance is not None:
-        _check(not isinstance(guidance, bool) and isinstance(guidance, (int, float)) and guidance > 0,
-               f"{key}.guidance_scale", f"must be > 0 (1 = no guidance), got {guidance!r}")
+        _check(
+            not isinstance(guidance, bool) and isinstance(guidance, (int, float)) and guidance > 0,
+            f"{key}.guidance_scale",
+            f"must be > 0 (1 = no guidance), got {guidance!r}",
+        )
 
 
 def _validate_sampling(cfg: DictConfig) -> None:
@@ -153,12 +174,18 @@ def _validate_sampling(cfg: DictConfig) -> None:
     _check_steps_guidance(sampling.get("num_steps"), sampling.get("guidance_scale"), "stage.sampling")
     if st.get("strength") is not None:
         strength = st.strength
-        _check(isinstance(strength, (int, float)) and not isinstance(strength, bool) and 0.0 < strength <= 1.0,
-               "stage.strength", f"must be in (0, 1], got {strength!r}")
+        _check(
+            isinstance(strength, (int, float)) and not isinstance(strength, bool) and 0.0 < strength <= 1.0,
+            "stage.strength",
+            f"must be in (0, 1], got {strength!r}",
+        )
         n = sampling.get("num_steps")
         if n is not None:
-            _check(int(n * strength) >= 1, "stage.strength",
-                   f"strength {strength} x stage.sampling.num_steps {n} leaves no denoising step")
+            _check(
+                int(n * strength) >= 1,
+                "stage.strength",
+                f"strength {strength} x stage.sampling.num_steps {n} leaves no denoising step",
+            )
     callbacks = _sampling_callbacks(cfg)
     for name, node in callbacks.items():
         _check_steps_guidance(node.get("num_steps"), node.get("guidance_scale"), f"callbacks.{name}")
@@ -167,10 +194,14 @@ def _validate_sampling(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"config error at 'callbacks.{name}': it samples from text prompts during training, but "
                 "text_encoder=none has no encoder for them (it would fail at its first sample step). Set "
-                f"callbacks.{name}=null or pick a text encoder (text_encoder=...)")
-        _check(bool(cfg.data.get("text_cache_dir")), "data.text_cache_dir",
-               "text_encoder=none trains on cached text embeddings: set the cache folder written by "
-               "data/precompute_text_embeddings.py")
+                f"callbacks.{name}=null or pick a text encoder (text_encoder=...)"
+            )
+        _check(
+            bool(cfg.data.get("text_cache_dir")),
+            "data.text_cache_dir",
+            "text_encoder=none trains on cached text embeddings: set the cache folder written by "
+            "data/precompute_text_embeddings.py",
+        )
 
 
 def _validate_data_sizes(cfg: DictConfig) -> None:
@@ -178,9 +209,12 @@ def _validate_data_sizes(cfg: DictConfig) -> None:
     st, data = cfg.stage, cfg.data
     for key in ("num_frames", "height", "width"):
         if key in st and key in data and data[key] is not None:
-            _check(int(data[key]) == int(st[key]), f"data.{key}",
-                   f"{data[key]} disagrees with stage.{key}={st[key]}: the stage would train on clips of one size "
-                   f"and sample another (leave data.{key} at its default, ${{stage.{key}}})")
+            _check(
+                int(data[key]) == int(st[key]),
+                f"data.{key}",
+                f"{data[key]} disagrees with stage.{key}={st[key]}: the stage would train on clips of one size "
+                f"and sample another (leave data.{key} at its default, ${{stage.{key}}})",
+            )
 
 
 def unet_size_multiple(unet: Any) -> int:
@@ -189,7 +223,7 @@ def unet_size_multiple(unet: Any) -> int:
     if blocks is None:
         return 1
     n = sum(1 for b in blocks if getattr(b, "downsamplers", None))
-    return 2 ** n
+    return 2**n
 
 
 def validate_built_stage(stage: Any) -> None:
@@ -202,13 +236,19 @@ def validate_built_stage(stage: Any) -> None:
     h, w = shape[-2:]
     latent = getattr(stage, "latent_height", None) is not None
     what = f"latents {h}x{w} of stage.height/width {stage.height}x{stage.width}" if latent else f"{h}x{w}"
-    _check(h % multiple == 0 and w % multiple == 0, "stage.height/stage.width",
-           f"the UNet downsamples {multiple}x ({int(multiple).bit_length() - 1} downsamplers), so the sample size it "
-           f"sees must be a multiple of {multiple}; got {what}")
+    _check(
+        h % multiple == 0 and w % multiple == 0,
+        "stage.height/stage.width",
+        f"the UNet downsamples {multiple}x ({int(multiple).bit_length() - 1} downsamplers), so the sample size it "
+        f"sees must be a multiple of {multiple}; got {what}",
+    )
     crop = getattr(stage, "train_crop", None)
     if crop is not None:
-        _check(crop[0] % multiple == 0 and crop[1] % multiple == 0, "stage.train_crop",
-               f"the UNet downsamples {multiple}x; the training crop {list(crop)} must be a multiple of {multiple}")
+        _check(
+            crop[0] % multiple == 0 and crop[1] % multiple == 0,
+            "stage.train_crop",
+            f"the UNet downsamples {multiple}x; the training crop {list(crop)} must be a multiple of {multiple}",
+        )
 
 
 def _own_latest_checkpoint(cfg: DictConfig) -> Path | None:

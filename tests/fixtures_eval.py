@@ -6,9 +6,9 @@ generated videos, and a procedural generator. Importable as ``fixtures_eval`` (t
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Sequence
 
 import av
 import numpy as np
@@ -104,7 +104,9 @@ def make_generated_folder(root: Path, prompts: Sequence[str], seeds: Sequence[in
 class PatternGenerator:
     """Test generator: a deterministic video per (prompt, seed); counts the videos it made."""
 
-    def __init__(self, num_frames: int = 16, height: int = 40, width: int = 64, name: str = "pattern", fps: float = 8.0):
+    def __init__(
+        self, num_frames: int = 16, height: int = 40, width: int = 64, name: str = "pattern", fps: float = 8.0
+    ):
         self.num_frames, self.height, self.width = num_frames, height, width
         self.name, self.fps = name, fps
         self.calls = 0

@@ -40,15 +40,17 @@ def max_rel_diff(actual: torch.Tensor | np.ndarray, expected: torch.Tensor | np.
     return float((a - e).abs().max()) / max(scale, 1e-30) if e.numel() else 0.0
 
 
-def assert_close_rel(actual: torch.Tensor | np.ndarray, expected: torch.Tensor | np.ndarray,
-                     rel: float = REORDER, msg: str = "") -> None:
+def assert_close_rel(
+    actual: torch.Tensor | np.ndarray, expected: torch.Tensor | np.ndarray, rel: float = REORDER, msg: str = ""
+) -> None:
     """Assert max|actual - expected| <= rel * max|expected| (see the module docstring for the choice of rel)."""
     d = max_rel_diff(actual, expected)
     assert d <= rel, f"{msg + ': ' if msg else ''}max abs diff is {d:.3g} of the reference's scale (allowed {rel:g})"
 
 
-def assert_differ_rel(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray,
-                      rel: float = DIFFERENT, msg: str = "") -> None:
+def assert_differ_rel(
+    a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray, rel: float = DIFFERENT, msg: str = ""
+) -> None:
     """Assert the two differ by more than ``rel`` of ``b``'s scale (rounding noise can never pass for a change)."""
     d = max_rel_diff(a, b)
     assert d > rel, f"{msg + ': ' if msg else ''}expected a real difference, got {d:.3g} of the scale"

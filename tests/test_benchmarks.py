@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import fixtures_eval as fx
 import numpy as np
 import pytest
 import torch
 
-import fixtures_eval as fx
 from evaluation.benchmarks import (
     ClipSpec,
     MSRVTTBenchmark,
@@ -78,7 +78,9 @@ def test_ucf_real_clips_split_and_cut(ucf_root):
     test = UCF101Benchmark(ucf_root, real_split="test")
     assert len(train.reference_videos()) == 6 and len(test.reference_videos()) == 3
     assert all(p.suffix == ".avi" and p.name.startswith("v_") for p in train.reference_videos())
-    b = UCF101Benchmark(ucf_root, real_clips=10, clip={"frames": 8, "stride": 2, "start": "random", "resolution": [16, 16], "seed": 1})
+    b = UCF101Benchmark(
+        ucf_root, real_clips=10, clip={"frames": 8, "stride": 2, "start": "random", "resolution": [16, 16], "seed": 1}
+    )
     assert b.num_real_clips() == 10
     c = b.real_clip(7)
     assert c.shape == (3, 8, 16, 16) and c.dtype == torch.float32 and c.min() >= -1 and c.max() <= 1
@@ -110,7 +112,10 @@ def test_msrvtt_test_split_and_caption_rules(msr_root):
     assert [i.source for i in items] == fx.MSRVTT_TEST_IDS  # train video excluded, natural order
     for it in items:
         assert it.prompt == f"caption {b.chosen_caption(it.source)} of {it.source}"
-    choices = {tuple(MSRVTTBenchmark(msr_root, expected_videos=4, seed=s).chosen_caption(v) for v in fx.MSRVTT_TEST_IDS) for s in range(6)}
+    choices = {
+        tuple(MSRVTTBenchmark(msr_root, expected_videos=4, seed=s).chosen_caption(v) for v in fx.MSRVTT_TEST_IDS)
+        for s in range(6)
+    }
     assert len(choices) > 1  # the seed matters
     all_caps = MSRVTTBenchmark(msr_root, expected_videos=4, captions="all").prompts()
     assert len(all_caps) == 12 and [i.index for i in all_caps] == list(range(12))

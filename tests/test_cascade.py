@@ -10,18 +10,22 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-from omegaconf import OmegaConf
-
 from conftest import compose_config
 from numerics import assert_close_rel, assert_differ_rel
+from omegaconf import OmegaConf
+
 from show1_lightning.callbacks.export import export_stage
 from show1_lightning.pipelines.cascade import Show1Cascade, load_stage
 from show1_lightning.pipelines.generator import CascadeGenerator
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("keyframe", "interpolation", "pixel_sr", "latent_sr")
-TOY = {"keyframe": "toy", "interpolation": "toy_interpolation", "pixel_sr": "toy_pixel_sr",
-       "latent_sr": "toy_latent_sr"}
+TOY = {
+    "keyframe": "toy",
+    "interpolation": "toy_interpolation",
+    "pixel_sr": "toy_pixel_sr",
+    "latent_sr": "toy_latent_sr",
+}
 TWO_STEPS = {name: {"num_steps": 2} for name in STAGES}
 
 
@@ -86,9 +90,15 @@ def test_exports_reload_and_generate_py_writes_mp4s(toy_stages, tmp_path):
         for p, q in zip(toy_stages["keyframe"].unet.parameters(), reloaded.unet.parameters()):
             assert torch.equal(p, q)  # float32 weights copied through safetensors: bit for bit
     out = tmp_path / "gen"
-    args = [sys.executable, "generate.py", f"output_dir={out}", "prompts=[a green triangle moving right]",
-            "batch_size=1", *[f"stages.{n}={p}" for n, p in exports.items()],
-            *[f"+sampling.{n}.num_steps=2" for n in STAGES]]
+    args = [
+        sys.executable,
+        "generate.py",
+        f"output_dir={out}",
+        "prompts=[a green triangle moving right]",
+        "batch_size=1",
+        *[f"stages.{n}={p}" for n, p in exports.items()],
+        *[f"+sampling.{n}.num_steps=2" for n in STAGES],
+    ]
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
     res = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -124,18 +134,45 @@ def test_paper_shapes_29_frames_at_576x320_with_tiny_widths(compose_train, tmp_p
     """The paper experiments' resolutions, frame counts and UNet types, at tiny widths on CPU."""
     tiny_text = "text_encoder=tiny_t5"
     stages = {
-        "keyframe": build_stage(compose_train, tmp_path, "paper_keyframe", tiny_text,
-                                "+model.block_out_channels=[32,32,32,32]", "+model.attention_head_dim=8",
-                                "+model.encoder_hid_dim=64", "+model.cross_attention_dim=32"),
-        "interpolation": build_stage(compose_train, tmp_path, "paper_interpolation", tiny_text,
-                                     "+model.block_out_channels=[32,32,32,32]", "+model.attention_head_dim=8",
-                                     "+model.encoder_hid_dim=64", "+model.cross_attention_dim=32"),
-        "pixel_sr": build_stage(compose_train, tmp_path, "paper_pixel_sr", tiny_text,
-                                "+model.block_out_channels=[32,32,32,32,32]", "+model.attention_head_dim=8",
-                                "+model.encoder_hid_dim=64", "+model.cross_attention_dim=32"),
-        "latent_sr": build_stage(compose_train, tmp_path, "paper_latent_sr", "text_encoder=tiny_clip",
-                                 "+model.block_out_channels=[32,32,32,32]", "+model.attention_head_dim=8",
-                                 "+model.cross_attention_dim=64"),
+        "keyframe": build_stage(
+            compose_train,
+            tmp_path,
+            "paper_keyframe",
+            tiny_text,
+            "+model.block_out_channels=[32,32,32,32]",
+            "+model.attention_head_dim=8",
+            "+model.encoder_hid_dim=64",
+            "+model.cross_attention_dim=32",
+        ),
+        "interpolation": build_stage(
+            compose_train,
+            tmp_path,
+            "paper_interpolation",
+            tiny_text,
+            "+model.block_out_channels=[32,32,32,32]",
+            "+model.attention_head_dim=8",
+            "+model.encoder_hid_dim=64",
+            "+model.cross_attention_dim=32",
+        ),
+        "pixel_sr": build_stage(
+            compose_train,
+            tmp_path,
+            "paper_pixel_sr",
+            tiny_text,
+            "+model.block_out_channels=[32,32,32,32,32]",
+            "+model.attention_head_dim=8",
+            "+model.encoder_hid_dim=64",
+            "+model.cross_attention_dim=32",
+        ),
+        "latent_sr": build_stage(
+            compose_train,
+            tmp_path,
+            "paper_latent_sr",
+            "text_encoder=tiny_clip",
+            "+model.block_out_channels=[32,32,32,32]",
+            "+model.attention_head_dim=8",
+            "+model.cross_attention_dim=64",
+        ),
     }
     cascade = Show1Cascade(**stages, device="cpu", sampling=TWO_STEPS)
     result = cascade(["a panda playing guitar"], [0])

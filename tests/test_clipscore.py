@@ -31,16 +31,28 @@ def make_tiny_hf_clip(folder: Path, seed: int = 0) -> Path:
 
     chars = _byte_alphabet()
     merges = [("a", "t</w>"), ("c", "at</w>"), ("t", "h"), ("th", "e</w>")]
-    tokens = chars + [c + "</w>" for c in chars] + ["at</w>", "cat</w>", "th", "the</w>",
-                                                    "<|startoftext|>", "<|endoftext|>"]
+    tokens = (
+        chars
+        + [c + "</w>" for c in chars]
+        + ["at</w>", "cat</w>", "th", "the</w>", "<|startoftext|>", "<|endoftext|>"]
+    )
     tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges)
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     processor = CLIPProcessor(image_processor=images, tokenizer=tokenizer)
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=2, max_position_embeddings=77, eos_token_id=tokenizer.eos_token_id,
-                bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                  image_size=32, patch_size=8)
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
     torch.manual_seed(seed)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
     model.save_pretrained(str(folder))

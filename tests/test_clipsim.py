@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import fixtures_eval as fx
 import pytest
 import torch
 import torch.nn.functional as F
 
-import fixtures_eval as fx
 from evaluation.clipsim import CLIP_MEAN, CLIP_STD, CLIPSim, clip_preprocess, cosine_per_frame, load_clip
 
 

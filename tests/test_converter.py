@@ -8,12 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
+import webvid_to_shards  # data/ is on the test path (pyproject.toml)
 
 from show1_lightning.data.shards import VideoShardWriter, read_shard_samples
 from show1_lightning.data.toy_data import make_toy_clip
 from show1_lightning.data.video_io import encode_mp4
-
-import webvid_to_shards  # data/ is on the test path (pyproject.toml)
 
 HEADER = ["videoid", "name", "page_idx", "page_dir", "duration", "contentUrl"]
 
@@ -52,7 +51,7 @@ def test_short_rows_and_paths_outside_videos_are_skipped(tmp_path):
     (tmp_path / "secret" / "9.mp4").write_bytes(_mp4(9))
     rows = [
         ["1", "ok one", "1", "001", "PT00H00M10S", "u1"],
-        ["2", "short row", "1"],                                   # before: None.strip() aborted everything
+        ["2", "short row", "1"],  # before: None.strip() aborted everything
         ["9", "dotdot", "1", "../secret", "PT00H00M10S", "u9"],
         ["9", "absolute", "1", str(tmp_path / "secret"), "PT00H00M10S", "u9"],
         ["sub/9", "id with a path", "1", "001", "PT00H00M10S", "u9"],
@@ -117,8 +116,22 @@ def test_a_crash_leaves_an_aborted_dataset_and_resume_finishes_it(tmp_path, monk
         webvid_to_shards.convert(csv_path, videos, out, samples_per_shard=3)
 
     monkeypatch.setattr(webvid_to_shards, "probe_video", real)
-    assert webvid_to_shards.main(["--csv", str(csv_path), "--videos", str(videos), "--out", str(out),
-                                  "--samples-per-shard", "3", "--resume"]) == 0
+    assert (
+        webvid_to_shards.main(
+            [
+                "--csv",
+                str(csv_path),
+                "--videos",
+                str(videos),
+                "--out",
+                str(out),
+                "--samples-per-shard",
+                "3",
+                "--resume",
+            ]
+        )
+        == 0
+    )
     done, ref = _stats(out), _stats(reference)
     assert done["status"] == "complete"
     assert _keys_and_ids(out) == _keys_and_ids(reference)

@@ -64,8 +64,19 @@ def good_shards(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 
 
 def _dm(train, val=None, **kw) -> VideoDataModule:
-    args = dict(train_shards=train, val_shards=val, num_frames=8, target_fps=4, height=40, width=64, batch_size=2,
-                epoch_length=3, val_batches=1, shuffle_buffer=8, seed=0)
+    args = dict(
+        train_shards=train,
+        val_shards=val,
+        num_frames=8,
+        target_fps=4,
+        height=40,
+        width=64,
+        batch_size=2,
+        epoch_length=3,
+        val_batches=1,
+        shuffle_buffer=8,
+        seed=0,
+    )
     args.update(kw)
     return VideoDataModule(**args)
 
@@ -91,11 +102,20 @@ def _fit(dm: VideoDataModule, root: Path, max_steps: int, ckpt_path: str | None 
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     model = _KeyRecorder()
-    ckpt = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1, save_last=True, save_top_k=-1,
-                           filename="s{step}")
-    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, callbacks=[ckpt],
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
-                        num_sanity_val_steps=0, limit_val_batches=0)
+    ckpt = ModelCheckpoint(
+        dirpath=root / "ckpt", every_n_train_steps=1, save_last=True, save_top_k=-1, filename="s{step}"
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        callbacks=[ckpt],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:
@@ -147,14 +167,26 @@ def test_kill_9_then_the_same_command_continues_with_unseen_data(tmp_path):
 
     log = tmp_path / "keys.jsonl"
     skip = ("logger=", "trainer.max_steps", "data.epoch_length")
-    cmd = [sys.executable, "train.py", *[a for a in TINY_TRAIN if not a.startswith(skip)],
-           "logger=csv", "trainer.max_steps=8", "callbacks.toy_adherence=null", "callbacks.export=null",
-           "callbacks.samples=null", "data.epoch_length=100", "run_name=killed",
-           f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}",
-           "+callbacks.keylog._target_=test_data_reliability.KeyLog", f"+callbacks.keylog.path={log}"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        *[a for a in TINY_TRAIN if not a.startswith(skip)],
+        "logger=csv",
+        "trainer.max_steps=8",
+        "callbacks.toy_adherence=null",
+        "callbacks.export=null",
+        "callbacks.samples=null",
+        "data.epoch_length=100",
+        "run_name=killed",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        "+callbacks.keylog._target_=test_data_reliability.KeyLog",
+        f"+callbacks.keylog.path={log}",
+    ]
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{TESTS}", WANDB_MODE="offline", OMP_NUM_THREADS="1")
-    killed = subprocess.run(cmd, cwd=ROOT, env={**env, "KILL_AT_STEP": "5"}, capture_output=True, text=True,
-                            timeout=600)
+    killed = subprocess.run(
+        cmd, cwd=ROOT, env={**env, "KILL_AT_STEP": "5"}, capture_output=True, text=True, timeout=600
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     first = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in first] == [1, 2, 3, 4, 5]
@@ -188,8 +220,10 @@ def test_text_cache_keys_cannot_collide_across_folders(tmp_path):
     counts = precompute_text_embeddings([a, b], enc, tmp_path / "cache")
     assert counts["computed_shards"] == 2
     cache = TextEmbeddingCache(tmp_path / "cache", expected_identity=enc.identity)
-    for shard, captions in ((a, ["a red square moving right", "a green square moving right"]),
-                            (b, ["a blue circle moving up", "a cyan triangle moving down"])):
+    for shard, captions in (
+        (a, ["a red square moving right", "a green square moving right"]),
+        (b, ["a blue circle moving up", "a cyan triangle moving down"]),
+    ):
         ref, _ = enc.encode(captions)
         for i, key in enumerate(["000000000", "000000001"]):
             emb, _ = cache.lookup(shard, key, captions[i])
@@ -221,9 +255,14 @@ def test_text_cache_identity_is_checked_by_default(compose_train, tmp_path, toy_
 
     import train
 
-    cfg = compose_train(tmp_path / "run", f"data.text_cache_dir={tmp_path / 'cache'}",
-                        f"data.train_shards=[{toy['train'][0]}]", "callbacks.toy_adherence=null",
-                        "callbacks.samples=null", "callbacks.export=null")
+    cfg = compose_train(
+        tmp_path / "run",
+        f"data.text_cache_dir={tmp_path / 'cache'}",
+        f"data.train_shards=[{toy['train'][0]}]",
+        "callbacks.toy_adherence=null",
+        "callbacks.samples=null",
+        "callbacks.export=null",
+    )
     with pytest.raises(TextCacheMismatchError, match="made with encoder"):
         train.train(cfg)
     # Without any encoder to compare with, a cache is refused rather than used unchecked.
@@ -290,8 +329,10 @@ def bad_shard(tmp_path_factory) -> dict:
     bad = {
         "utf8": ({"mp4": _encode(_clip(10)), "txt": b"caption \xff\xfe broken"}, "caption"),
         # 1 frame at 64x40 then 31 at 96x64 in one MPEG-TS stream (no frame count in the container)
-        "reschange": ({"mp4": _ts(_clip(11, frames=1)) + _ts(_clip(12, frames=31, height=64, width=96)),
-                       "txt": "x"}, "resolution_change"),
+        "reschange": (
+            {"mp4": _ts(_clip(11, frames=1)) + _ts(_clip(12, frames=31, height=64, width=96)), "txt": "x"},
+            "resolution_change",
+        ),
         # Matroska states no frame count; cut at 60 %: decodes cleanly, but shorter than the header's duration
         "truncmkv": ({"mp4": mkv[: len(mkv) * 6 // 10], "txt": "x"}, "truncated"),
         "garbage": ({"mp4": b"\x00garbage" * 200, "txt": "x"}, "decode"),
@@ -316,8 +357,13 @@ def test_every_bad_sample_is_a_counted_skip_with_its_reason(bad_shard, monkeypat
             raise ZeroDivisionError("a bug on this sample")
         return real(data, *a, **kw)
 
-    bad_shard_boom = [next(s["mp4"] for s in wds.DataPipeline(wds.SimpleShardList([bad_shard["path"]]),
-                                                              wds.tarfile_to_samples()) if s["__key__"] == "boom")]
+    bad_shard_boom = [
+        next(
+            s["mp4"]
+            for s in wds.DataPipeline(wds.SimpleShardList([bad_shard["path"]]), wds.tarfile_to_samples())
+            if s["__key__"] == "boom"
+        )
+    ]
     monkeypatch.setattr(dmod, "decode_sampled_clip", sometimes_broken)
     dm = _dm(bad_shard["path"], bad_shard["path"], batch_size=14, val_batches=1, max_source_pixels=128 * 80)
     batch = next(iter(dm.val_dataloader()))  # one chunk holds the whole shard: all 6 good clips, every bad one
@@ -420,9 +466,14 @@ class _RankSkips(torch.utils.data.IterableDataset):
         while True:
             reasons = [0] * len(SKIP_REASONS)
             reasons[SKIP_REASONS.index("decode")] = 1
-            reasons[SKIP_REASONS.index("truncated")] = (2 * rank if self.val else rank)
-            yield {"video": torch.zeros(1, 3, 2, 4, 4), "caption": ["x"], "key": ["k"],
-                   "n_skipped": torch.tensor(sum(reasons)), "skip_reasons": torch.tensor(reasons)}
+            reasons[SKIP_REASONS.index("truncated")] = 2 * rank if self.val else rank
+            yield {
+                "video": torch.zeros(1, 3, 2, 4, 4),
+                "caption": ["x"],
+                "key": ["k"],
+                "n_skipped": torch.tensor(sum(reasons)),
+                "skip_reasons": torch.tensor(reasons),
+            }
 
 
 class _SkipData(L.LightningDataModule):
@@ -437,10 +488,21 @@ def _ddp_worker(out: str) -> None:
     from lightning.pytorch.loggers import CSVLogger
 
     torch.set_num_threads(1)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=5, limit_train_batches=5,
-                        limit_val_batches=3, val_check_interval=5, num_sanity_val_steps=0,
-                        logger=CSVLogger(out, name="", version=""), log_every_n_steps=1, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=5,
+        limit_train_batches=5,
+        limit_val_batches=3,
+        val_check_interval=5,
+        num_sanity_val_steps=0,
+        logger=CSVLogger(out, name="", version=""),
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     trainer.fit(_skip_stage(), datamodule=_SkipData())
 
 
@@ -449,8 +511,14 @@ def test_skip_counts_are_summed_over_ddp_ranks(tmp_path):
     """2 ranks: rank 0 skips 1 and rank 1 skips 2 samples per training batch. Before the fix the count lived in a
     registered buffer that DDP re-broadcast from rank 0 before every forward, and the logged sum was wrong."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS)]))
-    res = subprocess.run([sys.executable, "-c", f"import test_data_reliability as t; t._ddp_worker({str(tmp_path)!r})"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-c", f"import test_data_reliability as t; t._ddp_worker({str(tmp_path)!r})"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     import csv
 
@@ -487,8 +555,15 @@ def test_shard_list_from_the_command_line(compose_train, tmp_path, toy_data_dir)
     assert dm.hparams["train_shards"] == [a, b] and type(dm.hparams["train_shards"]) is list
     # A run with it checkpoints plain values: resuming (weights_only) works.
     train.train(cfg)
-    resumed = train.train(compose_train(tmp_path, f"data.train_shards=[{a},{b}]",
-                                        f"data.val_shards=[{toy['val'][0]}]", *lean, "trainer.max_steps=4"))
+    resumed = train.train(
+        compose_train(
+            tmp_path,
+            f"data.train_shards=[{a},{b}]",
+            f"data.val_shards=[{toy['val'][0]}]",
+            *lean,
+            "trainer.max_steps=4",
+        )
+    )
     assert torch.isfinite(torch.tensor(resumed["train/loss"]))
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4 and ckpt["datamodule_hyper_parameters"]["train_shards"] == [a, b]

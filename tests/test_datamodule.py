@@ -7,8 +7,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-
 from numerics import assert_differ_rel
+
 from show1_lightning.data.datamodule import VideoDataModule, resolve_rank
 from show1_lightning.data.shards import VideoShardWriter
 from show1_lightning.data.text_cache import TextCacheMismatchError, TextEmbeddingCache, precompute_text_embeddings
@@ -33,8 +33,9 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> dict:
             for i in range(11):
                 slot = {2: "garbage", 5: "short", 8: "truncated"}.get(i)
                 c = colors[n % 6]
-                frames = make_toy_clip(c, "square", "right", seed=(shard, i), height=40, width=64,
-                                       num_frames=8 if slot == "short" else 32)
+                frames = make_toy_clip(
+                    c, "square", "right", seed=(shard, i), height=40, width=64, num_frames=8 if slot == "short" else 32
+                )
                 mp4 = encode_mp4(frames, fps=16)
                 if slot == "garbage":
                     mp4 = b"\x00\x01garbage" * 200
@@ -46,13 +47,28 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> dict:
                 else:
                     good_keys.append(key)
                 n += 1
-    return {"train": [str(root / "00000.tar"), str(root / "00001.tar")], "val": str(root / "00000.tar"),
-            "bad": bad_keys, "good": good_keys}
+    return {
+        "train": [str(root / "00000.tar"), str(root / "00001.tar")],
+        "val": str(root / "00000.tar"),
+        "bad": bad_keys,
+        "good": good_keys,
+    }
 
 
 def _dm(shards: dict, **kw) -> VideoDataModule:
-    args = dict(train_shards=shards["train"], val_shards=shards["val"], num_frames=8, target_fps=4, height=40,
-                width=64, batch_size=2, epoch_length=4, val_batches=3, shuffle_buffer=8, seed=0)
+    args = dict(
+        train_shards=shards["train"],
+        val_shards=shards["val"],
+        num_frames=8,
+        target_fps=4,
+        height=40,
+        width=64,
+        batch_size=2,
+        epoch_length=4,
+        val_batches=3,
+        shuffle_buffer=8,
+        seed=0,
+    )
     args.update(kw)
     return VideoDataModule(**args)
 
@@ -218,9 +234,16 @@ class _TinyModule(L.LightningModule):
 def test_lightning_fit(shards: dict, tmp_path: Path) -> None:
     dm = _dm(shards, epoch_length=3, val_batches=2)
     model = _TinyModule()
-    trainer = L.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                        num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(model, datamodule=dm)
     assert trainer.global_step == 6 and trainer.current_epoch == 2  # two epochs of exactly 3 batches
     assert model.val_seen == 2 * 2  # 2 validation runs (one per epoch) x 2 batches
@@ -229,8 +252,16 @@ def test_lightning_fit(shards: dict, tmp_path: Path) -> None:
 
 def test_toy_root(toy_data_dir: Path) -> None:
     # The session's toy dataset (the one every composed training test uses): generated once per session.
-    dm = VideoDataModule(toy_root=toy_data_dir / "toy", num_frames=8, target_fps=4, height=40, width=64,
-                         batch_size=4, epoch_length=1, val_batches=1)
+    dm = VideoDataModule(
+        toy_root=toy_data_dir / "toy",
+        num_frames=8,
+        target_fps=4,
+        height=40,
+        width=64,
+        batch_size=4,
+        epoch_length=1,
+        val_batches=1,
+    )
     dm.prepare_data()
     dm.setup("fit")
     assert len(dm.train_urls) == 8 and len(dm.val_urls) == 1
@@ -267,9 +298,17 @@ def test_ddp_spawn_two_processes(shards: dict, tmp_path: Path) -> None:
     import json
 
     dm = _dm(shards, epoch_length=3, val_batches=1)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(_KeyRecorder(str(tmp_path)), datamodule=dm)
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())

@@ -16,8 +16,9 @@ torch.set_num_threads(1)
 
 
 def cosine_scheduler(kind: str = "epsilon") -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=kind,
-                         clip_sample=False)
+    return DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type=kind, clip_sample=False
+    )
 
 
 def test_timesteps_stay_in_the_closed_range():
@@ -92,8 +93,18 @@ def test_strength_point_08_of_50_steps_starts_at_t799():
         return torch.zeros_like(x)
 
     x0 = torch.zeros(1, 4, 2, 4, 4)
-    denoise(model, make_sampler(cosine_scheduler()), torch.randn_like(x0), torch.zeros(1, 3, 2),
-            torch.ones(1, 3, dtype=torch.bool), None, None, num_steps=50, init=x0, strength=0.8)
+    denoise(
+        model,
+        make_sampler(cosine_scheduler()),
+        torch.randn_like(x0),
+        torch.zeros(1, 3, 2),
+        torch.ones(1, 3, dtype=torch.bool),
+        None,
+        None,
+        num_steps=50,
+        init=x0,
+        strength=0.8,
+    )
     assert seen[0] == 799 and len(seen) == 40
 
 
@@ -107,9 +118,17 @@ def test_denoise_with_an_oracle_recovers_the_sample():
         a = ac[t.long()].view(-1, 1, 1, 1, 1)
         return (x - a.sqrt() * x0.repeat(x.shape[0] // x0.shape[0], 1, 1, 1, 1)) / (1 - a).sqrt()
 
-    out = denoise(oracle, make_sampler(sched), seeded_noise(x0.shape[1:], [0, 1]), torch.zeros(2, 3, 2),
-                  torch.ones(2, 3, dtype=torch.bool), torch.zeros(1, 3, 2), torch.ones(1, 3, dtype=torch.bool),
-                  num_steps=20, guidance_scale=5.0)
+    out = denoise(
+        oracle,
+        make_sampler(sched),
+        seeded_noise(x0.shape[1:], [0, 1]),
+        torch.zeros(2, 3, 2),
+        torch.ones(2, 3, dtype=torch.bool),
+        torch.zeros(1, 3, 2),
+        torch.ones(1, 3, dtype=torch.bool),
+        num_steps=20,
+        guidance_scale=5.0,
+    )
     # x0 in [-0.8, 0.8]: 2e-3 is the 20-step solver's discretisation error, orders above float32 rounding.
     torch.testing.assert_close(out, x0, atol=2e-3, rtol=0)
 

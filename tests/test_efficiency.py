@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-from torch import nn
-
 from efficiency_lib import (  # bench/ is on the test path (pyproject.toml)
     LiveBytesTracker,
     measure_forward,
@@ -14,6 +11,7 @@ from efficiency_lib import (  # bench/ is on the test path (pyproject.toml)
     real_peak,
     reduced_unet_config,
 )
+from torch import nn
 
 torch.set_num_threads(1)
 
@@ -111,6 +109,14 @@ def test_quick_bench_prints_both_cascades(capsys):
 
     efficiency.main(["--quick"])
     out = capsys.readouterr().out
-    for needle in ("hybrid", "all_pixel", "latent SR2 (show-1-sr2)", "pixel SR2 (sr1 config)", "TOTAL", "ratio",
-                   "4.80", "mem eff"):
+    for needle in (
+        "hybrid",
+        "all_pixel",
+        "latent SR2 (show-1-sr2)",
+        "pixel SR2 (sr1 config)",
+        "TOTAL",
+        "ratio",
+        "4.80",
+        "mem eff",
+    ):
         assert needle in out, needle

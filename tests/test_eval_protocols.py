@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fixtures_eval as fx
 import numpy as np
 import pytest
 import torch
@@ -16,7 +17,6 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
-import fixtures_eval as fx
 from evaluation.benchmarks import UCF101Benchmark, resize_short_side_crop_tats
 from evaluation.fvd import FVD
 from evaluation.protocols import comparability, deviations, overridden, pristine_protocol
@@ -40,15 +40,39 @@ def test_tf_fvd_is_the_default_and_keeps_the_previous_settings():
         assert default == tf and default["eval_protocol"]["name"] == "tf_fvd"
     c = _compose("benchmark=ucf101")
     fvd, is_, a = c["eval_metrics"]["fvd"], c["eval_metrics"]["is"], c["benchmark"]["adapter"]
-    assert (fvd["clip_length"], fvd["resize"], fvd["covariance"], fvd["distance"], fvd["num_generated"], fvd["repeats"]) == (
-        16, "tf1_bilinear", "unbiased", "eigh_float64", None, 1)
+    assert (
+        fvd["clip_length"],
+        fvd["resize"],
+        fvd["covariance"],
+        fvd["distance"],
+        fvd["num_generated"],
+        fvd["repeats"],
+    ) == (16, "tf1_bilinear", "unbiased", "eigh_float64", None, 1)
     assert fvd["feature_extractor"]["variant"] == "tf"
     assert (is_["num_splits"], is_["repeats"]) == (10, 1)
     assert (a["num_samples"], a["sampling"], a["real_split"], a["real_clips"], a["real_sampling"]) == (
-        10000, "proportional", "train", 10000, "permutation")
-    assert a["clip"] == {"frames": 16, "stride": 1, "start": "random", "resolution": None, "resize": "cover_antialias", "seed": 0}
-    assert c["generated_clip"] == {"frames": 16, "stride": 1, "start": "first", "resolution": None,
-                                   "resize": "cover_antialias", "seed": 0}
+        10000,
+        "proportional",
+        "train",
+        10000,
+        "permutation",
+    )
+    assert a["clip"] == {
+        "frames": 16,
+        "stride": 1,
+        "start": "random",
+        "resolution": None,
+        "resize": "cover_antialias",
+        "seed": 0,
+    }
+    assert c["generated_clip"] == {
+        "frames": 16,
+        "stride": 1,
+        "start": "first",
+        "resolution": None,
+        "resize": "cover_antialias",
+        "seed": 0,
+    }
     m = _compose("benchmark=msrvtt")
     assert m["benchmark"]["resolution"] == [256, 256] and m["benchmark"]["adapter"]["real_clips"] is None
     assert m["eval_protocol"]["clipsim"] == {"metric": "clipsim", "scale": "raw"}
@@ -60,9 +84,18 @@ def test_tats_and_show1_set_every_tats_choice():
         fvd, a = c["eval_metrics"]["fvd"], c["benchmark"]["adapter"]
         assert fvd["feature_extractor"]["variant"] == "tats"  # BN eps 1e-5
         assert (fvd["resize"], fvd["covariance"], fvd["distance"], fvd["num_generated"]) == (
-            "bilinear", "unbiased", "tfgan_svd_float32", 2048)
+            "bilinear",
+            "unbiased",
+            "tfgan_svd_float32",
+            2048,
+        )
         assert (a["num_samples"], a["sampling"], a["real_split"], a["real_clips"], a["real_sampling"]) == (
-            10000, "uniform", "train", 2048, "all_windows")
+            10000,
+            "uniform",
+            "train",
+            2048,
+            "all_windows",
+        )
         assert a["clip"]["resolution"] == [128, 128] and a["clip"]["resize"] == "tats_short_side"
         assert c["generated_clip"]["resolution"] == [128, 128] and c["generated_clip"]["resize"] == "tats_short_side"
     show1 = _compose("benchmark=msrvtt", "eval_protocol=show1")
@@ -70,8 +103,14 @@ def test_tats_and_show1_set_every_tats_choice():
     assert show1["eval_protocol"]["clipsim"]["metric"] == "clipscore"
     assert show1["eval_metrics"]["clipscore"]["_target_"] == "evaluation.clipsim.CLIPScoreSim"
     sg = _compose("benchmark=ucf101", "eval_protocol=stylegan_v_128f")
-    assert (sg["eval_metrics"]["fvd"]["covariance"], sg["eval_metrics"]["fvd"]["distance"]) == ("biased", "scipy_sqrtm")
-    assert sg["benchmark"]["adapter"]["real_sampling"] == "first_sorted" and sg["eval_metrics"]["fvd"]["clip_length"] == 128
+    assert (sg["eval_metrics"]["fvd"]["covariance"], sg["eval_metrics"]["fvd"]["distance"]) == (
+        "biased",
+        "scipy_sqrtm",
+    )
+    assert (
+        sg["benchmark"]["adapter"]["real_sampling"] == "first_sorted"
+        and sg["eval_metrics"]["fvd"]["clip_length"] == 128
+    )
     assert sg["generated_clip"]["frames"] == 128 and sg["benchmark"]["adapter"]["clip"]["frames"] == 128
 
 
@@ -79,7 +118,9 @@ def test_every_protocol_file_matches_its_composed_node():
     for name in PROTOCOLS:
         node = _compose(f"eval_protocol={name}")["eval_protocol"]
         assert node == pristine_protocol(name) and overridden(node) == {}
-    node = _compose("eval_protocol=tats", "eval_protocol.ucf101.real.clips=16", "eval_protocol.fvd.repeats=4")["eval_protocol"]
+    node = _compose("eval_protocol=tats", "eval_protocol.ucf101.real.clips=16", "eval_protocol.fvd.repeats=4")[
+        "eval_protocol"
+    ]
     assert overridden(node) == {"eval_protocol.ucf101.real.clips": {"protocol": 2048, "used": 16}}
 
 
@@ -142,7 +183,10 @@ def test_uniform_class_sampling(ucf):
 
 def test_fvd_repeats_score_each_generated_set_on_its_own():
     g = torch.Generator().manual_seed(0)
-    real, fake = torch.randn(300, 6, generator=g, dtype=torch.float64), torch.randn(90, 6, generator=g, dtype=torch.float64) + 0.3
+    real, fake = (
+        torch.randn(300, 6, generator=g, dtype=torch.float64),
+        torch.randn(90, 6, generator=g, dtype=torch.float64) + 0.3,
+    )
     rep = FVD(feature_extractor=nn.Identity(), num_features=6, num_generated=30, repeats=3)
     rep.add_features(real, real=True)
     rep.features = lambda v: v.to(torch.float64)  # videos are the features here
@@ -164,9 +208,8 @@ def test_fvd_repeats_score_each_generated_set_on_its_own():
 
 @pytest.mark.slow  # ~15 s: two spawned processes import torch
 def test_fvd_repeats_are_exact_over_two_processes(tmp_path):
-    import torch.multiprocessing as mp
-
     import fvd_repeats_worker as w
+    import torch.multiprocessing as mp
 
     single = w.repeats_fvd(0, 1)
     mp.spawn(w.worker, args=(2, str(tmp_path / "init"), str(tmp_path / "res")), nprocs=2, join=True)
@@ -204,26 +247,63 @@ def eval_env(tmp_path_factory, ucf):
 
 
 def _run(env, out: Path, *extra: str) -> dict:
-    overrides = [f"hydra.searchpath=[file://{env['conf']}]", "eval_metrics=tiny", "generator=pattern",
-                 f"assets.ucf101_root={env['ucf']}", f"output_dir={out}", f"fvd_cache_dir={env['root'] / 'cache'}",
-                 "logger.wandb=false", "batch_size=3", "score_batch_size=3", *extra]
+    overrides = [
+        f"hydra.searchpath=[file://{env['conf']}]",
+        "eval_metrics=tiny",
+        "generator=pattern",
+        f"assets.ucf101_root={env['ucf']}",
+        f"output_dir={out}",
+        f"fvd_cache_dir={env['root'] / 'cache'}",
+        "logger.wandb=false",
+        "batch_size=3",
+        "score_batch_size=3",
+        *extra,
+    ]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return run_evaluation(compose(config_name="eval", overrides=overrides))
 
 
 def test_show1_report_names_protocol_choices_counts_codec_and_comparability(eval_env, tmp_path):
-    report = _run(eval_env, tmp_path / "run", "eval_protocol=show1", "benchmark.adapter.num_samples=6",
-                  "benchmark.adapter.real_clips=10", "eval_metrics.fvd.clip_length=16", "+eval_metrics.fvd.num_generated=4")
+    report = _run(
+        eval_env,
+        tmp_path / "run",
+        "eval_protocol=show1",
+        "benchmark.adapter.num_samples=6",
+        "benchmark.adapter.real_clips=10",
+        "eval_metrics.fvd.clip_length=16",
+        "+eval_metrics.fvd.num_generated=4",
+    )
     ep = report["eval_protocol"]
-    assert ep["name"] == "show1" and ep["choices"]["fvd.network"] == "tats" and ep["choices"]["ucf101.real.clips"] == 2048
+    assert (
+        ep["name"] == "show1" and ep["choices"]["fvd.network"] == "tats" and ep["choices"]["ucf101.real.clips"] == 2048
+    )
     # What the run changed is named, the tiny test networks included; so nothing is "comparable".
-    assert set(ep["deviations"]) == {"fvd.network", "fvd.resize", "fvd.distance", "ucf101.num_samples",
-                                     "ucf101.real.clips", "ucf101.fvd_generated", "is.num_splits"}
-    assert ep["used"]["ucf101.real.sampling"] == "all_windows" and ep["used"]["ucf101.clip_resize"] == "tats_short_side"
+    assert set(ep["deviations"]) == {
+        "fvd.network",
+        "fvd.resize",
+        "fvd.distance",
+        "ucf101.num_samples",
+        "ucf101.real.clips",
+        "ucf101.fvd_generated",
+        "is.num_splits",
+    }
+    assert (
+        ep["used"]["ucf101.real.sampling"] == "all_windows" and ep["used"]["ucf101.clip_resize"] == "tats_short_side"
+    )
     assert all(not c["comparable"] for rows in ep["comparable_with"].values() for c in rows.values())
-    assert report["counts"] == {"generated_samples": 6, "fvd_real_clips": 10, "fvd_generated_clips": 4, "is_generated_clips": 6}
+    assert report["counts"] == {
+        "generated_samples": 6,
+        "fvd_real_clips": 10,
+        "fvd_generated_clips": 4,
+        "is_generated_clips": 6,
+    }
     enc = report["generated_videos"]
-    assert (enc["container"].split(",")[0], enc["codec"], enc["pix_fmt"], enc["crf"]) == ("mov", "h264", "yuv420p", 18.0)
+    assert (enc["container"].split(",")[0], enc["codec"], enc["pix_fmt"], enc["crf"]) == (
+        "mov",
+        "h264",
+        "yuv420p",
+        18.0,
+    )
     assert enc["consistent_over_probes"] and "crf 18" in enc["runner_writer"]
     md = (tmp_path / "run" / "report.md").read_text()
     assert "Protocol: **show1**" in md and md.count("| ucf101 |") == 2 and "35.42" not in md.split("## Published")[0]
@@ -231,16 +311,25 @@ def test_show1_report_names_protocol_choices_counts_codec_and_comparability(eval
 
 
 def test_fvd_repeats_in_the_report(eval_env, tmp_path):
-    report = _run(eval_env, tmp_path / "run", "benchmark.adapter.num_samples=6", "benchmark.adapter.real_clips=4",
-                  "metrics=[fvd]", "eval_metrics.fvd.clip_length=16", "+eval_metrics.fvd.num_generated=3",
-                  "+eval_metrics.fvd.repeats=2")
+    report = _run(
+        eval_env,
+        tmp_path / "run",
+        "benchmark.adapter.num_samples=6",
+        "benchmark.adapter.real_clips=4",
+        "metrics=[fvd]",
+        "eval_metrics.fvd.clip_length=16",
+        "+eval_metrics.fvd.num_generated=3",
+        "+eval_metrics.fvd.repeats=2",
+    )
     v = report["metrics"]
     assert len(v["fvd_repeats"]) == 2 and v["fvd"] == pytest.approx(np.mean(v["fvd_repeats"]), rel=1e-12)
     assert v["fvd_std"] == pytest.approx(np.std(v["fvd_repeats"]), rel=1e-9) and v["fvd_std"] > 0
     assert report["protocol"]["fvd"]["repeats"] == 2 and report["counts"]["fvd_generated_clips"] == 6
     dev = report["eval_protocol"]["deviations"]
     assert "ucf101.fvd_generated" in dev and "fvd.repeats" not in dev  # R sets of the protocol's size still follow it
-    row = next(line for line in (tmp_path / "run" / "report.md").read_text().splitlines() if line.startswith("| ucf101 | FVD"))
+    row = next(
+        line for line in (tmp_path / "run" / "report.md").read_text().splitlines() if line.startswith("| ucf101 | FVD")
+    )
     assert f"{v['fvd']:.2f} +- {v['fvd_std']:.2f}" in row
 
 
@@ -253,12 +342,22 @@ def test_show1_msrvtt_clipscore_run_is_comparable_with_show1(eval_env, tmp_path)
     (conf / "eval_metrics").mkdir(parents=True)
     (conf / "eval_metrics" / "tiny_hf.yaml").write_text(
         "clipscore:\n  _target_: evaluation.clipsim.CLIPScoreSim\n"
-        f"  clip: {{_target_: evaluation.clipsim.load_hf_clip, path: {hf}}}\n  frame_batch_size: 8\n")
+        f"  clip: {{_target_: evaluation.clipsim.load_hf_clip, path: {hf}}}\n  frame_batch_size: 8\n"
+    )
     (conf / "generator").mkdir(parents=True)
     (conf / "generator" / "pattern.yaml").write_text("_target_: fixtures_eval.PatternGenerator\nnum_frames: 16\n")
-    overrides = [f"hydra.searchpath=[file://{conf}]", "eval_metrics=tiny_hf", "generator=pattern", "benchmark=msrvtt",
-                 "eval_protocol=show1", f"assets.msrvtt_root={msr}", "benchmark.adapter.expected_videos=4",
-                 "metrics=[clipsim]", f"output_dir={tmp_path / 'run'}", "logger.wandb=false"]
+    overrides = [
+        f"hydra.searchpath=[file://{conf}]",
+        "eval_metrics=tiny_hf",
+        "generator=pattern",
+        "benchmark=msrvtt",
+        "eval_protocol=show1",
+        f"assets.msrvtt_root={msr}",
+        "benchmark.adapter.expected_videos=4",
+        "metrics=[clipsim]",
+        f"output_dir={tmp_path / 'run'}",
+        "logger.wandb=false",
+    ]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         report = run_evaluation(compose(config_name="eval", overrides=overrides))
     ep = report["eval_protocol"]
@@ -282,16 +381,32 @@ def test_evaluate_py_show1_ucf101_folder_with_the_tats_i3d(eval_env, tmp_path):
     folder = fx.make_generated_folder(tmp_path / "generated", prompts, [sample_seed(0, i) for i in range(6)])
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{TESTS}", WANDB_MODE="offline", WANDB_SILENT="true")
-    cmd = [sys.executable, "evaluate.py", "benchmark=ucf101", "eval_protocol=show1", "generator=folder",
-           f"generator.root={folder}", "generator.name=fixture-folder", f"assets.ucf101_root={eval_env['ucf']}",
-           "metrics=[fvd]", "benchmark.adapter.num_samples=6", "benchmark.adapter.real_clips=8",
-           f"output_dir={out}", "fvd_cache_dir=null", "logger.wandb=false", "score_batch_size=2"]
+    cmd = [
+        sys.executable,
+        "evaluate.py",
+        "benchmark=ucf101",
+        "eval_protocol=show1",
+        "generator=folder",
+        f"generator.root={folder}",
+        "generator.name=fixture-folder",
+        f"assets.ucf101_root={eval_env['ucf']}",
+        "metrics=[fvd]",
+        "benchmark.adapter.num_samples=6",
+        "benchmark.adapter.real_clips=8",
+        f"output_dir={out}",
+        "fvd_cache_dir=null",
+        "logger.wandb=false",
+        "score_batch_size=2",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     ep = report["eval_protocol"]
     # Every choice is TATS's; only the sample counts the fixture cannot hold deviate.
     assert set(ep["deviations"]) == {"ucf101.num_samples", "ucf101.real.clips"}
-    assert report["protocol"]["fvd"]["network_variant"] == "tats" and report["protocol"]["fvd"]["distance"] == "tfgan_svd_float32"
+    assert (
+        report["protocol"]["fvd"]["network_variant"] == "tats"
+        and report["protocol"]["fvd"]["distance"] == "tfgan_svd_float32"
+    )
     assert report["counts"]["fvd_real_clips"] == 8 and report["counts"]["fvd_generated_clips"] == 6
     assert report["metrics"]["fvd"] > 0

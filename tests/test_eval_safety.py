@@ -61,16 +61,27 @@ def env(tmp_path_factory):
     (conf / "generator" / "pattern.yaml").write_text("_target_: fixtures_eval.PatternGenerator\nnum_frames: 16\n")
     (conf / "generator" / "filekeyed.yaml").write_text("_target_: test_eval_safety.FileKeyedGenerator\nweights: ???\n")
     (conf / "generator" / "failing.yaml").write_text(
-        "_target_: test_eval_safety.RankFailingGenerator\nfail_rank: 1\nmode: raise\n")
+        "_target_: test_eval_safety.RankFailingGenerator\nfail_rank: 1\nmode: raise\n"
+    )
     return {"root": root, "ucf": ucf, "conf": conf}
 
 
 def _compose(env, out: Path, *extra: str):
     overrides = [
-        f"hydra.searchpath=[file://{env['conf']}]", "eval_metrics=tiny", "generator=pattern",
-        f"assets.ucf101_root={env['ucf']}", "benchmark.adapter.num_samples=6", "benchmark.adapter.real_clips=3",
-        "benchmark.adapter.clip.frames=8", "generated_clip.frames=8", f"output_dir={out}",
-        f"fvd_cache_dir={env['root'] / 'cache'}", "logger.wandb=false", "batch_size=3", "score_batch_size=3", *extra,
+        f"hydra.searchpath=[file://{env['conf']}]",
+        "eval_metrics=tiny",
+        "generator=pattern",
+        f"assets.ucf101_root={env['ucf']}",
+        "benchmark.adapter.num_samples=6",
+        "benchmark.adapter.real_clips=3",
+        "benchmark.adapter.clip.frames=8",
+        "generated_clip.frames=8",
+        f"output_dir={out}",
+        f"fvd_cache_dir={env['root'] / 'cache'}",
+        "logger.wandb=false",
+        "batch_size=3",
+        "score_batch_size=3",
+        *extra,
     ]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose(config_name="eval", overrides=overrides)
@@ -148,10 +159,17 @@ def test_unrecorded_videos_are_refused_but_can_be_scored_in_place(env, tmp_path)
 def test_a_second_job_on_a_locked_folder_is_refused(env, tmp_path):
     out = tmp_path / "busy"
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time\nfrom evaluation.fingerprint import claim_output_dir\n"
-         f"with claim_output_dir({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(60)\n"],
-        cwd=REPO, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom evaluation.fingerprint import claim_output_dir\n"
+            f"with claim_output_dir({str(out)!r}):\n    print('held', flush=True)\n    time.sleep(60)\n",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(OutputDirBusyError, match=rf"another evaluation is writing .*pid {holder.pid}"):
@@ -230,10 +248,22 @@ def test_a_kill_while_writing_timings_keeps_the_previous_file(tmp_path, monkeypa
             return CascadeResult(video=video, intermediates={}, reports=reports)
 
     monkeypatch.setattr(generate, "Show1Cascade", FakeCascade)
-    cfg = OmegaConf.create({"prompts": ["a", "b"], "seeds": None, "seed": 0, "batch_size": 1,
-                            "stages": {"keyframe": "x"},
-                            "sampling": {}, "device": "cpu", "precision": "32", "fps": 8, "save_intermediates": False,
-                            "logger": {"wandb": False}, "output_dir": str(tmp_path / "gen")})
+    cfg = OmegaConf.create(
+        {
+            "prompts": ["a", "b"],
+            "seeds": None,
+            "seed": 0,
+            "batch_size": 1,
+            "stages": {"keyframe": "x"},
+            "sampling": {},
+            "device": "cpu",
+            "precision": "32",
+            "fps": 8,
+            "save_intermediates": False,
+            "logger": {"wandb": False},
+            "output_dir": str(tmp_path / "gen"),
+        }
+    )
     generate.generate(cfg)
     timings = tmp_path / "gen" / "timings.json"
     before = timings.read_text()
@@ -265,8 +295,9 @@ def _dist_worker(rank: int, world: int, port: int, env: dict, out: str, res_dir:
 
     sys.path.insert(0, str(TESTS))
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     if "report" in extra:  # rank 0 (the store's host) fails while it assembles the report
         import evaluation.runner as runner
@@ -296,8 +327,10 @@ def _run_ranks(env, tmp_path, extra: list[str], world: int = 2) -> dict[int, dic
     res.mkdir()
     ctx = pymp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_dist_worker, args=(r, world, port, env, str(tmp_path / "out"), str(res), extra))
-             for r in range(world)]
+    procs = [
+        ctx.Process(target=_dist_worker, args=(r, world, port, env, str(tmp_path / "out"), str(res), extra))
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     deadline = time.monotonic() + 240

@@ -8,14 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fixtures_eval as fx
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-import fixtures_eval as fx
 from evaluation.benchmarks import MSRVTTBenchmark
 from evaluation.clipsim import CLIPSim
 from evaluation.fvd import FVD
@@ -59,7 +58,12 @@ def _compute_metrics(rank: int, world: int) -> dict[str, float]:
         fvd.update(videos[i : i + 1], real=False)
         fvd.update(videos[i : i + 1].flip(-1), real=True)
     mean, std = is_metric.compute()
-    return {"is_mean": float(mean), "is_std": float(std), "clipsim": float(clip.compute()), "fvd": float(fvd.compute())}
+    return {
+        "is_mean": float(mean),
+        "is_std": float(std),
+        "clipsim": float(clip.compute()),
+        "fvd": float(fvd.compute()),
+    }
 
 
 def _worker(rank: int, world: int, init_file: str, out: str) -> None:
@@ -137,7 +141,10 @@ def test_interrupted_evaluation_resumes_to_the_same_report(eval_env, tmp_path):
     full = run_evaluation(_compose(eval_env, tmp_path / "full"))
     assert set(full["metrics"]) == {"is_mean", "is_std", "fvd"}
     assert full["run"]["generated_this_run"] == 6 and full["protocol"]["num_samples"] == 6
-    assert full["protocol"]["fvd"]["covariance"] == "unbiased" and full["protocol"]["benchmark"]["real"]["real_clips"] == 3
+    assert (
+        full["protocol"]["fvd"]["covariance"] == "unbiased"
+        and full["protocol"]["benchmark"]["real"]["real_clips"] == 3
+    )
     assert (tmp_path / "full" / "report.md").read_text().count("| ucf101 |") == 2
 
     out = tmp_path / "resumed"
@@ -171,17 +178,28 @@ def test_runner_rejects_unknown_metric_and_foreign_video_folder(eval_env, tmp_pa
 def test_evaluate_py_end_to_end_msrvtt_folder_generator(eval_env, tmp_path):
     bench = MSRVTTBenchmark(eval_env["msr"], expected_videos=4)
     prompts = [it.prompt for it in bench.prompts()]
-    folder = fx.make_generated_folder(tmp_path / "generated", prompts, [sample_seed(0, i) for i in range(len(prompts))])
+    folder = fx.make_generated_folder(
+        tmp_path / "generated", prompts, [sample_seed(0, i) for i in range(len(prompts))]
+    )
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{TESTS}", WANDB_MODE="offline", WANDB_SILENT="true")
     cmd = [
-        sys.executable, "evaluate.py",
-        "--config-dir", str(eval_env["conf"]),
-        "benchmark=msrvtt", "eval_metrics=tiny",
-        f"assets.msrvtt_root={eval_env['msr']}", "benchmark.adapter.expected_videos=4",
-        "benchmark.resolution=[64,64]", "generated_clip.frames=8", "benchmark.adapter.clip.frames=8",
-        f"generator.root={folder}", "generator.name=fixture-folder",
-        f"output_dir={out}", "fvd_cache_dir=null", "logger.wandb=true",
+        sys.executable,
+        "evaluate.py",
+        "--config-dir",
+        str(eval_env["conf"]),
+        "benchmark=msrvtt",
+        "eval_metrics=tiny",
+        f"assets.msrvtt_root={eval_env['msr']}",
+        "benchmark.adapter.expected_videos=4",
+        "benchmark.resolution=[64,64]",
+        "generated_clip.frames=8",
+        "benchmark.adapter.clip.frames=8",
+        f"generator.root={folder}",
+        "generator.name=fixture-folder",
+        f"output_dir={out}",
+        "fvd_cache_dir=null",
+        "logger.wandb=true",
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -204,7 +222,9 @@ def test_evaluate_py_end_to_end_msrvtt_folder_generator(eval_env, tmp_path):
 def _runner_worker(rank: int, world: int, port: int, env: dict, out: str, result: str) -> None:
     sys.path.insert(0, str(TESTS))
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     report = run_evaluation(_compose(env, Path(out), "score_batch_size=1"))
     if rank == 0:
         Path(result).write_text(json.dumps(report))
@@ -223,7 +243,12 @@ def test_two_process_runner_gives_the_one_process_report(eval_env, tmp_path):
         single = run_evaluation(_compose(eval_env, tmp_path / "one", "score_batch_size=1"))
     finally:
         torch.set_num_threads(threads)
-    mp.spawn(_runner_worker, args=(2, port, eval_env, str(tmp_path / "two"), str(tmp_path / "two.json")), nprocs=2, join=True)
+    mp.spawn(
+        _runner_worker,
+        args=(2, port, eval_env, str(tmp_path / "two"), str(tmp_path / "two.json")),
+        nprocs=2,
+        join=True,
+    )
     multi = json.loads((tmp_path / "two.json").read_text())
     assert multi["run"]["world_size"] == 2
     for k, v in single["metrics"].items():

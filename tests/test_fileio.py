@@ -34,8 +34,10 @@ def test_file_lock_non_blocking_sees_holder(tmp_path: Path) -> None:
         import subprocess
         import sys
 
-        code = ("import sys; from show1_lightning.fileio import file_lock\n"
-                f"with file_lock({str(lock)!r}, blocking=False) as ok: sys.exit(0 if not ok else 3)")
+        code = (
+            "import sys; from show1_lightning.fileio import file_lock\n"
+            f"with file_lock({str(lock)!r}, blocking=False) as ok: sys.exit(0 if not ok else 3)"
+        )
         assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1]).returncode == 0
     with fileio.file_lock(lock, blocking=False) as held:
         assert held

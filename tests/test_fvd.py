@@ -108,10 +108,14 @@ def tf1_resize_numpy(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     f32 = np.float32
     for y in range(out_h):
         sy = float(f32(y) * (f32(in_h) / f32(out_h)))
-        y0 = int(math.floor(sy)); y1 = min(y0 + 1, in_h - 1); ly = sy - y0
+        y0 = int(math.floor(sy))
+        y1 = min(y0 + 1, in_h - 1)
+        ly = sy - y0
         for x in range(out_w):
             sx = float(f32(x) * (f32(in_w) / f32(out_w)))
-            x0 = int(math.floor(sx)); x1 = min(x0 + 1, in_w - 1); lx = sx - x0
+            x0 = int(math.floor(sx))
+            x1 = min(x0 + 1, in_w - 1)
+            lx = sx - x0
             top = img[..., y0, x0] * (1 - lx) + img[..., y0, x1] * lx
             bottom = img[..., y1, x0] * (1 - lx) + img[..., y1, x1] * lx
             out[..., y, x] = top * (1 - ly) + bottom * ly
@@ -151,8 +155,9 @@ def test_tf1_resize_matches_jax_scale_and_translate() -> None:
     for in_hw, out_hw in (((128, 171), (224, 224)), ((256, 256), (224, 224)), ((240, 320), (224, 224))):
         img = np.random.default_rng(0).uniform(0, 255, (3, *in_hw)).astype(np.float32)
         scale = jnp.array([o / i for o, i in zip(out_hw, in_hw)], jnp.float32)
-        ref = jax.image.scale_and_translate(jnp.asarray(img), (3, *out_hw), (1, 2), scale, 0.5 * (1 - scale),
-                                            method="linear", antialias=False)
+        ref = jax.image.scale_and_translate(
+            jnp.asarray(img), (3, *out_hw), (1, 2), scale, 0.5 * (1 - scale), method="linear", antialias=False
+        )
         ours = resize_video(torch.from_numpy(img)[None, :, None], out_hw)[0, :, 0]
         # jax computes the coordinates as (x + 0.5) / s - t / s - 0.5 in float32: tiny position
         # rounding, up to ~0.005 of 255 on noise images. Torch's half-pixel bilinear is far off.
@@ -275,8 +280,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, table: torch.Tensor, shards: list, stats_path: str,
-                out_dir: str) -> None:
+def _ddp_worker(
+    rank: int, world: int, port: int, table: torch.Tensor, shards: list, stats_path: str, out_dir: str
+) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 import gpu_check  # bench/ is on the test path (pyproject.toml)
+import pytest
 
 
 def _check_common(results: dict, out: Path) -> None:
@@ -17,8 +16,9 @@ def _check_common(results: dict, out: Path) -> None:
 
 def test_cpu_smoke_train_cascade_i3d(tmp_path: Path, toy_data_dir: Path) -> None:
     """The measuring sections (the DDP subprocess and the compiler are the slow test below)."""
-    results = gpu_check.main(["--cpu-smoke", "--only", "train", "cascade", "i3d", "--out", str(tmp_path),
-                              "--data-dir", str(toy_data_dir)])
+    results = gpu_check.main(
+        ["--cpu-smoke", "--only", "train", "cascade", "i3d", "--out", str(tmp_path), "--data-dir", str(toy_data_dir)]
+    )
     _check_common(results, tmp_path)
     train = {(r["experiment"], r["gradient_checkpointing"]): r for r in results["sections"]["train"]}
     kf = train[("paper_keyframe", False)]
@@ -37,8 +37,9 @@ def test_cpu_smoke_train_cascade_i3d(tmp_path: Path, toy_data_dir: Path) -> None
 
 @pytest.mark.slow
 def test_cpu_smoke_ddp_and_compile(tmp_path: Path, toy_data_dir: Path) -> None:
-    results = gpu_check.main(["--cpu-smoke", "--only", "ddp", "compile", "--out", str(tmp_path),
-                              "--data-dir", str(toy_data_dir)])
+    results = gpu_check.main(
+        ["--cpu-smoke", "--only", "ddp", "compile", "--out", str(tmp_path), "--data-dir", str(toy_data_dir)]
+    )
     _check_common(results, tmp_path)
     assert results["sections"]["ddp"][0]["global_step"] == 3
     comp = results["sections"]["compile"][0]

@@ -76,7 +76,8 @@ def test_converted_weights_match_checkpoint(cache_dir: Path) -> None:
     assert state["Mixed_5c.b3b.bn_var"].shape == (128,)
     np.testing.assert_array_equal(
         state["Mixed_5c.b3b.bn_var"].numpy(),
-        tree["batch_stats"]["Mixed_5c"]["Branch_3/Conv3d_0b_1x1"]["BatchNorm_0"]["var"].reshape(-1))
+        tree["batch_stats"]["Mixed_5c"]["Branch_3/Conv3d_0b_1x1"]["BatchNorm_0"]["var"].reshape(-1),
+    )
     assert state["logits.weight"].shape == (400, 1024, 1, 1, 1) and state["logits.bias"].shape == (400,)
     assert all(v.dtype == torch.float32 for v in state.values())
 
@@ -140,12 +141,15 @@ def test_fused_matches_unfused(model: torch.nn.Module, clip: torch.Tensor, cache
     assert (c - b).norm() / b.norm() < 1e-5
 
 
-@pytest.mark.parametrize("shape, match", [
-    ((1, 3, 9, 112, 112), "224x224"),
-    ((1, 3, 8, 224, 224), "at least 9 frames"),
-    ((1, 1, 9, 224, 224), r"\(B, 3, T, 224, 224\)"),
-    ((3, 9, 224, 224), r"\(B, 3, T, 224, 224\)"),
-])
+@pytest.mark.parametrize(
+    "shape, match",
+    [
+        ((1, 3, 9, 112, 112), "224x224"),
+        ((1, 3, 8, 224, 224), "at least 9 frames"),
+        ((1, 1, 9, 224, 224), r"\(B, 3, T, 224, 224\)"),
+        ((3, 9, 224, 224), r"\(B, 3, T, 224, 224\)"),
+    ],
+)
 def test_shape_errors(model: torch.nn.Module, shape: tuple, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         model(torch.zeros(shape))
@@ -165,10 +169,12 @@ def test_parity_with_flax_reference(frames: int, cache_dir: Path) -> None:
     pytest.importorskip("jax")
     helpers = _parity_helpers()
     reference = helpers.jax_reference()
-    clips = np.concatenate([
-        helpers.natural_clip(2, frames, seed=frames),
-        np.random.default_rng(frames).uniform(-1, 1, (1, 3, frames, 224, 224)).astype(np.float32),
-    ])
+    clips = np.concatenate(
+        [
+            helpers.natural_clip(2, frames, seed=frames),
+            np.random.default_rng(frames).uniform(-1, 1, (1, 3, frames, 224, 224)).astype(np.float32),
+        ]
+    )
     ref = reference(clips)
     assert np.abs(ref).mean() > 0.1  # the reference produces real, non-degenerate logits
     for fuse in (True, False):

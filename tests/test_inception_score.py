@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from numerics import assert_close_rel
+
 from evaluation.c3d import C3D, c3d_npz_shapes, load_c3d
 from evaluation.inception_score import InceptionScore, inception_score_from_probs
 
@@ -78,7 +78,7 @@ def _write_fake_tgan_files(tmp_path, seed=0, prefix=""):
     arrays = {}
     for key, shape in c3d_npz_shapes().items():
         fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-        arrays[prefix + key] = (rng.standard_normal(shape, dtype=np.float32) * np.float32(1.0 / np.sqrt(fan_in)))
+        arrays[prefix + key] = rng.standard_normal(shape, dtype=np.float32) * np.float32(1.0 / np.sqrt(fan_in))
     weights = tmp_path / "conv3d_deepnetA_ucf.npz"
     np.savez(weights, **arrays)
     mean = tmp_path / "mean2.npz"
@@ -100,7 +100,7 @@ def tgan_files(tmp_path_factory):
 
 def test_c3d_loads_tgan_layout_and_runs(tgan_files):
     weights, mean_path, arrays = tgan_files
-    arrays = {k[len("predictor/"):]: v for k, v in arrays.items()}
+    arrays = {k[len("predictor/") :]: v for k, v in arrays.items()}
     model = load_c3d(weights, mean_path)
     assert torch.equal(model.conv3b.weight, torch.from_numpy(arrays["conv3b/W"]))
     assert torch.equal(model.fc8.bias, torch.from_numpy(arrays["fc8/b"]))
@@ -118,7 +118,9 @@ def test_c3d_loads_tgan_layout_and_runs(tgan_files):
     # Resize is chainer's bilinear with align_corners=True: corners map to corners, the centre lerps.
     ramp = torch.linspace(-1, 1, 57).view(1, 1, 1, 1, 57).expand(1, 3, 16, 2, 57)
     pre = model.preprocess(ramp) - model.mean_bias
-    assert torch.allclose(pre[0, :, :, :, 0], torch.tensor(-128.0)) and torch.allclose(pre[0, :, :, :, -1], torch.tensor(128.0))
+    assert torch.allclose(pre[0, :, :, :, 0], torch.tensor(-128.0)) and torch.allclose(
+        pre[0, :, :, :, -1], torch.tensor(128.0)
+    )
     assert torch.allclose(pre[0, 0, 0, 0], torch.linspace(-128, 128, 112), rtol=0, atol=1e-3)  # ~1e-5 of 128
 
     x = torch.rand(1, 3, 16, 64, 64) * 2 - 1
@@ -127,8 +129,19 @@ def test_c3d_loads_tgan_layout_and_runs(tgan_files):
     probs = torch.softmax(logits, 1)
     # The same network written out step by step (pool1 spatial, the rest 2^3, ceil mode).
     h = model.preprocess(x)
-    for name, k in [("conv1a", (1, 2, 2)), ("conv2a", 2), ("conv3a", None), ("conv3b", 2), ("conv4a", None), ("conv4b", 2), ("conv5a", None), ("conv5b", 2)]:
-        h = F.relu(F.conv3d(h, torch.from_numpy(arrays[f"{name}/W"]), torch.from_numpy(arrays[f"{name}/b"]), padding=1))
+    for name, k in [
+        ("conv1a", (1, 2, 2)),
+        ("conv2a", 2),
+        ("conv3a", None),
+        ("conv3b", 2),
+        ("conv4a", None),
+        ("conv4b", 2),
+        ("conv5a", None),
+        ("conv5b", 2),
+    ]:
+        h = F.relu(
+            F.conv3d(h, torch.from_numpy(arrays[f"{name}/W"]), torch.from_numpy(arrays[f"{name}/b"]), padding=1)
+        )
         if k is not None:
             h = F.max_pool3d(h, k, k, ceil_mode=True)
     assert h.shape[1:] == (512, 1, 4, 4)

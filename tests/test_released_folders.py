@@ -22,8 +22,12 @@ from show1_lightning.pipelines.released import (
 from show1_lightning.pipelines.released_tiny import build_tiny_released_folders
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {"keyframe": "show-1-base", "interpolation": "show-1-interpolation", "pixel_sr": "show-1-sr1",
-           "latent_sr": "show-1-sr2"}
+FOLDERS = {
+    "keyframe": "show-1-base",
+    "interpolation": "show-1-interpolation",
+    "pixel_sr": "show-1-sr1",
+    "latent_sr": "show-1-sr2",
+}
 # Tiny and fast: 2 keyframes of 8 x 12 -> 5 frames -> 32 x 48 -> 64 x 96, one or two sampling steps per stage.
 FAST = [
     "behaviour.schedules.keyframe={num_steps:2,guidance_scale:9.0,num_frames:2,height:8,width:12}",
@@ -70,17 +74,31 @@ def test_generate_py_runs_on_released_folders(released_dir, tmp_path, capsys):
     from generate import generate
 
     out = tmp_path / "gen"
-    cfg = _compose("generate", [*(f"stages.{k}={released_dir / v}" for k, v in FOLDERS.items()),
-                                f"if_ii_l={released_dir / 'IF-II-L-v1.0'}", "prompts=[A Panda playing guitar]",
-                                "batch_size=1", "logger.wandb=false", f"output_dir={out}", "device=cpu", *FAST])
+    cfg = _compose(
+        "generate",
+        [
+            *(f"stages.{k}={released_dir / v}" for k, v in FOLDERS.items()),
+            f"if_ii_l={released_dir / 'IF-II-L-v1.0'}",
+            "prompts=[A Panda playing guitar]",
+            "batch_size=1",
+            "logger.wandb=false",
+            f"output_dir={out}",
+            "device=cpu",
+            *FAST,
+        ],
+    )
     paths = generate(cfg)
     assert len(paths) == 1 and paths[0].is_file() and paths[0].stat().st_size > 0
     for name in FOLDERS:
         assert (out / "stages" / f"000_{name}.mp4").is_file()
     timings = json.loads((out / "timings.json").read_text())
     shapes = {t["name"]: tuple(t["output_shape"]) for t in timings}
-    assert shapes == {"keyframe": (1, 3, 2, 8, 12), "interpolation": (1, 3, 5, 8, 12),
-                      "pixel_sr": (1, 3, 5, 32, 48), "latent_sr": (1, 3, 5, 64, 96)}
+    assert shapes == {
+        "keyframe": (1, 3, 2, 8, 12),
+        "interpolation": (1, 3, 5, 8, 12),
+        "pixel_sr": (1, 3, 5, 32, 48),
+        "latent_sr": (1, 3, 5, 64, 96),
+    }
     assert "no IF-II-L folder configured" not in capsys.readouterr().out
 
 
@@ -88,8 +106,15 @@ def test_evaluate_generator_cascade_takes_released_folders(released_dir):
     """generator=cascade (evaluate.py) composes with the released preset and generates from a released folder."""
     import hydra
 
-    cfg = _compose("eval", ["generator=cascade", f"generator.keyframe={released_dir / 'show-1-base'}",
-                            "generator.device=cpu", FAST[0].replace("behaviour.", "generator.behaviour.")])
+    cfg = _compose(
+        "eval",
+        [
+            "generator=cascade",
+            f"generator.keyframe={released_dir / 'show-1-base'}",
+            "generator.device=cpu",
+            FAST[0].replace("behaviour.", "generator.behaviour."),
+        ],
+    )
     assert cfg.generator.behaviour.name == "released"
     gen = hydra.utils.instantiate(cfg.generator)
     video = gen.generate(["a red circle"], [3])
@@ -117,12 +142,15 @@ def test_old_dpm_config_keeps_its_final_step(released_dir):
     assert sched.config.final_sigmas_type == "sigma_min"
 
 
-@pytest.mark.parametrize("kind,remove,expect", [
-    ("keyframe", "scheduler", "scheduler/scheduler_config.json"),
-    ("keyframe", "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors"),
-    ("pixel_sr", "image_noising_scheduler", "image_noising_scheduler/scheduler_config.json"),
-    ("latent_sr", "vae", "vae/config.json"),
-])
+@pytest.mark.parametrize(
+    "kind,remove,expect",
+    [
+        ("keyframe", "scheduler", "scheduler/scheduler_config.json"),
+        ("keyframe", "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors"),
+        ("pixel_sr", "image_noising_scheduler", "image_noising_scheduler/scheduler_config.json"),
+        ("latent_sr", "vae", "vae/config.json"),
+    ],
+)
 def test_missing_component_names_folder(released_dir, tmp_path, kind, remove, expect):
     """A folder without a component fails at start-up with the folder and the missing file in the message."""
     folder = tmp_path / FOLDERS[kind]
@@ -156,8 +184,10 @@ def test_released_preset_is_default_for_released_folders_only(released_dir):
     beh = dict(cfg.behaviour)
     assert ReleasedCascade(stages, beh).active == {"keyframe": True, "interpolation": False}
     assert ReleasedCascade(stages, {**beh, "apply_to": "all"}).active == {"keyframe": True, "interpolation": True}
-    assert ReleasedCascade(stages, {"name": "none", "apply_to": "none"}).active == {"keyframe": False,
-                                                                                  "interpolation": False}
+    assert ReleasedCascade(stages, {"name": "none", "apply_to": "none"}).active == {
+        "keyframe": False,
+        "interpolation": False,
+    }
     torch.manual_seed(0)
 
 
@@ -178,5 +208,10 @@ def test_cascade_checks_every_folder_before_loading(released_dir, tmp_path, monk
     shutil.rmtree(sr2 / "vae")
     monkeypatch.setattr(rel, "load_released_stage", lambda *a, **k: pytest.fail("a stage was loaded first"))
     with pytest.raises(FileNotFoundError, match=r"latent_sr: released folder .*show-1-sr2 lacks vae/config.json"):
-        Show1Cascade(keyframe=released_dir / "show-1-base", interpolation=released_dir / "show-1-interpolation",
-                     pixel_sr=released_dir / "show-1-sr1", latent_sr=sr2, device="cpu")
+        Show1Cascade(
+            keyframe=released_dir / "show-1-base",
+            interpolation=released_dir / "show-1-interpolation",
+            pixel_sr=released_dir / "show-1-sr1",
+            latent_sr=sr2,
+            device="cpu",
+        )

@@ -19,12 +19,20 @@ from show1_lightning.pipelines.released import ReleasedBehaviour, ReleasedCascad
 from show1_lightning.pipelines.released_tiny import build_tiny_released_folders
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = {"keyframe": {"num_steps": 2, "guidance_scale": 9.0, "num_frames": 3, "height": 8, "width": 12},
-        "interpolation": {"num_steps": 1, "guidance_scale": 4.0},
-        "image_sr": {"num_steps": 1, "guidance_scale": 4.0, "noise_level": 150},
-        "pixel_sr": {"num_steps": 1, "guidance_scale": 7.0, "noise_level": 250, "window_frames": 8},
-        "latent_sr": {"num_steps": 2, "guidance_scale": 15.0, "strength": 0.8, "height": 16, "width": 24,
-                      "negative_prompt": "low resolution, blur"}}
+FAST = {
+    "keyframe": {"num_steps": 2, "guidance_scale": 9.0, "num_frames": 3, "height": 8, "width": 12},
+    "interpolation": {"num_steps": 1, "guidance_scale": 4.0},
+    "image_sr": {"num_steps": 1, "guidance_scale": 4.0, "noise_level": 150},
+    "pixel_sr": {"num_steps": 1, "guidance_scale": 7.0, "noise_level": 250, "window_frames": 8},
+    "latent_sr": {
+        "num_steps": 2,
+        "guidance_scale": 15.0,
+        "strength": 0.8,
+        "height": 16,
+        "width": 24,
+        "negative_prompt": "low resolution, blur",
+    },
+}
 
 
 def beh(**switches) -> ReleasedBehaviour:
@@ -35,8 +43,12 @@ def beh(**switches) -> ReleasedBehaviour:
 def stages(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("released")
     build_tiny_released_folders(root, names=("show-1-base", "show-1-interpolation", "show-1-sr1", "show-1-sr2"))
-    names = {"keyframe": "show-1-base", "interpolation": "show-1-interpolation", "pixel_sr": "show-1-sr1",
-             "latent_sr": "show-1-sr2"}
+    names = {
+        "keyframe": "show-1-base",
+        "interpolation": "show-1-interpolation",
+        "pixel_sr": "show-1-sr1",
+        "latent_sr": "show-1-sr2",
+    }
     return {k: load_released_stage(root / v, k) for k, v in names.items()}
 
 
@@ -46,8 +58,14 @@ def spy(monkeypatch):
     calls: list[dict] = []
 
     def fake(model, scheduler, x, timesteps, guidance_scale, step_kwargs, per_frame=True, concat=None):
-        calls.append({"x": x.clone(), "concat": None if concat is None else concat.clone(), "per_frame": per_frame,
-                      "scheduler": scheduler})
+        calls.append(
+            {
+                "x": x.clone(),
+                "concat": None if concat is None else concat.clone(),
+                "per_frame": per_frame,
+                "scheduler": scheduler,
+            }
+        )
         return torch.full_like(x, float(len(calls) - 1))
 
     monkeypatch.setattr(rel, "official_denoise", fake)
@@ -69,8 +87,9 @@ def test_preset_files_set_every_switch():
     switches = {f.name for f in dataclasses.fields(ReleasedBehaviour)} - {"name", "schedules"}
     assert switches <= set(full)
     assert ReleasedBehaviour.from_dict(full) == dataclasses.replace(ReleasedBehaviour(), schedules=full["schedules"])
-    assert {k: v for k, v in fast.items() if k not in ("name", "schedules")} == \
-        {k: v for k, v in full.items() if k not in ("name", "schedules")}
+    assert {k: v for k, v in fast.items() if k not in ("name", "schedules")} == {
+        k: v for k, v in full.items() if k not in ("name", "schedules")
+    }
     assert full["schedules"]["pixel_sr"]["num_steps"] == 125 and fast["schedules"]["pixel_sr"]["num_steps"] == 50
     assert full["schedules"]["image_sr"]["num_steps"] == 70 and fast["schedules"]["image_sr"]["num_steps"] == 50
     assert fast["schedules"]["keyframe"] == full["schedules"]["keyframe"]
@@ -148,12 +167,14 @@ def test_sr1_overlapping_windows_switch(stages, spy):
     """5a. On: 8-frame windows with stride 7 (15 frames: 0-8, 7-15); off: 0-8, 8-15."""
     stage = stages["pixel_sr"]
     video = torch.rand(1, 3, 15, 2, 3) * 2 - 1
-    rel.run_released_stage("pixel_sr", stage, video, ["a cat"], [0], beh(sr1_overlapping_windows=True,
-                                                                          sr1_first_frame="noisy"))
+    rel.run_released_stage(
+        "pixel_sr", stage, video, ["a cat"], [0], beh(sr1_overlapping_windows=True, sr1_first_frame="noisy")
+    )
     assert [c["x"].shape[2] for c in spy] == [8, 8]
     spy.clear()
-    rel.run_released_stage("pixel_sr", stage, video, ["a cat"], [0], beh(sr1_overlapping_windows=False,
-                                                                          sr1_first_frame="noisy"))
+    rel.run_released_stage(
+        "pixel_sr", stage, video, ["a cat"], [0], beh(sr1_overlapping_windows=False, sr1_first_frame="noisy")
+    )
     assert [c["x"].shape[2] for c in spy] == [8, 7]
 
 
@@ -162,8 +183,7 @@ def test_sr1_first_frame_switch(stages, spy):
     stage = stages["pixel_sr"]
     video = torch.rand(1, 3, 8, 2, 3) * 2 - 1
     fake_sr = lambda image, emb, neg, h, w, seed, *a: torch.full((1, 3, h, w), 0.25)  # noqa: E731
-    rel.run_released_stage("pixel_sr", stage, video, ["a cat"], [0], beh(sr1_first_frame="image_sr"),
-                           image_sr=fake_sr)
+    rel.run_released_stage("pixel_sr", stage, video, ["a cat"], [0], beh(sr1_first_frame="image_sr"), image_sr=fake_sr)
     assert spy[0]["concat"][:, :, 0].eq(0.25).all()
     spy.clear()
     rel.run_released_stage("pixel_sr", stage, video, ["a cat"], [0], beh(sr1_first_frame="noisy"), image_sr=fake_sr)
@@ -181,12 +201,14 @@ def test_sr1_later_windows_condition_on_previous_output_and_overwrite(stages, sp
     """5b/5c. Window 1's frame 0 condition is window 0's output; with overwrite the shared frame is window 1's."""
     stage = stages["pixel_sr"]
     video = torch.rand(1, 3, 15, 2, 3) * 2 - 1
-    out = rel.run_released_stage("pixel_sr", stage, video, ["a cat"], [0],
-                                 beh(sr1_first_frame="noisy", sr1_overwrite_shared_frame=True))
+    out = rel.run_released_stage(
+        "pixel_sr", stage, video, ["a cat"], [0], beh(sr1_first_frame="noisy", sr1_overwrite_shared_frame=True)
+    )
     assert spy[1]["concat"][:, :, 0].eq(0).all()  # window 0 returned zeros
     assert out[0, :, 7].eq(1).all()
-    out = rel.run_released_stage("pixel_sr", stage, video, ["a cat"], [0],
-                                 beh(sr1_first_frame="noisy", sr1_overwrite_shared_frame=False))
+    out = rel.run_released_stage(
+        "pixel_sr", stage, video, ["a cat"], [0], beh(sr1_first_frame="noisy", sr1_overwrite_shared_frame=False)
+    )
     assert out[0, :, 7].eq(2).all()  # third call overall = window 0 of this run: the shared frame stays its
 
 
@@ -195,8 +217,9 @@ def test_sr2_uint8_pil_resize_switch(stages, monkeypatch):
     stage = stages["latent_sr"]
     seen: list[torch.Tensor] = []
     encode = stage.vae.encode
-    monkeypatch.setattr(stage.vae, "encode",
-                        lambda v, generator=None: (seen.append(v.clone()), encode(v, generator))[1])
+    monkeypatch.setattr(
+        stage.vae, "encode", lambda v, generator=None: (seen.append(v.clone()), encode(v, generator))[1]
+    )
     video = torch.rand(1, 3, 2, 8, 12) * 2 - 1
     rel.run_released_stage("latent_sr", stage, video, ["a cat"], [0], beh(sr2_uint8_pil_resize=True))
     levels = (seen[0] + 1) / 2 * 255
@@ -213,8 +236,11 @@ def test_sr2_sample_posterior_switch(stages, monkeypatch):
     stage = stages["latent_sr"]
     seen: list[bool] = []
     encode = stage.vae.encode
-    monkeypatch.setattr(stage.vae, "encode",
-                        lambda v, generator=None: (seen.append(stage.vae.sample_posterior), encode(v, generator))[1])
+    monkeypatch.setattr(
+        stage.vae,
+        "encode",
+        lambda v, generator=None: (seen.append(stage.vae.sample_posterior), encode(v, generator))[1],
+    )
     video = torch.rand(1, 3, 2, 8, 12) * 2 - 1
     rel.run_released_stage("latent_sr", stage, video, ["a cat"], [0], beh(sr2_sample_posterior=True))
     rel.run_released_stage("latent_sr", stage, video, ["a cat"], [0], beh(sr2_sample_posterior=False))
@@ -264,8 +290,21 @@ def test_official_parity_script():
 
     if not official_parity.reference_ready():
         pytest.skip("reference environment missing: python scripts/official_parity.py --setup")
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "official_parity.py"), "--seed", "3", "--prompt",
-                           "A Panda playing guitar", "--max-steps", "10"], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "official_parity.py"),
+            "--seed",
+            "3",
+            "--prompt",
+            "A Panda playing guitar",
+            "--max-steps",
+            "10",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert proc.stdout.count("max_abs_diff=") == 5
 

@@ -30,30 +30,47 @@ def _steps(ckpt_dir: Path) -> list[str]:
 # ---------------------------------------------------------------------------- configs that fail late
 
 
-@pytest.mark.parametrize("overrides, key", [
-    # text_encoder=none: nothing can encode the sample prompts; before, this failed at the first sample step
-    (("text_encoder=none", "text_dim=64", "data.text_cache_dir=/nonexistent", "callbacks.toy_adherence=null",
-      "callbacks.samples.every_n_steps=5000"), "callbacks.samples"),
-    (("text_encoder=none", "text_dim=64", "data.text_cache_dir=/nonexistent", "callbacks.samples=null"),
-     "callbacks.toy_adherence"),
-    (("text_encoder=none", "text_dim=64", *LEAN), "data.text_cache_dir"),
-    # sizes the UNet's 2 downsamplers cannot halve twice (the stock diffusers UNet resizes its skips silently)
-    (("model=unet3d_tiny", "stage.height=18", *LEAN), "stage.height/stage.width"),
-    (("stage.width=30", *LEAN), "stage.height/stage.width"),
-    # data delivering another size than the stage samples at
-    (("data.height=32", *LEAN), "data.height"),
-    (("data.num_frames=4", *LEAN), "data.num_frames"),
-    # sampling values that were silently replaced or accepted
-    (("stage.sampling.num_steps=0", *LEAN), "stage.sampling.num_steps"),
-    (("stage.sampling.guidance_scale=0", *LEAN), "stage.sampling.guidance_scale"),
-    (("stage.sampling.guidance_scale=-2.0", *LEAN), "stage.sampling.guidance_scale"),
-    (("callbacks.samples.num_steps=0", "callbacks.toy_adherence=null"), "callbacks.samples.num_steps"),
-    (("+callbacks.toy_adherence.guidance_scale=0", "callbacks.samples=null"),
-     "callbacks.toy_adherence.guidance_scale"),
-    (("experiment=toy_latent_sr", "vae@stage.vae=tiny", "stage.strength=1.5"), "stage.strength"),
-    (("experiment=toy_latent_sr", "vae@stage.vae=tiny", "stage.strength=0.01", "stage.sampling.num_steps=20"),
-     "stage.strength"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        # text_encoder=none: nothing can encode the sample prompts; before, this failed at the first sample step
+        (
+            (
+                "text_encoder=none",
+                "text_dim=64",
+                "data.text_cache_dir=/nonexistent",
+                "callbacks.toy_adherence=null",
+                "callbacks.samples.every_n_steps=5000",
+            ),
+            "callbacks.samples",
+        ),
+        (
+            ("text_encoder=none", "text_dim=64", "data.text_cache_dir=/nonexistent", "callbacks.samples=null"),
+            "callbacks.toy_adherence",
+        ),
+        (("text_encoder=none", "text_dim=64", *LEAN), "data.text_cache_dir"),
+        # sizes the UNet's 2 downsamplers cannot halve twice (the stock diffusers UNet resizes its skips silently)
+        (("model=unet3d_tiny", "stage.height=18", *LEAN), "stage.height/stage.width"),
+        (("stage.width=30", *LEAN), "stage.height/stage.width"),
+        # data delivering another size than the stage samples at
+        (("data.height=32", *LEAN), "data.height"),
+        (("data.num_frames=4", *LEAN), "data.num_frames"),
+        # sampling values that were silently replaced or accepted
+        (("stage.sampling.num_steps=0", *LEAN), "stage.sampling.num_steps"),
+        (("stage.sampling.guidance_scale=0", *LEAN), "stage.sampling.guidance_scale"),
+        (("stage.sampling.guidance_scale=-2.0", *LEAN), "stage.sampling.guidance_scale"),
+        (("callbacks.samples.num_steps=0", "callbacks.toy_adherence=null"), "callbacks.samples.num_steps"),
+        (
+            ("+callbacks.toy_adherence.guidance_scale=0", "callbacks.samples=null"),
+            "callbacks.toy_adherence.guidance_scale",
+        ),
+        (("experiment=toy_latent_sr", "vae@stage.vae=tiny", "stage.strength=1.5"), "stage.strength"),
+        (
+            ("experiment=toy_latent_sr", "vae@stage.vae=tiny", "stage.strength=0.01", "stage.sampling.num_steps=20"),
+            "stage.strength",
+        ),
+    ],
+)
 def test_late_failing_configs_fail_at_start_naming_the_key(compose_train, tmp_path, overrides, key):
     latent = "experiment=toy_latent_sr" in overrides  # its experiment has no sample callback for TINY_TRAIN to tune
     cfg = compose_train(tmp_path, *overrides, "trainer.max_steps=2", tiny=not latent)
@@ -72,11 +89,13 @@ def test_num_steps_zero_is_refused_not_replaced_by_the_default(compose_train, tm
     with pytest.raises(ValueError, match="guidance_scale must be > 0"):
         stage.generate(["a red circle moving left"], [0], num_steps=1, guidance_scale=-3.0)
     with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
-        stage.generate(["a red circle moving left"], [0], num_steps=1, strength=1.5,
-                       init=torch.zeros(1, *stage.sample_shape()))
+        stage.generate(
+            ["a red circle moving left"], [0], num_steps=1, strength=1.5, init=torch.zeros(1, *stage.sample_shape())
+        )
     with pytest.raises(ValueError, match="leaves no denoising step"):
-        stage.generate(["a red circle moving left"], [0], num_steps=4, strength=0.2,
-                       init=torch.zeros(1, *stage.sample_shape()))
+        stage.generate(
+            ["a red circle moving left"], [0], num_steps=4, strength=0.2, init=torch.zeros(1, *stage.sample_shape())
+        )
     assert stage.generate(["a red circle moving left"], [0], num_steps=1).shape[0] == 1  # 1 step still runs
 
 
@@ -95,7 +114,7 @@ def small_stages(toy_data_dir, tmp_path_factory):
         return hydra.utils.instantiate(cfg.stage, _convert_="all").eval()
 
     return {
-        "keyframe": build("toy", "stage.height=20", "stage.width=32"),       # the interpolation stage's size
+        "keyframe": build("toy", "stage.height=20", "stage.width=32"),  # the interpolation stage's size
         "keyframe_small": build("toy", "stage.height=8", "stage.width=16"),  # another size
         "keyframe_one": build("toy", "stage.num_frames=1", "stage.height=20", "stage.width=32"),
         "interpolation": build("toy_interpolation"),
@@ -148,10 +167,30 @@ def test_multinode_torchrun_without_run_name_gives_one_run_folder(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                "--master-addr", "127.0.0.1", "--master-port", str(port)]
-    nodes = [subprocess.Popen([*torchrun, "--node-rank", str(r), str(script), str(tmp_path)], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+    ]
+    nodes = [
+        subprocess.Popen(
+            [*torchrun, "--node-rank", str(r), str(script), str(tmp_path)],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     outs = [n.communicate(timeout=180)[0] for n in nodes]
     assert all(n.returncode == 0 for n in nodes), outs
     names = {(tmp_path / f"node{r}.txt").read_text() for r in (0, 1)}
@@ -174,10 +213,17 @@ class SignalAt(L.Callback):
 
 
 def _requeue_cfg(compose_train, tmp_path, *extra):
-    return compose_train(tmp_path, *LEAN, "trainer.max_steps=12", "data.epoch_length=20",
-                         "trainer.val_check_interval=1000", "callbacks.model_checkpoint.every_n_train_steps=1000",
-                         "+callbacks.signal_at._target_=test_run_safety.SignalAt", "+callbacks.signal_at.step=3",
-                         *extra)
+    return compose_train(
+        tmp_path,
+        *LEAN,
+        "trainer.max_steps=12",
+        "data.epoch_length=20",
+        "trainer.val_check_interval=1000",
+        "callbacks.model_checkpoint.every_n_train_steps=1000",
+        "+callbacks.signal_at._target_=test_run_safety.SignalAt",
+        "+callbacks.signal_at.step=3",
+        *extra,
+    )
 
 
 def test_submitit_requeue_signal_saves_last_checkpoint_before_submitit_exits(compose_train, tmp_path, monkeypatch):
@@ -206,7 +252,7 @@ def test_plain_slurm_requeue_saves_stops_requeues_and_resumes(compose_train, tmp
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "scontrol_calls.txt"
-    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     (bin_dir / "scontrol").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     previous = signal.signal(signal.SIGUSR1, signal.SIG_DFL)
@@ -218,27 +264,52 @@ def test_plain_slurm_requeue_saves_stops_requeues_and_resumes(compose_train, tmp
     step = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
     assert step in (3, 4)
     # The requeued job: same command, same run folder; resumes from that step and finishes.
-    train.train(compose_train(tmp_path, *LEAN, "trainer.max_steps=12", "data.epoch_length=20",
-                              "trainer.val_check_interval=1000", "callbacks.model_checkpoint.every_n_train_steps=6"))
+    train.train(
+        compose_train(
+            tmp_path,
+            *LEAN,
+            "trainer.max_steps=12",
+            "data.epoch_length=20",
+            "trainer.val_check_interval=1000",
+            "callbacks.model_checkpoint.every_n_train_steps=6",
+        )
+    )
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 12
-    assert [p.name for p in sorted((tmp_path / "checkpoints").glob("step_*"))] == ["step_0000006.ckpt",
-                                                                                    "step_0000012.ckpt"]
+    assert [p.name for p in sorted((tmp_path / "checkpoints").glob("step_*"))] == [
+        "step_0000006.ckpt",
+        "step_0000012.ckpt",
+    ]
 
 
-@pytest.mark.parametrize("keep_last, expected", [
-    (2, ["last.ckpt", "step_0000003.ckpt", "step_0000004.ckpt"]),
-    ("null", ["last.ckpt", "step_0000001.ckpt", "step_0000002.ckpt", "step_0000003.ckpt", "step_0000004.ckpt"]),
-])
+@pytest.mark.parametrize(
+    "keep_last, expected",
+    [
+        (2, ["last.ckpt", "step_0000003.ckpt", "step_0000004.ckpt"]),
+        ("null", ["last.ckpt", "step_0000001.ckpt", "step_0000002.ckpt", "step_0000003.ckpt", "step_0000004.ckpt"]),
+    ],
+)
 def test_keep_last_periodic_checkpoints(compose_train, tmp_path, keep_last, expected):
-    train.train(compose_train(tmp_path, *LEAN, "trainer.max_steps=4", "data.epoch_length=4",
-                              f"callbacks.model_checkpoint.keep_last={keep_last}"))
+    train.train(
+        compose_train(
+            tmp_path,
+            *LEAN,
+            "trainer.max_steps=4",
+            "data.epoch_length=4",
+            f"callbacks.model_checkpoint.keep_last={keep_last}",
+        )
+    )
     assert _steps(tmp_path / "checkpoints") == expected
 
 
 def test_default_keeps_more_than_one_periodic_checkpoint(compose_train, tmp_path):
     train.train(compose_train(tmp_path, *LEAN, "trainer.max_steps=4", "data.epoch_length=4"))
-    assert _steps(tmp_path / "checkpoints") == ["last.ckpt", "step_0000001.ckpt", "step_0000002.ckpt",
-                                                "step_0000003.ckpt", "step_0000004.ckpt"]
+    assert _steps(tmp_path / "checkpoints") == [
+        "last.ckpt",
+        "step_0000001.ckpt",
+        "step_0000002.ckpt",
+        "step_0000003.ckpt",
+        "step_0000004.ckpt",
+    ]
 
 
 def _wandb_runs(out: Path) -> list[str]:
@@ -260,8 +331,11 @@ def test_fresh_start_gets_a_fresh_wandb_run_resume_continues_it(compose_train, t
     train.train(compose_train(tmp_path, *wandb_args, "trainer.max_steps=4"))
     assert record.read_text().strip() == second and _wandb_runs(tmp_path).count(second) == 2
     # An explicit older checkpoint of the same run: its steps would go back in that wandb run, so a new one.
-    train.train(compose_train(tmp_path, *wandb_args, "trainer.max_steps=3",
-                              f"ckpt_path={tmp_path / 'checkpoints' / 'step_0000001.ckpt'}"))
+    train.train(
+        compose_train(
+            tmp_path, *wandb_args, "trainer.max_steps=3", f"ckpt_path={tmp_path / 'checkpoints' / 'step_0000001.ckpt'}"
+        )
+    )
     fourth = record.read_text().strip()
     assert fourth not in (first, second) and fourth in _wandb_runs(tmp_path)
 
@@ -274,13 +348,18 @@ def test_multirun_job_keeps_the_sweep_folder_its_launcher_made(tmp_path):
     from conftest import TINY_TRAIN
 
     cli = [a for a in TINY_TRAIN if not a.startswith("logger=")] + [
-        f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}", "logger=csv", *LEAN,
-        "hydra/launcher=submitit_local", f"hydra.launcher.submitit_folder={tmp_path / 'submitit'}",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        "logger=csv",
+        *LEAN,
+        "hydra/launcher=submitit_local",
+        f"hydra.launcher.submitit_folder={tmp_path / 'submitit'}",
         "hydra.launcher.timeout_min=10",
     ]
     env = dict(os.environ, WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1")
-    res = subprocess.run([sys.executable, "train.py", "-m", *cli], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "train.py", "-m", *cli], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     sweeps = list((tmp_path / "logs" / "train" / "multiruns").iterdir())
     assert len(sweeps) == 1, sweeps  # one folder: the launcher's, not one per process
@@ -308,8 +387,9 @@ def test_a_kill_during_export_leaves_the_previous_export(compose_train, tmp_path
         for p in stage.unet.parameters():
             p.add_(1.0)
     # Killed after the new UNet weights were written, before the scheduler and stage.json.
-    monkeypatch.setattr(type(stage.noise_scheduler), "save_pretrained",
-                        lambda self, *a, **k: (_ for _ in ()).throw(_Killed()))
+    monkeypatch.setattr(
+        type(stage.noise_scheduler), "save_pretrained", lambda self, *a, **k: (_ for _ in ()).throw(_Killed())
+    )
     with pytest.raises(_Killed):
         export_stage(stage, out, use_ema=False)
     monkeypatch.undo()

@@ -41,21 +41,38 @@ class _Payload:
 
 def _crafted_checkpoint(path: Path, marker: Path) -> Path:
     """A file that looks like a train.py checkpoint but whose pickle runs code when loaded."""
-    torch.save({"state_dict": {"w": torch.zeros(2)}, "stage_config": {"_target_": "x"}, "global_step": 1,
-                "pytorch-lightning_version": "2.6.6", "loops": {}, "hyper_parameters": _Payload(marker)}, path)
+    torch.save(
+        {
+            "state_dict": {"w": torch.zeros(2)},
+            "stage_config": {"_target_": "x"},
+            "global_step": 1,
+            "pytorch-lightning_version": "2.6.6",
+            "loops": {},
+            "hyper_parameters": _Payload(marker),
+        },
+        path,
+    )
     return path
 
 
 def _env() -> dict[str, str]:
     # TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD would switch torch.load's default to unsafe unpickling: the entry points
     # must refuse anyway (they pass weights_only=True explicitly and check the pickle before loading).
-    return dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{TESTS}", WANDB_MODE="offline", WANDB_SILENT="true",
-                OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="1", TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+    return dict(
+        os.environ,
+        PYTHONPATH=f"{ROOT}{os.pathsep}{TESTS}",
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        OMP_NUM_THREADS="1",
+        HYDRA_FULL_ERROR="1",
+        TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1",
+    )
 
 
 def _run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_the_crafted_pickle_really_runs_code_when_loaded_unsafely(tmp_path):
@@ -79,8 +96,18 @@ def test_load_stage_from_checkpoint_refuses_a_code_running_pickle(tmp_path):
 def test_generate_py_refuses_a_code_running_checkpoint(tmp_path):
     marker = tmp_path / "marker"
     ckpt = _crafted_checkpoint(tmp_path / "evil.ckpt", marker)
-    res = _run(["generate.py", f"stages.keyframe={ckpt}", "stages.interpolation=null", "stages.pixel_sr=null",
-                "stages.latent_sr=null", "logger.wandb=false", f"output_dir={tmp_path / 'out'}", "device=cpu"])
+    res = _run(
+        [
+            "generate.py",
+            f"stages.keyframe={ckpt}",
+            "stages.interpolation=null",
+            "stages.pixel_sr=null",
+            "stages.latent_sr=null",
+            "logger.wandb=false",
+            f"output_dir={tmp_path / 'out'}",
+            "device=cpu",
+        ]
+    )
     assert res.returncode != 0
     assert "UnsafeCheckpointError" in res.stderr and "refusing to load" in res.stderr, res.stderr[-3000:]
     assert not marker.exists()
@@ -94,10 +121,23 @@ def test_evaluate_py_cascade_generator_refuses_a_code_running_checkpoint(tmp_pat
     fx.write_tiny_metrics_conf(conf)
     marker = tmp_path / "marker"
     ckpt = _crafted_checkpoint(tmp_path / "evil.ckpt", marker)
-    res = _run(["evaluate.py", "--config-dir", str(conf), "benchmark=msrvtt", "eval_metrics=tiny",
-                f"assets.msrvtt_root={msr}", "benchmark.adapter.expected_videos=4", "generator=cascade",
-                f"generator.keyframe={ckpt}", f"output_dir={tmp_path / 'out'}", "fvd_cache_dir=null",
-                "logger.wandb=false", "device=cpu"])
+    res = _run(
+        [
+            "evaluate.py",
+            "--config-dir",
+            str(conf),
+            "benchmark=msrvtt",
+            "eval_metrics=tiny",
+            f"assets.msrvtt_root={msr}",
+            "benchmark.adapter.expected_videos=4",
+            "generator=cascade",
+            f"generator.keyframe={ckpt}",
+            f"output_dir={tmp_path / 'out'}",
+            "fvd_cache_dir=null",
+            "logger.wandb=false",
+            "device=cpu",
+        ]
+    )
     assert res.returncode != 0
     assert "UnsafeCheckpointError" in res.stderr and "refusing to load" in res.stderr, res.stderr[-3000:]
     assert not marker.exists()
@@ -108,8 +148,16 @@ def test_train_py_ckpt_path_refuses_a_code_running_checkpoint(tmp_path):
 
     marker = tmp_path / "marker"
     ckpt = _crafted_checkpoint(tmp_path / "evil.ckpt", marker)
-    res = _run(["train.py", *[a for a in TINY_TRAIN if not a.startswith("logger=")], "logger=csv",
-                f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}", f"ckpt_path={ckpt}"])
+    res = _run(
+        [
+            "train.py",
+            *[a for a in TINY_TRAIN if not a.startswith("logger=")],
+            "logger=csv",
+            f"paths.data_dir={tmp_path / 'data'}",
+            f"paths.log_dir={tmp_path / 'logs'}",
+            f"ckpt_path={ckpt}",
+        ]
+    )
     assert res.returncode != 0
     assert "UnsafeCheckpointError" in res.stderr and "refusing to load" in res.stderr, res.stderr[-3000:]
     assert "builtins.exec" in res.stderr
@@ -128,18 +176,36 @@ def _write_marker(marker: Path) -> dict:
     return {"_target_": "show1_lightning.fileio.atomic_write_text", "path": str(marker), "text": "pwned"}
 
 
-@pytest.mark.parametrize("name, make_config", [
-    ("project helper", lambda marker: _write_marker(marker)),
-    ("nested project helper", lambda marker: {"_target_": "show1_lightning.stages.keyframe.KeyframeStage",
-                                              "unet": _write_marker(marker)}),
-    ("top-level", lambda code: {"_target_": "builtins.exec", "_args_": [code]}),
-    ("nested", lambda code: {"_target_": "show1_lightning.stages.keyframe.KeyframeStage",
-                             "unet": {"_target_": "builtins.exec", "_args_": [code]}}),
-    # A prefix of the project's package is not enough: attribute paths reach any module it imports.
-    ("prefix", lambda code: {"_target_": "show1_lightning.runtime.os.system", "_args_": [f"python3 -c \"{code}\""]}),
-    ("in a list", lambda code: {"_target_": "show1_lightning.stages.keyframe.KeyframeStage",
-                                "x": [{"_target_": "builtins.exec", "_args_": [code]}]}),
-])
+@pytest.mark.parametrize(
+    "name, make_config",
+    [
+        ("project helper", lambda marker: _write_marker(marker)),
+        (
+            "nested project helper",
+            lambda marker: {
+                "_target_": "show1_lightning.stages.keyframe.KeyframeStage",
+                "unet": _write_marker(marker),
+            },
+        ),
+        ("top-level", lambda code: {"_target_": "builtins.exec", "_args_": [code]}),
+        (
+            "nested",
+            lambda code: {
+                "_target_": "show1_lightning.stages.keyframe.KeyframeStage",
+                "unet": {"_target_": "builtins.exec", "_args_": [code]},
+            },
+        ),
+        # A prefix of the project's package is not enough: attribute paths reach any module it imports.
+        ("prefix", lambda code: {"_target_": "show1_lightning.runtime.os.system", "_args_": [f'python3 -c "{code}"']}),
+        (
+            "in a list",
+            lambda code: {
+                "_target_": "show1_lightning.stages.keyframe.KeyframeStage",
+                "x": [{"_target_": "builtins.exec", "_args_": [code]}],
+            },
+        ),
+    ],
+)
 def test_stored_stage_config_with_a_foreign_target_is_refused(tmp_path, name, make_config):
     marker = tmp_path / "marker"
     code = f"open({str(marker)!r}, 'w').write('pwned')"
@@ -150,8 +216,10 @@ def test_stored_stage_config_with_a_foreign_target_is_refused(tmp_path, name, ma
 
 
 def test_stored_stage_config_with_an_interpolation_is_refused(tmp_path):
-    cfg = {"_target_": "show1_lightning.stages.keyframe.KeyframeStage",
-           "sampling": {"negative_prompt": "${oc.env:HOME}"}}
+    cfg = {
+        "_target_": "show1_lightning.stages.keyframe.KeyframeStage",
+        "sampling": {"negative_prompt": "${oc.env:HOME}"},
+    }
     with pytest.raises(UnsafeCheckpointError, match="interpolation"):
         check_stage_config(cfg, "x")
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import webvid_to_shards  # data/ is on the test path (pyproject.toml)
 
 from show1_lightning.data.datamodule import VideoDataModule
 from show1_lightning.data.frame_sampling import ClipTooShortError, compute_stride, sample_frame_indices
@@ -22,8 +23,6 @@ from show1_lightning.data.shards import (
 )
 from show1_lightning.data.toy_data import make_toy_clip
 from show1_lightning.data.video_io import VideoDecodeError, decode_video, encode_mp4, to_float_video
-
-import webvid_to_shards  # data/ is on the test path (pyproject.toml)
 
 
 def _clip(i: int, frames: int = 16, fps: float = 16) -> tuple[np.ndarray, bytes]:
@@ -164,8 +163,16 @@ def test_round_trip_through_datamodule(tmp_path: Path) -> None:
             frames, mp4 = _clip(i, frames=8)
             key = w.write(mp4, f"clip number {i}", {"url": None})
             originals[key] = (decode_video(mp4).frames, f"clip number {i}", frames)
-    dm = VideoDataModule(train_shards=f"{tmp_path}/{{00000..00001}}.tar", val_shards=str(tmp_path / "*.tar"),
-                         num_frames=8, target_fps=None, height=80, width=128, batch_size=2, val_batches=3)
+    dm = VideoDataModule(
+        train_shards=f"{tmp_path}/{{00000..00001}}.tar",
+        val_shards=str(tmp_path / "*.tar"),
+        num_frames=8,
+        target_fps=None,
+        height=80,
+        width=128,
+        batch_size=2,
+        val_batches=3,
+    )
     seen = []
     for batch in dm.val_dataloader():
         for video, caption, key in zip(batch["video"], batch["caption"], batch["key"]):
@@ -216,8 +223,12 @@ def test_webvid_conversion_skips_bad_rows(tmp_path: Path) -> None:
         for vid, name, dur in rows:
             wr.writerow([vid, name, 1, "001", dur, f"https://example.com/{vid}.mp4"])
     out = tmp_path / "shards"
-    assert webvid_to_shards.main(["--csv", str(csv_path), "--videos", str(videos), "--out", str(out),
-                                  "--samples-per-shard", "2"]) == 0
+    assert (
+        webvid_to_shards.main(
+            ["--csv", str(csv_path), "--videos", str(videos), "--out", str(out), "--samples-per-shard", "2"]
+        )
+        == 0
+    )
     stats = json.loads((out / "stats.json").read_text())
     assert stats["written"] == 3 and stats["skipped"] == 3
     assert stats["skip_reasons"] == {"undecodable": 1, "missing": 1, "bad duration": 1}

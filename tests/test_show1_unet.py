@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from diffusers import UNet2DConditionModel, UNet3DConditionModel
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
 from numerics import REORDER, assert_close_rel, assert_differ_rel
+from safetensors.torch import load_file, save_file
+
 from show1_lightning.models.show1_unet import (
     Show1SR2UNet3DConditionModel,
     Show1UNet3DConditionModel,
@@ -37,6 +37,8 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 # Tiny configs in the released schema (keys as in the released unet/config.json files).
@@ -98,8 +100,9 @@ def _inputs(cfg: dict, batch: int = 2, frames: int = 3, size: int = 8, seed: int
     kw = {
         "sample": torch.randn(batch, cfg["in_channels"], frames, size, size, generator=g),
         "timestep": torch.tensor([3, 700])[:batch],
-        "encoder_hidden_states": torch.randn(batch, TEXT_LEN, cfg.get("encoder_hid_dim") or cfg["cross_attention_dim"],
-                                             generator=g),
+        "encoder_hidden_states": torch.randn(
+            batch, TEXT_LEN, cfg.get("encoder_hid_dim") or cfg["cross_attention_dim"], generator=g
+        ),
     }
     if cfg.get("class_embed_type") == "timestep":
         kw["class_labels"] = torch.tensor([250, 100])[:batch]
@@ -196,7 +199,9 @@ def test_sr2_without_input_transformer(tmp_path):
     model = _build({**TINY_SR2, "use_transformer_in": False})
     assert not any(k.startswith("transformer_in.") for k in model.state_dict())
     # the official class's (misspelt) key is honoured too
-    assert not any(k.startswith("transformer_in.") for k in _build({**TINY_SR2, "transfromer_in_opt": False}).state_dict())
+    assert not any(
+        k.startswith("transformer_in.") for k in _build({**TINY_SR2, "transfromer_in_opt": False}).state_dict()
+    )
     root = _save_released_layout(model, tmp_path)
     loaded, info = Show1SR2UNet3DConditionModel.from_pretrained(root, subfolder="unet", output_loading_info=True)
     assert info["missing_keys"] == [] and info["unexpected_keys"] == []
@@ -294,8 +299,11 @@ EXPECTED_KEYS = {
 # cross-attention-only layers (IF-II) have no spatial to_k/to_v.
 ABSENT_KEYS = {
     "show-1-base": ["transformer_in.proj_in.weight", "class_embedding.linear_1.weight"],
-    "show-1-sr1": ["transformer_in.proj_in.weight", "down_blocks.3.attentions.0.to_k.weight",
-                   "mid_block.attentions.0.to_v.weight"],
+    "show-1-sr1": [
+        "transformer_in.proj_in.weight",
+        "down_blocks.3.attentions.0.to_k.weight",
+        "mid_block.attentions.0.to_v.weight",
+    ],
 }
 
 
@@ -349,10 +357,16 @@ def test_gradients_flow_to_all_conditioning_paths():
     kw["sample"].requires_grad_(True)
     model(**kw).sample.square().mean().backward()
     assert kw["sample"].grad.abs().sum() > 0
-    for name in ["conv_in.weight", "encoder_hid_proj.weight", "class_embedding.linear_1.weight",
-                 "add_embedding.proj.weight", "down_blocks.2.attentions.0.add_k_proj.weight",
-                 "down_blocks.2.temp_attentions.0.proj_out.weight", "down_blocks.0.temp_convs.0.conv4.3.weight",
-                 "conv_out.weight"]:
+    for name in [
+        "conv_in.weight",
+        "encoder_hid_proj.weight",
+        "class_embedding.linear_1.weight",
+        "add_embedding.proj.weight",
+        "down_blocks.2.attentions.0.add_k_proj.weight",
+        "down_blocks.2.temp_attentions.0.proj_out.weight",
+        "down_blocks.0.temp_convs.0.conv4.3.weight",
+        "conv_out.weight",
+    ]:
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
     missing = [n for n, p in model.named_parameters() if p.grad is None]
@@ -454,8 +468,13 @@ def test_bad_inputs_raise_clear_errors(bad, match):
 
 def test_bad_configs_raise_clear_errors():
     with pytest.raises(ValueError, match="Show1SR2UNet3DConditionModel"):
-        Show1UNet3DConditionModel.from_config({**TINY_BASE, "down_block_types": ["DownBlock3D", "DownBlock3D"],
-                                                "up_block_types": ["UpBlock3D", "UpBlock3D"]})
+        Show1UNet3DConditionModel.from_config(
+            {
+                **TINY_BASE,
+                "down_block_types": ["DownBlock3D", "DownBlock3D"],
+                "up_block_types": ["UpBlock3D", "UpBlock3D"],
+            }
+        )
     with pytest.raises(ValueError, match="block_out_channels"):
         Show1UNet3DConditionModel.from_config({**TINY_BASE, "block_out_channels": [32, 64, 64]})
     with pytest.raises(ValueError, match="unknown config overrides"):
@@ -471,8 +490,9 @@ def test_released_diffusers_0193_temporal_reshape_equals_current_maths():
     Followed by the same permute and reshape, both give identical tensors, so no option is needed: recompute the
     released forward by hand from the module's own layers and compare with the module (diffusers 0.42.1)."""
     torch.manual_seed(0)
-    module = TransformerTemporalModel(num_attention_heads=2, attention_head_dim=8, in_channels=16,
-                                      norm_num_groups=8).eval()
+    module = TransformerTemporalModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=16, norm_num_groups=8
+    ).eval()
     b, f, c, h, w = 2, 5, 16, 3, 4
     x = torch.randn(b * f, c, h, w)
     with torch.no_grad():
@@ -509,8 +529,15 @@ def test_released_train_mode_dropout_only_touches_dropout():
 
 
 # ----------------------------------------------------------------------------- Hydra nodes
-@pytest.mark.parametrize("node, name", [("show1_base", "show-1-base"), ("show1_interpolation", "show-1-interpolation"),
-                                        ("show1_sr1", "show-1-sr1"), ("show1_sr2", "show-1-sr2")])
+@pytest.mark.parametrize(
+    "node, name",
+    [
+        ("show1_base", "show-1-base"),
+        ("show1_interpolation", "show-1-interpolation"),
+        ("show1_sr1", "show-1-sr1"),
+        ("show1_sr2", "show-1-sr2"),
+    ],
+)
 def test_hydra_model_nodes_instantiate(node, name):
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
@@ -530,8 +557,11 @@ def test_hydra_model_nodes_instantiate(node, name):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name, shape, text_dim",
-    [("show-1-base", (1, 3, 2, 40, 64), 4096), ("show-1-sr1", (1, 6, 2, 32, 32), 4096),
-     ("show-1-sr2", (1, 4, 2, 40, 72), 1024)],
+    [
+        ("show-1-base", (1, 3, 2, 40, 64), 4096),
+        ("show-1-sr1", (1, 6, 2, 32, 32), 4096),
+        ("show-1-sr2", (1, 4, 2, 40, 72), 1024),
+    ],
 )
 def test_full_size_forward_bf16(name, shape, text_dim):
     """Full-size models run a forward pass (bf16 on CPU, random weights; ~1-2 min and ~6 GB each)."""
@@ -543,7 +573,8 @@ def test_full_size_forward_bf16(name, shape, text_dim):
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
         kw = {"class_labels": torch.tensor([250])} if name == "show-1-sr1" else {}
-        out = model(torch.randn(shape).bfloat16(), torch.tensor([500]), torch.randn(1, 77, text_dim).bfloat16(),
-                    **kw).sample
+        out = model(
+            torch.randn(shape).bfloat16(), torch.tensor([500]), torch.randn(1, 77, text_dim).bfloat16(), **kw
+        ).sample
     assert out.shape == (1, model.config.out_channels, *shape[2:])
     assert torch.isfinite(out).all()

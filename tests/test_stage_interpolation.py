@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet3DConditionModel
-
 from numerics import assert_close_rel, assert_differ_rel
+
 from show1_lightning.models.text_encoder import TextEncoder
 from show1_lightning.stages.interpolation import InterpolationStage, window_seeds
 
@@ -23,15 +23,27 @@ def make_stage(**kwargs) -> InterpolationStage:
     torch.manual_seed(0)
     defaults = dict(
         unet=UNet3DConditionModel(
-            in_channels=7, out_channels=3, down_block_types=["DownBlock3D", "CrossAttnDownBlock3D"],
-            up_block_types=["CrossAttnUpBlock3D", "UpBlock3D"], block_out_channels=[16, 32], layers_per_block=1,
-            norm_num_groups=8, attention_head_dim=8, cross_attention_dim=TEXT_DIM),
-        noise_scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                                      clip_sample=False, variance_type="fixed_small"),
+            in_channels=7,
+            out_channels=3,
+            down_block_types=["DownBlock3D", "CrossAttnDownBlock3D"],
+            up_block_types=["CrossAttnUpBlock3D", "UpBlock3D"],
+            block_out_channels=[16, 32],
+            layers_per_block=1,
+            norm_num_groups=8,
+            attention_head_dim=8,
+            cross_attention_dim=TEXT_DIM,
+        ),
+        noise_scheduler=DDPMScheduler(
+            num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False, variance_type="fixed_small"
+        ),
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
         text_encoder=TextEncoder(kind="t5", max_length=8, tiny_dim=TEXT_DIM, tiny_layers=1),
-        num_frames=5, insert_frames=3, height=8, width=16,
-        ema={"enabled": False}, sampling={"num_steps": 2, "guidance_scale": 4.0},
+        num_frames=5,
+        insert_frames=3,
+        height=8,
+        width=16,
+        ema={"enabled": False},
+        sampling={"num_steps": 2, "guidance_scale": 4.0},
     )
     defaults.update(kwargs)
     return InterpolationStage(**defaults)
@@ -83,8 +95,9 @@ def test_training_step_loss_finite_and_gradients_reach_unet(stage: Interpolation
     stage.unet.zero_grad()
 
 
-def test_stitching_places_windows_and_keeps_keyframes(stage: InterpolationStage,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stitching_places_windows_and_keeps_keyframes(
+    stage: InterpolationStage, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A stand-in denoiser that returns its blend condition: the stitched video is then the linear interpolation
     of the keyframes over 29 frames, which checks every window lands at its place."""
     calls = []
@@ -132,8 +145,9 @@ def test_interpolate_real_sampler_8_to_29(stage: InterpolationStage) -> None:
     new = torch.ones(29, dtype=torch.bool)
     new[::4] = False
     # The model writes the new frames (not a blend that slipped through): far above rounding noise.
-    assert_differ_rel(out[:, :, new], F.interpolate(keys, size=(29, 8, 16), mode="trilinear",
-                                                    align_corners=True)[:, :, new])
+    assert_differ_rel(
+        out[:, :, new], F.interpolate(keys, size=(29, 8, 16), mode="trilinear", align_corners=True)[:, :, new]
+    )
     # A video's frames depend on its own prompt and seed only, not on the batch. A batch of 1 runs kernels
     # blocked differently from a batch of 2, so equal up to reordered float32 sums (numerics.REORDER).
     single = stage.interpolate(keys[1:], ["a blue square"], [6])
@@ -150,20 +164,42 @@ def test_errors(stage: InterpolationStage) -> None:
     with pytest.raises(ValueError, match="N >= 2"):
         stage.interpolate(video(1, 1), ["a"], [0])
     with pytest.raises(ValueError, match="3 sample \\+ 4 condition"):
-        make_stage(num_frames=6, insert_frames=4, unet=UNet3DConditionModel(
-            in_channels=3, out_channels=3, down_block_types=["DownBlock3D"], up_block_types=["UpBlock3D"],
-            block_out_channels=[16], layers_per_block=1, norm_num_groups=8, cross_attention_dim=TEXT_DIM))
+        make_stage(
+            num_frames=6,
+            insert_frames=4,
+            unet=UNet3DConditionModel(
+                in_channels=3,
+                out_channels=3,
+                down_block_types=["DownBlock3D"],
+                up_block_types=["UpBlock3D"],
+                block_out_channels=[16],
+                layers_per_block=1,
+                norm_num_groups=8,
+                cross_attention_dim=TEXT_DIM,
+            ),
+        )
 
 
 def test_toy_experiment_trains_through_hydra(compose_train, tmp_path: Path) -> None:
     """`python train.py experiment=toy_interpolation`, shortened: compose, 2 steps, checkpoint and EMA export."""
-    import train
     from omegaconf import open_dict
 
-    cfg = compose_train(tmp_path, "experiment=toy_interpolation", "logger=csv", "trainer.max_steps=2",
-                        "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "data.batch_size=2",
-                        "data.num_workers=0", "data.epoch_length=2", "data.val_batches=1",
-                        "callbacks.model_checkpoint.every_n_train_steps=1", tiny=False)
+    import train
+
+    cfg = compose_train(
+        tmp_path,
+        "experiment=toy_interpolation",
+        "logger=csv",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "data.epoch_length=2",
+        "data.val_batches=1",
+        "callbacks.model_checkpoint.every_n_train_steps=1",
+        tiny=False,
+    )
     with open_dict(cfg):
         cfg.callbacks.pop("progress_bar", None)
     assert cfg.stage._target_.endswith("InterpolationStage")

@@ -10,10 +10,10 @@ import torch
 from hydra import compose, initialize
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
+from numerics import assert_close_rel, assert_differ_rel
 from omegaconf import DictConfig, open_dict
 
 import train  # noqa: F401  (registers the OmegaConf resolvers)
-from numerics import assert_close_rel, assert_differ_rel
 from show1_lightning.models.vae import VideoVAE, tiny_autoencoder
 from show1_lightning.stages.latent_sr import LatentSRStage
 from show1_lightning.stages.loading import load_stage_from_checkpoint
@@ -51,8 +51,10 @@ def stage() -> LatentSRStage:
 
 def _batch(b: int = 2, t: int = 2, h: int = 32, w: int = 48, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {"video": torch.rand(b, 3, t, h, w, generator=g) * 2 - 1,
-            "caption": ["a red circle moving left", "a blue square moving up"][:b] * (b // 2 or 1)}
+    return {
+        "video": torch.rand(b, 3, t, h, w, generator=g) * 2 - 1,
+        "caption": ["a red circle moving left", "a blue square moving up"][:b] * (b // 2 or 1),
+    }
 
 
 class TimestepSpy:
@@ -133,8 +135,9 @@ def test_full_range_stage_exceeds_900() -> None:
 def test_upscale_starts_at_t799_with_50_steps(stage: LatentSRStage) -> None:
     spy = TimestepSpy(stage.unet)
     try:
-        out = stage.upscale(_batch(b=1, h=16, w=24)["video"], ["a red circle moving left"], [0],
-                            num_steps=50, use_ema=False)
+        out = stage.upscale(
+            _batch(b=1, h=16, w=24)["video"], ["a red circle moving left"], [0], num_steps=50, use_ema=False
+        )
         ts = spy.all()
     finally:
         spy.close()
@@ -206,16 +209,32 @@ def test_errors(stage: LatentSRStage) -> None:
 def test_toy_experiment_trains_through_hydra(tmp_path: Path) -> None:
     """`python train.py experiment=toy_latent_sr`, shortened: 2 steps, checkpoint, reload without the VAE."""
     data_dir = Path(__file__).resolve().parents[1] / ".cache" / "data"
-    cfg = _compose("experiment=toy_latent_sr", "vae@stage.vae=tiny", "logger=csv", "callbacks=none",
-                   "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
-                   "trainer.enable_progress_bar=false", "data.num_workers=0", "data.batch_size=1",
-                   "data.epoch_length=2", "data.val_batches=1", "stage.num_frames=2",
-                   f"paths.data_dir={data_dir}")
+    cfg = _compose(
+        "experiment=toy_latent_sr",
+        "vae@stage.vae=tiny",
+        "logger=csv",
+        "callbacks=none",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false",
+        "data.num_workers=0",
+        "data.batch_size=1",
+        "data.epoch_length=2",
+        "data.val_batches=1",
+        "stage.num_frames=2",
+        f"paths.data_dir={data_dir}",
+    )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
         cfg.paths.work_dir = str(tmp_path)
-        cfg.callbacks = {"ckpt": {"_target_": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                  "dirpath": str(tmp_path / "checkpoints"), "save_last": True}}
+        cfg.callbacks = {
+            "ckpt": {
+                "_target_": "lightning.pytorch.callbacks.ModelCheckpoint",
+                "dirpath": str(tmp_path / "checkpoints"),
+                "save_last": True,
+            }
+        }
     metrics = train.train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"])) and "val/loss" in metrics
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
@@ -231,9 +250,18 @@ def test_toy_experiment_trains_through_hydra(tmp_path: Path) -> None:
 def test_toy_experiment_with_fitted_toy_vae(tmp_path: Path) -> None:
     """The real toy config (vae=toy: the tiny VAE fitted on the toy clips on first use, cached in data_dir)."""
     data_dir = Path(__file__).resolve().parents[1] / ".cache" / "data"
-    cfg = _compose("experiment=toy_latent_sr", "logger=csv", "callbacks=none", "trainer.max_steps=2",
-                   "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "data.num_workers=0",
-                   "data.epoch_length=2", "data.val_batches=1", f"paths.data_dir={data_dir}")
+    cfg = _compose(
+        "experiment=toy_latent_sr",
+        "logger=csv",
+        "callbacks=none",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+        "data.num_workers=0",
+        "data.epoch_length=2",
+        "data.val_batches=1",
+        f"paths.data_dir={data_dir}",
+    )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
         cfg.paths.work_dir = str(tmp_path)

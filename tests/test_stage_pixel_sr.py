@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet3DConditionModel
-
 from numerics import assert_close_rel, assert_differ_rel
+
 from show1_lightning.diffusion.module import StageCondition
 from show1_lightning.models.show1_unet import build_show1_unet
 from show1_lightning.models.text_encoder import TextEncoder
@@ -21,11 +21,19 @@ TEXT_DIM = 32
 # A tiny show-1-sr1-style UNet: the released sr1 config with small widths (channels multiples of 32: the temporal
 # convolutions and the group-normed text states use 32 norm groups).
 TINY_SR = dict(
-    in_channels=6, out_channels=6, block_out_channels=[32, 32], layers_per_block=[1, 1],
+    in_channels=6,
+    out_channels=6,
+    block_out_channels=[32, 32],
+    layers_per_block=[1, 1],
     down_block_types=["ResnetDownsampleBlock3D", "SimpleCrossAttnDownBlock3D"],
     up_block_types=["SimpleCrossAttnUpBlock3D", "ResnetUpsampleBlock3D"],
-    norm_num_groups=8, attention_head_dim=8, cross_attention_dim=32, encoder_hid_dim=TEXT_DIM,
-    addition_embed_type_num_heads=2, time_embedding_dim=32, sample_size=16,
+    norm_num_groups=8,
+    attention_head_dim=8,
+    cross_attention_dim=32,
+    encoder_hid_dim=TEXT_DIM,
+    addition_embed_type_num_heads=2,
+    time_embedding_dim=32,
+    sample_size=16,
 )
 
 
@@ -33,12 +41,20 @@ def make_stage(**kwargs) -> PixelSRStage:
     torch.manual_seed(0)
     defaults = dict(
         unet=build_show1_unet("show-1-sr1", **TINY_SR),
-        noise_scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                                      clip_sample=False, variance_type="fixed_small"),
+        noise_scheduler=DDPMScheduler(
+            num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False, variance_type="fixed_small"
+        ),
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3),
         text_encoder=TextEncoder(kind="t5", max_length=8, tiny_dim=TEXT_DIM, tiny_layers=1),
-        num_frames=3, height=16, width=32, scale_factor=4, max_aug_level=999, noise_level=250, window_frames=3,
-        ema={"enabled": False}, sampling={"num_steps": 2, "guidance_scale": 3.0},
+        num_frames=3,
+        height=16,
+        width=32,
+        scale_factor=4,
+        max_aug_level=999,
+        noise_level=250,
+        window_frames=3,
+        ema={"enabled": False},
+        sampling={"num_steps": 2, "guidance_scale": 3.0},
     )
     defaults.update(kwargs)
     return PixelSRStage(**defaults)
@@ -134,8 +150,12 @@ def test_train_crop_and_clean_first_frame() -> None:
     assert x0.shape == (3, 3, 3, 8, 16) and cond.concat.shape == x0.shape
     assert torch.equal(cond.concat[:, :, 0], x0[:, :, 0])  # clean first condition frame
     for crop in x0:  # every crop is a window of its clip at offsets that are multiples of the scale factor
-        assert any(torch.equal(crop, clip[..., y:y + 8, x:x + 16])
-                   for clip in hr for y in range(0, 9, 4) for x in range(0, 17, 4))
+        assert any(
+            torch.equal(crop, clip[..., y : y + 8, x : x + 16])
+            for clip in hr
+            for y in range(0, 9, 4)
+            for x in range(0, 17, 4)
+        )
     with pytest.raises(ValueError, match="train_crop"):
         make_stage(train_crop=[6, 16])
 
@@ -169,8 +189,12 @@ def test_upsample_stitching(overlap: bool, monkeypatch: pytest.MonkeyPatch) -> N
     if not overlap:
         # Windows of equal length batched together: (0,3), (3,6) of both videos in one call, (6,7) in another.
         assert [c.concat.shape[:3] for c in calls] == [(4, 3, 3), (2, 3, 1)]
-        full = torch.cat([torch.cat([calls[0].concat[0], calls[0].concat[1], calls[1].concat[0]], dim=1)[None],
-                          torch.cat([calls[0].concat[2], calls[0].concat[3], calls[1].concat[1]], dim=1)[None]])
+        full = torch.cat(
+            [
+                torch.cat([calls[0].concat[0], calls[0].concat[1], calls[1].concat[0]], dim=1)[None],
+                torch.cat([calls[0].concat[2], calls[0].concat[3], calls[1].concat[1]], dim=1)[None],
+            ]
+        )
         assert torch.equal(out, full + 1.0)
     else:
         # Windows (0,3), (2,5), (4,7) one after another; frame 0 of later windows is conditioned on the output.
@@ -210,9 +234,18 @@ def test_errors(stage: PixelSRStage) -> None:
     with pytest.raises(ValueError, match="upsample"):
         stage.generate(["a"], [0])
     with pytest.raises(ValueError, match="class embedding"):
-        make_stage(unet=UNet3DConditionModel(
-            in_channels=6, out_channels=3, down_block_types=["DownBlock3D"], up_block_types=["UpBlock3D"],
-            block_out_channels=[32], layers_per_block=1, norm_num_groups=8, cross_attention_dim=TEXT_DIM))
+        make_stage(
+            unet=UNet3DConditionModel(
+                in_channels=6,
+                out_channels=3,
+                down_block_types=["DownBlock3D"],
+                up_block_types=["UpBlock3D"],
+                block_out_channels=[32],
+                layers_per_block=1,
+                norm_num_groups=8,
+                cross_attention_dim=TEXT_DIM,
+            )
+        )
     with pytest.raises(ValueError, match="high-res clips"):
         stage.training_inputs({"video": video(1, 3, 8, 16)})
     with pytest.raises(ValueError, match="noise_level"):
@@ -221,13 +254,24 @@ def test_errors(stage: PixelSRStage) -> None:
 
 def test_toy_experiment_trains_through_hydra(compose_train, tmp_path: Path) -> None:
     """`python train.py experiment=toy_pixel_sr`, shortened: compose, 2 steps, checkpoint and EMA export."""
-    import train
     from omegaconf import open_dict
 
-    cfg = compose_train(tmp_path, "experiment=toy_pixel_sr", "logger=csv", "trainer.max_steps=2",
-                        "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "data.batch_size=1",
-                        "data.num_workers=0", "data.epoch_length=2", "data.val_batches=1",
-                        "callbacks.model_checkpoint.every_n_train_steps=1", tiny=False)
+    import train
+
+    cfg = compose_train(
+        tmp_path,
+        "experiment=toy_pixel_sr",
+        "logger=csv",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+        "data.batch_size=1",
+        "data.num_workers=0",
+        "data.epoch_length=2",
+        "data.val_batches=1",
+        "callbacks.model_checkpoint.every_n_train_steps=1",
+        tiny=False,
+    )
     with open_dict(cfg):
         cfg.callbacks.pop("progress_bar", None)
     assert cfg.stage._target_.endswith("PixelSRStage") and cfg.data.target_fps == 16

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tats_parity  # scripts/ is on the test path (pyproject.toml)
 import torch
 from torch import nn
 
@@ -25,7 +26,6 @@ from evaluation.i3d import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-import tats_parity  # scripts/ is on the test path (pyproject.toml)
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +58,15 @@ def test_tats_unit_equals_torch_conv_and_batchnorm3d_eps_1e5(stride: int) -> Non
         unit.bn_mean.normal_()
         unit.bn_var.uniform_(1e-4, 1e-2)  # small variances: eps 1e-3 vs 1e-5 matters here
     bn = nn.BatchNorm3d(6, eps=1e-5).eval()
-    bn.load_state_dict({"weight": torch.ones(6), "bias": unit.bn_beta.detach(), "running_mean": unit.bn_mean,
-                        "running_var": unit.bn_var, "num_batches_tracked": torch.tensor(0)})
+    bn.load_state_dict(
+        {
+            "weight": torch.ones(6),
+            "bias": unit.bn_beta.detach(),
+            "running_mean": unit.bn_mean,
+            "running_var": unit.bn_var,
+            "num_batches_tracked": torch.tensor(0),
+        }
+    )
     conv = nn.Conv3d(4, 6, 3, stride, bias=False)
     conv.weight.data.copy_(unit.conv.weight)
     x = torch.randn(2, 4, 5, 9, 9)
@@ -76,8 +83,14 @@ def test_tats_unit_equals_torch_conv_and_batchnorm3d_eps_1e5(stride: int) -> Non
     assert (folded - ref).abs().max() <= 1e-5 * scale
     # ... and eps does matter: the TF eps (1e-3) gives a visibly different output on these variances.
     unit_tf = Unit3D(4, 6, 3, stride, bn_eps=1e-3)
-    unit_tf.load_state_dict(dict(zip(("conv.weight", "bn_beta", "bn_mean", "bn_var"),
-                                     (conv.weight, bn.bias, bn.running_mean, bn.running_var))))
+    unit_tf.load_state_dict(
+        dict(
+            zip(
+                ("conv.weight", "bn_beta", "bn_mean", "bn_var"),
+                (conv.weight, bn.bias, bn.running_mean, bn.running_var),
+            )
+        )
+    )
     with torch.no_grad():
         assert (unit_tf(x) - ref).abs().max() > 0.01 * scale
 
@@ -87,8 +100,15 @@ def test_tats_state_dict_names_round_trip() -> None:
     tats = to_tats_state_dict(ours)
     # 57 Unit3D (conv3d.weight + bn.{weight,bias,running_mean,running_var}) + the logits conv (weight, bias).
     assert len(tats) == 57 * 5 + 2
-    for key in ("Conv3d_1a_7x7.conv3d.weight", "Conv3d_2c_3x3.bn.running_var", "Mixed_5b.b2b.conv3d.weight",
-                "Mixed_3b.b0.bn.bias", "Mixed_5c.b3b.bn.running_mean", "logits.conv3d.weight", "logits.conv3d.bias"):
+    for key in (
+        "Conv3d_1a_7x7.conv3d.weight",
+        "Conv3d_2c_3x3.bn.running_var",
+        "Mixed_5b.b2b.conv3d.weight",
+        "Mixed_3b.b0.bn.bias",
+        "Mixed_5c.b3b.bn.running_mean",
+        "logits.conv3d.weight",
+        "logits.conv3d.bias",
+    ):
         assert key in tats, key
     assert all(bool((v == 1).all()) for k, v in tats.items() if k.endswith("bn.weight"))
     back = from_tats_state_dict({**tats, "Mixed_4b.b0.bn.num_batches_tracked": torch.tensor(0)})
@@ -162,7 +182,12 @@ def test_parity_with_tats_code_in_its_own_venv() -> None:
     why = tats_parity.reference_ready()
     if why:
         pytest.skip(f"TATS reference environment missing: {why}")
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "tats_parity.py"), "--threads", "1"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "tats_parity.py"), "--threads", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "PASS" in proc.stdout

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from numerics import assert_close_rel, assert_differ_rel
 from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from numerics import assert_close_rel, assert_differ_rel
 from show1_lightning.models.text_encoder import TextEncoder
 
 
@@ -88,8 +88,16 @@ def test_load_t5_from_local_folder(tmp_path: Path) -> None:
 def test_load_diffusers_pipeline_layout(tmp_path: Path) -> None:
     tok = ByT5Tokenizer()
     torch.manual_seed(0)
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77))
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+        )
+    )
     clip.save_pretrained(tmp_path / "pipe" / "text_encoder")
     tok.save_pretrained(tmp_path / "pipe" / "tokenizer")
     enc = TextEncoder(kind="clip", pretrained_path=tmp_path / "pipe")

@@ -112,7 +112,7 @@ def test_clips_deterministic_and_varied() -> None:
 def test_motion_direction(motion: str) -> None:
     clip = make_toy_clip("blue", "square", motion, seed=3)
     rgb = clip.astype(int)
-    blue = (rgb[..., 2] - rgb[..., 0] > 100)  # T x H x W shape mask
+    blue = rgb[..., 2] - rgb[..., 0] > 100  # T x H x W shape mask
     ys, xs = np.nonzero(blue[0])
     ye, xe = np.nonzero(blue[-1])
     dx, dy = xe.mean() - xs.mean(), ye.mean() - ys.mean()
@@ -123,7 +123,11 @@ def test_motion_direction(motion: str) -> None:
 
 def test_parse_toy_prompt() -> None:
     assert parse_toy_prompt("a red circle moving left") == {"color": "red", "shape": "circle", "motion": "left"}
-    assert parse_toy_prompt("A Cyan Triangle moving UP, fast") == {"color": "cyan", "shape": "triangle", "motion": "up"}
+    assert parse_toy_prompt("A Cyan Triangle moving UP, fast") == {
+        "color": "cyan",
+        "shape": "triangle",
+        "motion": "up",
+    }
     assert parse_toy_prompt("something green") == {"color": "green", "shape": None, "motion": None}
     assert parse_toy_prompt("a dog") == {"color": None, "shape": None, "motion": None}
 
@@ -133,8 +137,10 @@ def test_adherence_on_real_and_permuted_prompts(small_toy: tuple[Path, dict]) ->
     videos, captions = _decoded(shards["val"])  # 12 decoded mp4 clips, two of each colour
     assert color_adherence(videos, captions) == 1.0
     colors = list(TOY_COLORS)
-    shifted = [c.replace(parse_toy_prompt(c)["color"], colors[(colors.index(parse_toy_prompt(c)["color"]) + 1) % 6])
-               for c in captions]
+    shifted = [
+        c.replace(parse_toy_prompt(c)["color"], colors[(colors.index(parse_toy_prompt(c)["color"]) + 1) % 6])
+        for c in captions
+    ]
     assert color_adherence(videos, shifted) == 0.0
     rolled = captions[1:] + captions[:1]  # neighbours have different colours (colours cycle)
     assert color_adherence(videos, rolled) < 0.2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -101,7 +100,8 @@ def _tiny_cli(tmp_path: Path) -> list[str]:
     from tests.conftest import TINY_TRAIN
 
     return [a for a in TINY_TRAIN if not a.startswith("logger=")] + [
-        f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
         "callbacks.samples.at_fit_end=false",
     ]
 
@@ -110,8 +110,10 @@ def test_multirun_separate_dirs_and_wandb_runs_and_survives_a_failing_job(tmp_pa
     """`train.py -m` as a user runs it (the subprocess is the point: Hydra's launcher and job dirs). One sweep of
     three jobs: job 0 fails at start-up (impossible dropout) and writes error.txt naming the key, jobs 1 and 2 still
     train, each in its own dir with its own checkpoint and its own offline wandb run; the sweep exits 0."""
-    res = _run(["train.py", "-m", "stage.caption_dropout=2.0,0.1,0.2", *_tiny_cli(tmp_path),
-                "callbacks.toy_adherence=null"], ROOT)
+    res = _run(
+        ["train.py", "-m", "stage.caption_dropout=2.0,0.1,0.2", *_tiny_cli(tmp_path), "callbacks.toy_adherence=null"],
+        ROOT,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     sweeps = list((tmp_path / "logs" / "train" / "multiruns").iterdir())
     assert len(sweeps) == 1
@@ -131,20 +133,35 @@ def test_multirun_separate_dirs_and_wandb_runs_and_survives_a_failing_job(tmp_pa
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_bf16(tmp_path):
-    res = _run(["train.py", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                "trainer.precision=bf16-mixed", "run_name=ddp", *_tiny_cli(tmp_path),
-                "callbacks.toy_adherence=null"], ROOT)
+    res = _run(
+        [
+            "train.py",
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "trainer.precision=bf16-mixed",
+            "run_name=ddp",
+            *_tiny_cli(tmp_path),
+            "callbacks.toy_adherence=null",
+        ],
+        ROOT,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
-    ckpt = torch.load(tmp_path / "logs" / "train" / "runs" / "ddp" / "checkpoints" / "last.ckpt",
-                      weights_only=False)
+    ckpt = torch.load(tmp_path / "logs" / "train" / "runs" / "ddp" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 2
 
 
 def test_paper_keyframe_config_builds_the_released_structure_on_meta(compose_train, tmp_path):
     import hydra
 
-    cfg = compose_train(tmp_path, "experiment=paper_keyframe", "text_encoder.pretrained_path=/models/t5",
-                        "data.train_shards=/x/0.tar", "data.val_shards=/x/0.tar", tiny=False)
+    cfg = compose_train(
+        tmp_path,
+        "experiment=paper_keyframe",
+        "text_encoder.pretrained_path=/models/t5",
+        "data.train_shards=/x/0.tar",
+        "data.val_shards=/x/0.tar",
+        tiny=False,
+    )
     validate_train_config(cfg)
     assert (cfg.stage.num_frames, cfg.stage.height, cfg.stage.width) == (8, 40, 64)
     assert cfg.stage.sampling.num_steps == 75 and cfg.stage.sampling.guidance_scale == 9.0

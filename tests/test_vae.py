@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from numerics import assert_close_rel, assert_differ_rel
+
 from show1_lightning.models.vae import (
     VideoVAE,
     build_video_vae,
@@ -144,8 +144,9 @@ def test_build_default_is_seeded_tiny() -> None:
 def test_fit_vae_learns_to_reconstruct_and_sets_scaling_factor() -> None:
     # Smooth frames (blobs of colour): a few dozen steps must beat the untrained reconstruction clearly.
     g = torch.Generator().manual_seed(0)
-    frames = torch.nn.functional.interpolate(torch.rand(16, 3, 4, 4, generator=g) * 2 - 1, size=(32, 32),
-                                             mode="bilinear", align_corners=False)
+    frames = torch.nn.functional.interpolate(
+        torch.rand(16, 3, 4, 4, generator=g) * 2 - 1, size=(32, 32), mode="bilinear", align_corners=False
+    )
     model = tiny_autoencoder(**TINY, seed=0)
     video = frames.unsqueeze(0).permute(0, 2, 1, 3, 4)
 

@@ -26,8 +26,10 @@ class PeriodicCheckpoint(ModelCheckpoint):
     def __init__(self, keep_last: int | None = 5, **kwargs: Any) -> None:
         taken = sorted(k for k in ("monitor", "mode", "save_top_k") if kwargs.get(k) is not None)
         if taken:
-            raise ValueError(f"PeriodicCheckpoint sets {taken} from keep_last; remove them from the config "
-                             "(or use lightning's ModelCheckpoint to monitor a metric)")
+            raise ValueError(
+                f"PeriodicCheckpoint sets {taken} from keep_last; remove them from the config "
+                "(or use lightning's ModelCheckpoint to monitor a metric)"
+            )
         for k in ("monitor", "mode", "save_top_k"):
             kwargs.pop(k, None)
         # last.ckpt is what a re-run resumes from: always overwrite it, never write last-v1.ckpt beside it (Lightning

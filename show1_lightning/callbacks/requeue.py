@@ -28,8 +28,9 @@ import re
 import signal
 import subprocess
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -58,9 +59,13 @@ class RequeueCheckpoint(L.Callback):
             ``<default_root_dir>/checkpoints``).
     """
 
-    def __init__(self, signals: Sequence[str | int] = ("SIGUSR1", "SIGUSR2"), only_under_slurm: bool = True,
-                 requeue_command: Sequence[str] = ("scontrol", "requeue", "{job_id}"),
-                 dirpath: str | None = None) -> None:
+    def __init__(
+        self,
+        signals: Sequence[str | int] = ("SIGUSR1", "SIGUSR2"),
+        only_under_slurm: bool = True,
+        requeue_command: Sequence[str] = ("scontrol", "requeue", "{job_id}"),
+        dirpath: str | None = None,
+    ) -> None:
         self.signals = [_signal(s) for s in signals]
         self.only_under_slurm = only_under_slurm
         self.requeue_command = list(requeue_command)
@@ -126,8 +131,9 @@ class RequeueCheckpoint(L.Callback):
             d = Path(mc.dirpath) if mc is not None else Path(trainer.default_root_dir) / "checkpoints"
         return d / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if not self._active:
             return
         signum = self._any_rank_received(trainer)
@@ -135,8 +141,9 @@ class RequeueCheckpoint(L.Callback):
             return
         sig = signal.Signals(signum)
         path = self._last_path(trainer)
-        log.warning("received %s: saving %s at step %d before the job is requeued", sig.name, path,
-                    trainer.global_step)
+        log.warning(
+            "received %s: saving %s at step %d before the job is requeued", sig.name, path, trainer.global_step
+        )
         mc = self._model_checkpoint(trainer)
         if mc is not None and Path(mc.dirpath).resolve() == path.parent.resolve():
             # Recorded in the ModelCheckpoint state saved with it: the resumed run's callback knows last.ckpt as its

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
@@ -65,8 +65,9 @@ class VideoSampleCallback(L.Callback):
         if step == self._last_step:
             return []
         self._last_step = step
-        videos = pl_module.generate(self.prompts, self.seeds, num_steps=self.num_steps,
-                                    guidance_scale=self.guidance_scale)
+        videos = pl_module.generate(
+            self.prompts, self.seeds, num_steps=self.num_steps, guidance_scale=self.guidance_scale
+        )
         out_dir = self.dirpath / f"step_{step:07d}"
         paths = [
             write_mp4(out_dir / f"{i:02d}_{slug(p)}.mp4", to_uint8_frames(v), fps=self.fps)

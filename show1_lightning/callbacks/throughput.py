@@ -24,6 +24,7 @@ class ClipThroughput(L.Callback):
         if trainer.global_step % self.log_every_n_steps == 0 and self._t0 is not None:
             dt = time.perf_counter() - self._t0
             if dt > 0:
-                pl_module.log("train/clips_per_sec", self._clips / dt, on_step=True, on_epoch=False,
-                              rank_zero_only=True)
+                pl_module.log(
+                    "train/clips_per_sec", self._clips / dt, on_step=True, on_epoch=False, rank_zero_only=True
+                )
             self._t0, self._clips = time.perf_counter(), 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
@@ -26,8 +26,14 @@ class ToyColorAdherence(L.Callback):
     ``toy/color_adherence_before`` and ``toy/color_adherence_after``; the values are also kept in
     ``self.results`` for the entry point to report."""
 
-    def __init__(self, per_color: int = 2, seed: int = 1234, num_steps: int | None = None,
-                 guidance_scale: float | None = None, prompts: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        per_color: int = 2,
+        seed: int = 1234,
+        num_steps: int | None = None,
+        guidance_scale: float | None = None,
+        prompts: Sequence[str] | None = None,
+    ) -> None:
         self.prompts = list(prompts) if prompts else toy_eval_prompts(per_color)
         self.seeds = [seed + i for i in range(len(self.prompts))]
         self.num_steps = num_steps
@@ -37,13 +43,16 @@ class ToyColorAdherence(L.Callback):
     @rank_zero_only
     def score(self, trainer: L.Trainer, pl_module: L.LightningModule, when: str) -> float:
         """Generate the prompts, compute the adherence and report it under ``toy/color_adherence_<when>``."""
-        videos = pl_module.generate(self.prompts, self.seeds, num_steps=self.num_steps,
-                                    guidance_scale=self.guidance_scale)
+        videos = pl_module.generate(
+            self.prompts, self.seeds, num_steps=self.num_steps, guidance_scale=self.guidance_scale
+        )
         value = color_adherence(videos.float().cpu(), self.prompts)
         self.results[when] = value
         chance = 1.0 / len(TOY_COLORS)
-        print(f"[toy] colour adherence {when} training: {value:.3f} "
-              f"({len(self.prompts)} prompts, chance {chance:.3f})", flush=True)
+        print(
+            f"[toy] colour adherence {when} training: {value:.3f} ({len(self.prompts)} prompts, chance {chance:.3f})",
+            flush=True,
+        )
         for logger in trainer.loggers:
             logger.log_metrics({f"toy/color_adherence_{when}": value}, step=trainer.global_step)
         return value

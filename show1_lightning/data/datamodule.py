@@ -30,9 +30,10 @@ import logging
 import os
 import random
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from itertools import count
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import Any
 
 import lightning as L
 import torch
@@ -48,21 +49,21 @@ log = logging.getLogger(__name__)
 
 __all__ = ["VideoDataModule", "SkipCounter", "SKIP_REASONS", "FatalDataError", "resolve_rank"]
 
-ShardSpec = Union[str, Path, Sequence[Union[str, Path]], None]
+ShardSpec = str | Path | Sequence[str | Path] | None
 
 #: Why a sample was skipped; batches carry ``skip_reasons`` counts in this order and the stage logs
 #: ``data/skipped/<reason>``.
 SKIP_REASONS: tuple[str, ...] = (
-    "decode",             # not a decodable video / no video stream
-    "truncated",          # fewer frames than the container states, or damage mid-stream
-    "too_short",          # too few frames for num_frames at the fps-derived stride
-    "too_small",          # smaller side below min_side
-    "too_large",          # over max_source_pixels / max_source_frames / max_sample_mb (checked before decoding)
+    "decode",  # not a decodable video / no video stream
+    "truncated",  # fewer frames than the container states, or damage mid-stream
+    "too_short",  # too few frames for num_frames at the fps-derived stride
+    "too_small",  # smaller side below min_side
+    "too_large",  # over max_source_pixels / max_source_frames / max_sample_mb (checked before decoding)
     "resolution_change",  # the frame size changes inside the stream
-    "no_video",           # the sample has no mp4 member
-    "caption",            # the caption is not valid UTF-8
-    "tar",                # unreadable tar member or shard
-    "error",              # any other exception while making the clip
+    "no_video",  # the sample has no mp4 member
+    "caption",  # the caption is not valid UTF-8
+    "tar",  # unreadable tar member or shard
+    "error",  # any other exception while making the clip
 )
 
 
@@ -137,8 +138,13 @@ class SkipCounter:
         self.reasons[reason] += 1
         total = sum(self.reasons.values())
         # Warn about the first few per worker only; the counts travel with the batches (n_skipped, skip_reasons).
-        log.log(logging.WARNING if total <= 20 else logging.DEBUG, "skipping sample %s (%s): %s", key, reason,
-                message or reason)
+        log.log(
+            logging.WARNING if total <= 20 else logging.DEBUG,
+            "skipping sample %s (%s): %s",
+            key,
+            reason,
+            message or reason,
+        )
         if self.consecutive >= self.max_consecutive:
             raise RuntimeError(
                 f"{self.consecutive} samples in a row could not be used (reasons so far: {dict(self.reasons)}); "
@@ -181,8 +187,9 @@ def _sample_bytes(sample: dict[str, Any]) -> int:
     return sum(len(v) for v in sample.values() if isinstance(v, (bytes, bytearray)))
 
 
-def _bounded_shuffle(src: Iterator[dict[str, Any]], bufsize: int, max_bytes: int, initial: int,
-                     rng: random.Random) -> Iterator[dict[str, Any]]:
+def _bounded_shuffle(
+    src: Iterator[dict[str, Any]], bufsize: int, max_bytes: int, initial: int, rng: random.Random
+) -> Iterator[dict[str, Any]]:
     """webdataset's shuffle buffer (the same draws while the byte cap does not bind), also capped in bytes:
     raw samples hold their encoded video, so ``bufsize`` samples of long clips can take gigabytes."""
     src = iter(src)
@@ -249,8 +256,13 @@ class _ClipMaker:
     def to_video(self, frames: Any) -> torch.Tensor:
         """uint8 T x H x W x 3 -> float C x T x height x width in [-1, 1], one frame at a time: the float32
         copy at the source resolution is one frame, not the whole clip."""
-        return torch.cat([resize_center_crop(to_float_video(frames[t : t + 1]), self.height, self.width)
-                          for t in range(frames.shape[0])], dim=1)
+        return torch.cat(
+            [
+                resize_center_crop(to_float_video(frames[t : t + 1]), self.height, self.width)
+                for t in range(frames.shape[0])
+            ],
+            dim=1,
+        )
 
     def __call__(self, sample: dict[str, Any], rng: random.Random | None, start: int | None) -> dict[str, Any]:
         key = sample.get("__key__", "?")
@@ -258,16 +270,25 @@ class _ClipMaker:
         if not data:
             raise SampleSkipped("no_video", "sample has no mp4 member")
         if self.max_sample_bytes and len(data) > self.max_sample_bytes:
-            raise SampleSkipped("too_large",
-                                f"{len(data)} bytes of video > max_sample_mb ({self.max_sample_bytes} bytes)")
+            raise SampleSkipped(
+                "too_large", f"{len(data)} bytes of video > max_sample_mb ({self.max_sample_bytes} bytes)"
+            )
         try:
             caption = sample_caption(sample)
         except UnicodeDecodeError as exc:
             raise SampleSkipped("caption", f"caption is not valid UTF-8 ({exc})") from exc
         try:
-            clip = decode_sampled_clip(data, self.num_frames, self.target_fps, rng, start, self.fixed_stride,
-                                       max_pixels=self.max_source_pixels, max_frames=self.max_source_frames,
-                                       min_side=self.min_side)
+            clip = decode_sampled_clip(
+                data,
+                self.num_frames,
+                self.target_fps,
+                rng,
+                start,
+                self.fixed_stride,
+                max_pixels=self.max_source_pixels,
+                max_frames=self.max_source_frames,
+                min_side=self.min_side,
+            )
         except VideoDecodeError as exc:
             raise SampleSkipped(exc.reason, str(exc)) from exc
         except ClipTooShortError as exc:
@@ -287,8 +308,9 @@ class _ClipMaker:
             item["text_emb"], item["text_mask"] = emb, mask
         return item
 
-    def make(self, sample: dict[str, Any], rng: random.Random | None, start: int | None,
-             counter: SkipCounter) -> dict[str, Any] | None:
+    def make(
+        self, sample: dict[str, Any], rng: random.Random | None, start: int | None, counter: SkipCounter
+    ) -> dict[str, Any] | None:
         """The clip, or None after counting why the sample was skipped (any exception but a fatal one)."""
         key = sample.get("__key__", "?")
         try:
@@ -330,8 +352,17 @@ class _ShuffleDecodeBatch:
     samples rather than replaying the ones its first run already trained on.
     """
 
-    def __init__(self, maker: _ClipMaker, batch_size: int, shuffle_buffer: int, seed: int, rank: int,
-                 counter: SkipCounter, start_step: int = 0, shuffle_buffer_bytes: int = 1 << 62) -> None:
+    def __init__(
+        self,
+        maker: _ClipMaker,
+        batch_size: int,
+        shuffle_buffer: int,
+        seed: int,
+        rank: int,
+        counter: SkipCounter,
+        start_step: int = 0,
+        shuffle_buffer_bytes: int = 1 << 62,
+    ) -> None:
         self.maker, self.batch_size, self.shuffle_buffer = maker, batch_size, shuffle_buffer
         self.seed, self.rank, self.counter = seed, rank, counter
         self.start_step, self.shuffle_buffer_bytes = start_step, shuffle_buffer_bytes
@@ -346,8 +377,9 @@ class _ShuffleDecodeBatch:
             rng = random.Random(_seed("train", self.seed, self.rank, worker, self.epoch, "resumed", self.start_step))
         samples = src
         if self.shuffle_buffer > 1:
-            samples = _bounded_shuffle(src, self.shuffle_buffer, self.shuffle_buffer_bytes,
-                                       min(100, self.shuffle_buffer), rng)
+            samples = _bounded_shuffle(
+                src, self.shuffle_buffer, self.shuffle_buffer_bytes, min(100, self.shuffle_buffer), rng
+            )
         items: list[dict[str, Any]] = []
         for sample in samples:
             item = self.maker.make(sample, rng, None, self.counter)
@@ -362,8 +394,9 @@ class _ShuffleDecodeBatch:
 class _ValStream(IterableDataset):
     """Deterministic validation batches for one rank, cycled forever (the loader cuts the epoch)."""
 
-    def __init__(self, urls: list[str], maker: _ClipMaker, batch_size: int, rank: int, world_size: int,
-                 counter: SkipCounter) -> None:
+    def __init__(
+        self, urls: list[str], maker: _ClipMaker, batch_size: int, rank: int, world_size: int, counter: SkipCounter
+    ) -> None:
         super().__init__()
         self.urls, self.maker, self.batch_size = urls, maker, batch_size
         self.rank, self.world_size = rank, world_size
@@ -372,7 +405,9 @@ class _ValStream(IterableDataset):
     def _rank_samples(self) -> Iterator[dict[str, Any]]:
         """This rank's samples, cycled; raises when the rank has none at all."""
         for n_pass in count():
-            pipe = wds.DataPipeline(wds.SimpleShardList(self.urls), wds.tarfile_to_samples(handler=self.counter.handler))
+            pipe = wds.DataPipeline(
+                wds.SimpleShardList(self.urls), wds.tarfile_to_samples(handler=self.counter.handler)
+            )
             n = 0
             for i, sample in enumerate(pipe):
                 if i % self.world_size == self.rank:
@@ -440,8 +475,12 @@ def _warn_unfinished_datasets(urls: list[str]) -> None:
         except (OSError, ValueError):
             continue
         if status != "complete":
-            log.warning("the dataset in %s is %s (stats.json): its conversion did not finish; only the shards "
-                        "written so far are used", folder, status)
+            log.warning(
+                "the dataset in %s is %s (stats.json): its conversion did not finish; only the shards "
+                "written so far are used",
+                folder,
+                status,
+            )
 
 
 class VideoDataModule(L.LightningDataModule):
@@ -512,8 +551,14 @@ class VideoDataModule(L.LightningDataModule):
         # Plain values (not ListConfig/DictConfig/Path): the hyper-parameters go into every checkpoint.
         train_shards, val_shards = _plain(train_shards), _plain(val_shards)
         text_cache_dir, toy_root = _plain(text_cache_dir), _plain(toy_root)
-        for name, value in (("num_frames", num_frames), ("height", height), ("width", width),
-                            ("batch_size", batch_size), ("epoch_length", epoch_length), ("frame_stride", frame_stride)):
+        for name, value in (
+            ("num_frames", num_frames),
+            ("height", height),
+            ("width", width),
+            ("batch_size", batch_size),
+            ("epoch_length", epoch_length),
+            ("frame_stride", frame_stride),
+        ):
             if int(value) < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if num_workers < 0 or val_batches < 0:
@@ -595,17 +640,27 @@ class VideoDataModule(L.LightningDataModule):
 
     def _resolved_rank(self) -> tuple[int, int]:
         if self._rank is not None or self._world_size is not None:
-            return resolve_rank(self._rank if self._rank is not None else 0,
-                                self._world_size if self._world_size is not None else 1)
+            return resolve_rank(
+                self._rank if self._rank is not None else 0, self._world_size if self._world_size is not None else 1
+            )
         trainer = getattr(self, "trainer", None)
         if trainer is not None:
             return int(trainer.global_rank), int(trainer.world_size)
         return resolve_rank()
 
     def _maker(self) -> _ClipMaker:
-        return _ClipMaker(self.num_frames, self.height, self.width, self.target_fps, self.frame_stride,
-                          self.min_side, self._text_cache, self.max_source_pixels, self.max_source_frames,
-                          self.max_sample_bytes)
+        return _ClipMaker(
+            self.num_frames,
+            self.height,
+            self.width,
+            self.target_fps,
+            self.frame_stride,
+            self.min_side,
+            self._text_cache,
+            self.max_source_pixels,
+            self.max_source_frames,
+            self.max_sample_bytes,
+        )
 
     def _resume_step(self) -> int:
         """The global step the trainer starts from (restored from the checkpoint before the loaders are
@@ -613,10 +668,14 @@ class VideoDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return int(getattr(trainer, "global_step", 0) or 0) if trainer is not None else 0
 
-    def _loader(self, dataset: IterableDataset, n_batches: int, stream_parts: Sequence[Any] = (),
-                start_step: int | None = None) -> wds.WebLoader:
-        cls, extra = (wds.WebLoader, {}) if start_step is None else (
-            _TrainLoader, {"stream_parts": stream_parts, "start_step": start_step})
+    def _loader(
+        self, dataset: IterableDataset, n_batches: int, stream_parts: Sequence[Any] = (), start_step: int | None = None
+    ) -> wds.WebLoader:
+        cls, extra = (
+            (wds.WebLoader, {})
+            if start_step is None
+            else (_TrainLoader, {"stream_parts": stream_parts, "start_step": start_step})
+        )
         loader = cls(
             dataset,
             **extra,
@@ -653,8 +712,16 @@ class VideoDataModule(L.LightningDataModule):
             log.info("training stream of rank %d seeded for a resume at global step %d", rank, start)
         counter = SkipCounter(self.max_consecutive_skips)
         worker_seed = _WorkerSeed(rank, start)
-        stage = _ShuffleDecodeBatch(self._maker(), self.batch_size, self.shuffle_buffer, self.seed, rank, counter,
-                                    start_step=start, shuffle_buffer_bytes=self.shuffle_buffer_bytes)
+        stage = _ShuffleDecodeBatch(
+            self._maker(),
+            self.batch_size,
+            self.shuffle_buffer,
+            self.seed,
+            rank,
+            counter,
+            start_step=start,
+            shuffle_buffer_bytes=self.shuffle_buffer_bytes,
+        )
         pipeline = wds.DataPipeline(
             wds.ResampledShards(self._train_urls, seed=self.seed, worker_seed=worker_seed, deterministic=True),
             wds.tarfile_to_samples(handler=counter.handler),
@@ -670,8 +737,9 @@ class VideoDataModule(L.LightningDataModule):
         if not self._val_urls:
             raise ValueError("no validation shards: set val_shards (or toy_root)")
         rank, world_size = self._resolved_rank()
-        return _ValStream(self._val_urls, self._maker(), self.batch_size, rank, world_size,
-                          SkipCounter(self.max_consecutive_skips))
+        return _ValStream(
+            self._val_urls, self._maker(), self.batch_size, rank, world_size, SkipCounter(self.max_consecutive_skips)
+        )
 
     def train_dataloader(self) -> wds.WebLoader:
         dataset = self.train_dataset()

@@ -76,5 +76,7 @@ def sample_frame_indices(
     if start is None:
         start = rng.randint(0, max_start) if rng is not None else 0
     elif not 0 <= start <= max_start:
-        raise ClipTooShortError(f"start {start} leaves too few frames (max start {max_start} for {total_frames} frames)")
+        raise ClipTooShortError(
+            f"start {start} leaves too few frames (max start {max_start} for {total_frames} frames)"
+        )
     return FrameSelection(indices=[start + i * stride for i in range(num_frames)], stride=stride)

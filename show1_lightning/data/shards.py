@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import av
 import numpy as np
@@ -76,8 +76,9 @@ class VideoShardWriter:
             w.skip("video123", "missing file")
     """
 
-    def __init__(self, out_dir: Union[str, Path], samples_per_shard: int = 1000, start_shard: int = 0,
-                 resume: bool = False) -> None:
+    def __init__(
+        self, out_dir: str | Path, samples_per_shard: int = 1000, start_shard: int = 0, resume: bool = False
+    ) -> None:
         if samples_per_shard < 1 or samples_per_shard > 10_000:
             raise ValueError(f"samples_per_shard must be in [1, 10000], got {samples_per_shard}")
         self.out_dir = Path(out_dir)
@@ -97,8 +98,9 @@ class VideoShardWriter:
         self.resume_position = 0
         self._closed = False
         self._t0 = time.time()
-        existing = sorted(p.name for p in self.out_dir.iterdir()
-                          if _SHARD_NAME.match(p.name) or p.name == "stats.json")
+        existing = sorted(
+            p.name for p in self.out_dir.iterdir() if _SHARD_NAME.match(p.name) or p.name == "stats.json"
+        )
         if resume:
             self._resume(start_shard)
         elif existing:
@@ -119,7 +121,8 @@ class VideoShardWriter:
                 old = {}
             if old.get("status") == "complete":
                 raise FileExistsError(
-                    f"{self.out_dir} holds a complete dataset (stats.json status 'complete'); nothing to resume")
+                    f"{self.out_dir} holds a complete dataset (stats.json status 'complete'); nothing to resume"
+                )
         shard = start_shard
         while True:
             tar, st = self.out_dir / f"{shard:05d}.tar", self.out_dir / f"{shard:05d}_stats.json"
@@ -149,7 +152,7 @@ class VideoShardWriter:
         return stats
 
     # -- context manager -------------------------------------------------------------------------
-    def __enter__(self) -> "VideoShardWriter":
+    def __enter__(self) -> VideoShardWriter:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -267,7 +270,7 @@ def _reason_class(reason: str) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def expand_shard_spec(spec: Union[str, Path, Iterable]) -> list[str]:
+def expand_shard_spec(spec: str | Path | Iterable) -> list[str]:
     """Shard paths from a brace pattern (``dir/{00000..00007}.tar``), a glob, one path or a list of them.
 
     A list may be any sequence, including the OmegaConf ``ListConfig`` that Hydra makes of
@@ -281,8 +284,9 @@ def expand_shard_spec(spec: Union[str, Path, Iterable]) -> list[str]:
         spec = str(spec)
     if not isinstance(spec, str):
         if isinstance(spec, (Mapping, bytes)) or not isinstance(spec, Iterable):
-            raise TypeError("a shard spec is a path, brace pattern, glob or a list of them, "
-                            f"not {type(spec).__name__}: {spec!r}")
+            raise TypeError(
+                f"a shard spec is a path, brace pattern, glob or a list of them, not {type(spec).__name__}: {spec!r}"
+            )
         out: list[str] = []
         for s in spec:
             out.extend(expand_shard_spec(s))
@@ -323,7 +327,7 @@ def sample_metadata(sample: dict[str, Any]) -> dict[str, Any]:
         return {}
 
 
-def read_shard_samples(path: Union[str, Path]) -> list[dict[str, Any]]:
+def read_shard_samples(path: str | Path) -> list[dict[str, Any]]:
     """All raw samples (dicts of bytes, with ``__key__``) of one tar shard, in file order."""
     pipe = wds.DataPipeline(wds.SimpleShardList([str(path)]), wds.tarfile_to_samples())
     return list(pipe)
@@ -345,8 +349,10 @@ def _check_size(width: int, height: int, max_pixels: int | None, min_side: int) 
     if min_side and min(width, height) < min_side:
         raise VideoDecodeError(f"too small: {width}x{height} < min_side {min_side}", reason="too_small")
     if max_pixels and width * height > max_pixels:
-        raise VideoDecodeError(f"too large: {width}x{height} = {width * height} pixels > max_source_pixels "
-                               f"{max_pixels}", reason="too_large")
+        raise VideoDecodeError(
+            f"too large: {width}x{height} = {width * height} pixels > max_source_pixels {max_pixels}",
+            reason="too_large",
+        )
 
 
 def _stated_duration(container: Any, stream: Any) -> float | None:
@@ -367,20 +373,24 @@ def _count_frames(container: Any, stream: Any, fps: float, max_frames: int | Non
             if packet.size:
                 n += 1
                 if max_frames and n > max_frames:
-                    raise VideoDecodeError(f"too long: more than max_source_frames {max_frames} frames",
-                                           reason="too_large")
+                    raise VideoDecodeError(
+                        f"too long: more than max_source_frames {max_frames} frames", reason="too_large"
+                    )
     except VideoDecodeError:
         raise
     except Exception as exc:
-        raise VideoDecodeError(f"truncated or corrupt container after {n} packets: {type(exc).__name__}: {exc}",
-                               reason="truncated") from exc
+        raise VideoDecodeError(
+            f"truncated or corrupt container after {n} packets: {type(exc).__name__}: {exc}", reason="truncated"
+        ) from exc
     duration = _stated_duration(container, stream)
     if duration and fps > 0:
         expected = duration * fps
         if n + max(2.0, 0.05 * expected) < expected:
             raise VideoDecodeError(
                 f"truncated: the container states {duration:.2f}s (~{expected:.0f} frames at {fps:g} fps) "
-                f"but holds {n} frames", reason="truncated")
+                f"but holds {n} frames",
+                reason="truncated",
+            )
     return n
 
 
@@ -450,7 +460,9 @@ def decode_sampled_clip(
                 elif (frame.width, frame.height) != size:
                     raise VideoDecodeError(
                         f"resolution change mid-stream: frame {i} is {frame.width}x{frame.height}, "
-                        f"frame 0 was {size[0]}x{size[1]}", reason="resolution_change")
+                        f"frame 0 was {size[0]}x{size[1]}",
+                        reason="resolution_change",
+                    )
                 if i in wanted:
                     frames.append(frame.to_ndarray(format="rgb24"))
                 if i >= sel.last_index:
@@ -458,13 +470,16 @@ def decode_sampled_clip(
         except VideoDecodeError:
             raise
         except Exception as exc:  # damage in the middle of the stream
-            raise VideoDecodeError(f"truncated or corrupt after {len(frames)} frames: {type(exc).__name__}: {exc}",
-                                   reason="truncated") from exc
+            raise VideoDecodeError(
+                f"truncated or corrupt after {len(frames)} frames: {type(exc).__name__}: {exc}", reason="truncated"
+            ) from exc
         if len(frames) < num_frames:
             source = "counted" if counted else "stated"
             raise VideoDecodeError(
                 f"truncated: the container {source} {total} frames, decoded only {len(frames)} of the "
-                f"{num_frames} selected ones", reason="truncated")
+                f"{num_frames} selected ones",
+                reason="truncated",
+            )
         return DecodedClip(np.stack(frames), sel.stride, fps, sel.indices)
     finally:
         container.close()

@@ -24,8 +24,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any
 
 import torch
 import webdataset as wds
@@ -35,8 +36,13 @@ from safetensors.torch import save
 from show1_lightning.data.shards import expand_shard_spec, sample_caption
 from show1_lightning.fileio import atomic_write_bytes, atomic_write_json
 
-__all__ = ["TextEmbeddingCache", "TextCacheMismatchError", "precompute_text_embeddings", "cache_file_name",
-           "caption_digest"]
+__all__ = [
+    "TextEmbeddingCache",
+    "TextCacheMismatchError",
+    "precompute_text_embeddings",
+    "cache_file_name",
+    "caption_digest",
+]
 
 FORMAT_VERSION = 2
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -82,7 +88,7 @@ class TextEmbeddingCache:
             comparison with a configured encoder (the files must still agree with ``meta.json``).
     """
 
-    def __init__(self, cache_dir: Union[str, Path], expected_identity: str | None = None) -> None:
+    def __init__(self, cache_dir: str | Path, expected_identity: str | None = None) -> None:
         self.cache_dir = Path(cache_dir)
         meta_path = self.cache_dir / "meta.json"
         if not meta_path.exists():
@@ -135,7 +141,8 @@ class TextEmbeddingCache:
             meta = handle.metadata() or {}
             if "keys" not in meta or "captions" not in meta:
                 raise TextCacheMismatchError(
-                    f"{path} is not a text cache file of format {FORMAT_VERSION}; rerun the precompute")
+                    f"{path} is not a text cache file of format {FORMAT_VERSION}; rerun the precompute"
+                )
             if meta.get("identity") != self.identity:
                 raise TextCacheMismatchError(
                     f"{path} holds embeddings of {meta.get('identity')!r}, but {self.cache_dir}/meta.json says "
@@ -192,9 +199,9 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
 
 
 def precompute_text_embeddings(
-    shards: Union[str, Iterable[str]],
+    shards: str | Iterable[str],
     encoder: Any,
-    cache_dir: Union[str, Path],
+    cache_dir: str | Path,
     batch_size: int = 32,
     dtype: str = "float16",
     overwrite: bool = False,
@@ -214,8 +221,13 @@ def precompute_text_embeddings(
         raise ValueError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"format_version": FORMAT_VERSION, "identity": encoder.identity, "dim": int(encoder.dim),
-            "max_length": int(encoder.max_length), "dtype": dtype}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "identity": encoder.identity,
+        "dim": int(encoder.dim),
+        "max_length": int(encoder.max_length),
+        "dtype": dtype,
+    }
     meta_path = cache_dir / "meta.json"
     same = False
     if meta_path.exists():
@@ -232,13 +244,17 @@ def precompute_text_embeddings(
     # While this runs, meta.json says "in_progress" and claims the encoder only when it already did (a resume of
     # the same encoder): a re-encode that is killed leaves no identity, never the new one.
     keep_identity = same and not overwrite
-    atomic_write_json(meta_path, {**meta, "identity": meta["identity"] if keep_identity else None,
-                                  "status": "in_progress"})
+    atomic_write_json(
+        meta_path, {**meta, "identity": meta["identity"] if keep_identity else None, "status": "in_progress"}
+    )
     torch_dtype = _DTYPES[dtype]
 
     emb, mask = encoder.encode([""])
-    _save_atomic({"emb": emb[0].to(torch_dtype).cpu(), "mask": mask[0].to(torch.uint8).cpu()},
-                 cache_dir / "null.safetensors", metadata={"identity": encoder.identity})
+    _save_atomic(
+        {"emb": emb[0].to(torch_dtype).cpu(), "mask": mask[0].to(torch.uint8).cpu()},
+        cache_dir / "null.safetensors",
+        metadata={"identity": encoder.identity},
+    )
 
     urls = expand_shard_spec(shards)
     n_samples = n_computed = 0
@@ -250,8 +266,12 @@ def precompute_text_embeddings(
             try:
                 with safe_open(str(target), framework="pt") as f:
                     m = f.metadata()
-                    if (m.get("identity") == encoder.identity and m.get("dtype") == dtype
-                            and json.loads(m["keys"]) == keys and json.loads(m["captions"]) == digests):
+                    if (
+                        m.get("identity") == encoder.identity
+                        and m.get("dtype") == dtype
+                        and json.loads(m["keys"]) == keys
+                        and json.loads(m["captions"]) == digests
+                    ):
                         n_samples += len(keys)
                         continue
             except Exception:  # unreadable leftover: recompute it
@@ -264,11 +284,21 @@ def precompute_text_embeddings(
         if keys:
             tensors = {"emb": torch.cat(embs), "mask": torch.cat(masks)}
         else:
-            tensors = {"emb": torch.zeros(0, encoder.max_length, encoder.dim, dtype=torch_dtype),
-                       "mask": torch.zeros(0, encoder.max_length, dtype=torch.uint8)}
-        _save_atomic(tensors, target, metadata={"keys": json.dumps(keys), "captions": json.dumps(digests),
-                                                "shard": normalize_shard_url(url), "identity": encoder.identity,
-                                                "dtype": dtype})
+            tensors = {
+                "emb": torch.zeros(0, encoder.max_length, encoder.dim, dtype=torch_dtype),
+                "mask": torch.zeros(0, encoder.max_length, dtype=torch.uint8),
+            }
+        _save_atomic(
+            tensors,
+            target,
+            metadata={
+                "keys": json.dumps(keys),
+                "captions": json.dumps(digests),
+                "shard": normalize_shard_url(url),
+                "identity": encoder.identity,
+                "dtype": dtype,
+            },
+        )
         n_samples += len(keys)
         n_computed += 1
         if progress:

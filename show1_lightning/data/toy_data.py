@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import fcntl
-import multiprocessing
 import json
+import multiprocessing
 import os
 import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -66,8 +65,13 @@ TOY_WIDTH, TOY_HEIGHT, TOY_FRAMES, TOY_FPS = 128, 80, 32, 16
 
 _MOTION_DIR = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 _PROMPT_RE = re.compile(
-    r"\b(?P<color>" + "|".join(TOY_COLORS) + r")\s+(?P<shape>" + "|".join(TOY_SHAPES) + r")\s+moving\s+(?P<motion>"
-    + "|".join(TOY_MOTIONS) + r")\b",
+    r"\b(?P<color>"
+    + "|".join(TOY_COLORS)
+    + r")\s+(?P<shape>"
+    + "|".join(TOY_SHAPES)
+    + r")\s+moving\s+(?P<motion>"
+    + "|".join(TOY_MOTIONS)
+    + r")\b",
     re.IGNORECASE,
 )
 
@@ -112,8 +116,10 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         y0, x0 = np.floor(gy).astype(int).clip(0, gh - 2), np.floor(gx).astype(int).clip(0, gw - 2)
         fy, fx = gy - y0, gx - x0
         lum = (
-            grid[y0, x0] * (1 - fy) * (1 - fx) + grid[y0 + 1, x0] * fy * (1 - fx)
-            + grid[y0, x0 + 1] * (1 - fy) * fx + grid[y0 + 1, x0 + 1] * fy * fx
+            grid[y0, x0] * (1 - fy) * (1 - fx)
+            + grid[y0 + 1, x0] * fy * (1 - fx)
+            + grid[y0, x0 + 1] * (1 - fy) * fx
+            + grid[y0 + 1, x0 + 1] * fy * fx
         )
     elif kind == 1:  # linear gradient in a random direction
         ang = rng.uniform(0, 2 * np.pi)
@@ -205,14 +211,27 @@ def _encode_clips(split_id: int, indices: range) -> list[tuple[bytes, str, dict]
     for i in indices:
         color, shape, motion = _clip_spec(i)
         frames = make_toy_clip(color, shape, motion, seed=(GENERATOR_VERSION, split_id, i))
-        meta = {"url": f"toy://{'train' if split_id == 0 else 'val'}/{i}", "color": color, "shape": shape,
-                "motion": motion, "fps": TOY_FPS, "width": TOY_WIDTH, "height": TOY_HEIGHT}
+        meta = {
+            "url": f"toy://{'train' if split_id == 0 else 'val'}/{i}",
+            "color": color,
+            "shape": shape,
+            "motion": motion,
+            "fps": TOY_FPS,
+            "width": TOY_WIDTH,
+            "height": TOY_HEIGHT,
+        }
         out.append((encode_mp4(frames, fps=TOY_FPS), toy_caption(color, shape, motion), meta))
     return out
 
 
-def _write_split(out_dir: Path, split_id: int, num_clips: int, samples_per_shard: int, start_shard: int,
-                 pool: "concurrent.futures.Executor | None") -> None:
+def _write_split(
+    out_dir: Path,
+    split_id: int,
+    num_clips: int,
+    samples_per_shard: int,
+    start_shard: int,
+    pool: concurrent.futures.Executor | None,
+) -> None:
     chunks = [range(a, min(a + samples_per_shard, num_clips)) for a in range(0, num_clips, samples_per_shard)]
     if pool is None:
         results = (_encode_clips(split_id, c) for c in chunks)
@@ -229,7 +248,7 @@ def _shard_paths(split_dir: Path) -> list[str]:
 
 
 def ensure_toy_dataset(
-    root: Union[str, Path],
+    root: str | Path,
     num_train: int = 512,
     num_val: int = 64,
     samples_per_shard: int = 64,
@@ -247,9 +266,16 @@ def ensure_toy_dataset(
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    params = {"version": GENERATOR_VERSION, "num_train": num_train, "num_val": num_val,
-              "samples_per_shard": samples_per_shard, "width": TOY_WIDTH, "height": TOY_HEIGHT,
-              "frames": TOY_FRAMES, "fps": TOY_FPS}
+    params = {
+        "version": GENERATOR_VERSION,
+        "num_train": num_train,
+        "num_val": num_val,
+        "samples_per_shard": samples_per_shard,
+        "width": TOY_WIDTH,
+        "height": TOY_HEIGHT,
+        "frames": TOY_FRAMES,
+        "fps": TOY_FPS,
+    }
     marker = root / "DONE.json"
 
     def ready() -> bool:
@@ -308,6 +334,7 @@ def _build(root: Path, params: dict) -> None:
 # ------------------------------------------------------------------------------------------------
 # Prompt adherence
 # ------------------------------------------------------------------------------------------------
+
 
 def _rgb_to_hsv(rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hue in degrees [0, 360), saturation and value in [0, 1] of ``3 x ...`` RGB in [0, 1]."""

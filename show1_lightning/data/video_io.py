@@ -10,7 +10,6 @@ import io
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Union
 
 import av
 import numpy as np
@@ -47,7 +46,7 @@ class DecodedVideo:
         return int(self.frames.shape[0])
 
 
-def decode_video(source: Union[bytes, str, Path], max_frames: int | None = None, strict: bool = False) -> DecodedVideo:
+def decode_video(source: bytes | str | Path, max_frames: int | None = None, strict: bool = False) -> DecodedVideo:
     """Decode a video from bytes or a file path into RGB uint8 frames.
 
     Args:
@@ -76,7 +75,9 @@ def decode_video(source: Union[bytes, str, Path], max_frames: int | None = None,
                 if frames and (frame.height, frame.width) != frames[0].shape[:2]:
                     raise VideoDecodeError(
                         f"resolution change mid-stream: frame {len(frames)} is {frame.width}x{frame.height}, "
-                        f"frame 0 was {frames[0].shape[1]}x{frames[0].shape[0]}", reason="resolution_change")
+                        f"frame 0 was {frames[0].shape[1]}x{frames[0].shape[0]}",
+                        reason="resolution_change",
+                    )
                 frames.append(frame.to_ndarray(format="rgb24"))
                 if max_frames is not None and len(frames) >= max_frames:
                     break
@@ -122,7 +123,7 @@ def encode_mp4(frames: np.ndarray, fps: float = 8.0, crf: int = 18) -> bytes:
     return buf.getvalue()
 
 
-def write_mp4(path: Union[str, Path], frames: np.ndarray, fps: float = 8.0) -> Path:
+def write_mp4(path: str | Path, frames: np.ndarray, fps: float = 8.0) -> Path:
     """Write uint8 ``T x H x W x 3`` frames to an mp4 file (atomically: temp file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +133,7 @@ def write_mp4(path: Union[str, Path], frames: np.ndarray, fps: float = 8.0) -> P
     return path
 
 
-def to_float_video(frames: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
+def to_float_video(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 ``T x H x W x C`` -> float32 ``C x T x H x W`` in [-1, 1]."""
     x = torch.as_tensor(frames)
     return x.permute(3, 0, 1, 2).float().div(127.5).sub(1.0)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -42,7 +43,7 @@ class StageCondition:
     concat: torch.Tensor | None = None
     class_labels: torch.Tensor | None = None
 
-    def repeat_to(self, batch: int) -> "StageCondition":
+    def repeat_to(self, batch: int) -> StageCondition:
         """Tile along the batch axis (the guided batch is uncond + cond = 2B)."""
 
         def rep(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -150,7 +151,7 @@ class DiffusionStage(L.LightningModule):
         """C x T x H x W of one generated sample."""
         raise NotImplementedError
 
-    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> "DiffusionStage":
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> DiffusionStage:
         """Device moves of the stage (``.to(device)``, ``.cuda()``, ``.cpu()``) also move the frozen modules
         kept outside the module tree (text encoder, VAE), so a stage sent back to the CPU (the cascade keeps
         one stage on the accelerator) frees them too. Their dtype is left alone: they run in their own."""
@@ -275,12 +276,22 @@ class DiffusionStage(L.LightningModule):
             for name, c in zip(("total", *SKIP_REASONS), counts.tolist()):
                 if c:
                     self.skip_totals[name] = self.skip_totals.get(name, 0) + int(c)
-            self.log("data/skipped_samples", float(self.skip_totals.get("total", 0)), on_step=True, on_epoch=False,
-                     batch_size=b)
+            self.log(
+                "data/skipped_samples",
+                float(self.skip_totals.get("total", 0)),
+                on_step=True,
+                on_epoch=False,
+                batch_size=b,
+            )
             for name in SKIP_REASONS:
                 if self.skip_totals.get(name):
-                    self.log(f"data/skipped/{name}", float(self.skip_totals[name]), on_step=True, on_epoch=False,
-                             batch_size=b)
+                    self.log(
+                        f"data/skipped/{name}",
+                        float(self.skip_totals[name]),
+                        on_step=True,
+                        on_epoch=False,
+                        batch_size=b,
+                    )
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -295,11 +306,25 @@ class DiffusionStage(L.LightningModule):
 
             # Per validation run: summed over its batches and (sync_dist) over the ranks. Every name is logged on
             # every rank at every step, so the ranks enter the same reductions.
-            self.log("val/skipped_samples", float(counts[0]), on_step=False, on_epoch=True, reduce_fx="sum",
-                     sync_dist=True, batch_size=b)
+            self.log(
+                "val/skipped_samples",
+                float(counts[0]),
+                on_step=False,
+                on_epoch=True,
+                reduce_fx="sum",
+                sync_dist=True,
+                batch_size=b,
+            )
             for name, c in zip(SKIP_REASONS, counts[1:].tolist()):
-                self.log(f"val/skipped/{name}", float(c), on_step=False, on_epoch=True, reduce_fx="sum",
-                         sync_dist=True, batch_size=b)
+                self.log(
+                    f"val/skipped/{name}",
+                    float(c),
+                    on_step=False,
+                    on_epoch=True,
+                    reduce_fx="sum",
+                    sync_dist=True,
+                    batch_size=b,
+                )
         return loss
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -318,7 +343,9 @@ class DiffusionStage(L.LightningModule):
         opt = self.optimizer_factory(params=params)
         cfg = dict(self.lr_scheduler_cfg)
         name = cfg.pop("name", "constant_with_warmup")
-        total = self.trainer.max_steps if self.trainer and self.trainer.max_steps and self.trainer.max_steps > 0 else None
+        total = (
+            self.trainer.max_steps if self.trainer and self.trainer.max_steps and self.trainer.max_steps > 0 else None
+        )
         sched = get_scheduler(name, opt, num_training_steps=total, **cfg)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -381,8 +408,11 @@ class DiffusionStage(L.LightningModule):
         num_steps = s.get("num_steps", 50) if num_steps is None else num_steps  # 0 is an error, not "the default"
         guidance_scale = s.get("guidance_scale", 1.0) if guidance_scale is None else guidance_scale
         negative_prompt = s.get("negative_prompt", "") if negative_prompt is None else negative_prompt
-        solver = {k: v for k, v in s.items() if k not in ("num_steps", "guidance_scale", "negative_prompt",
-                                                           "train_mode_dropout")}
+        solver = {
+            k: v
+            for k, v in s.items()
+            if k not in ("num_steps", "guidance_scale", "negative_prompt", "train_mode_dropout")
+        }
         sampler = make_sampler(self.noise_scheduler, **solver)
         shape = tuple(shape) if shape is not None else self.sample_shape()
         emb, mask = text if text is not None else self.encode_text(prompts)
@@ -396,8 +426,16 @@ class DiffusionStage(L.LightningModule):
             with self.ema_weights(use_ema), released_train_mode_dropout(self.unet, bool(s.get("train_mode_dropout"))):
                 out = denoise(
                     lambda x, t, e, m: self.predict(x, t, e, m, cond),
-                    sampler, noise, emb.to(self.device), mask.to(self.device), null_emb, null_mask,
-                    num_steps=num_steps, guidance_scale=guidance_scale, init=init, strength=strength,
+                    sampler,
+                    noise,
+                    emb.to(self.device),
+                    mask.to(self.device),
+                    null_emb,
+                    null_mask,
+                    num_steps=num_steps,
+                    guidance_scale=guidance_scale,
+                    init=init,
+                    strength=strength,
                     progress=progress,
                 )
         finally:

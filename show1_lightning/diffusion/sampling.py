@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
@@ -36,8 +36,9 @@ def seeded_noise(shape: Sequence[int], seeds: Sequence[int], device: torch.devic
     return torch.stack(out).to(device)
 
 
-def check_sampling_args(num_steps: int, guidance_scale: float = 1.0, strength: float = 1.0,
-                        with_init: bool = False, where: str = "") -> None:
+def check_sampling_args(
+    num_steps: int, guidance_scale: float = 1.0, strength: float = 1.0, with_init: bool = False, where: str = ""
+) -> None:
     """Refuse sampling settings that cannot work or would silently do something else.
 
     ``num_steps`` must be a positive integer (0 is not "the default"), ``guidance_scale`` > 0 (1: no guidance;
@@ -46,16 +47,23 @@ def check_sampling_args(num_steps: int, guidance_scale: float = 1.0, strength: f
     ``where`` prefixes the message (e.g. the config key).
     """
     pre = f"{where}: " if where else ""
-    if (isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Real) or not num_steps >= 1
-            or num_steps == float("inf") or num_steps != int(num_steps)):
+    if (
+        isinstance(num_steps, bool)
+        or not isinstance(num_steps, numbers.Real)
+        or not num_steps >= 1
+        or num_steps == float("inf")
+        or num_steps != int(num_steps)
+    ):
         raise ValueError(f"{pre}num_steps must be a positive integer, got {num_steps!r}")
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) or not guidance_scale > 0:
         raise ValueError(f"{pre}guidance_scale must be > 0 (1 = no guidance), got {guidance_scale!r}")
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0.0 < strength <= 1.0:
         raise ValueError(f"{pre}strength must be in (0, 1], got {strength!r}")
     if with_init and int(num_steps * strength) < 1:
-        raise ValueError(f"{pre}strength {strength} x num_steps {num_steps} leaves no denoising step "
-                         f"(int(num_steps * strength) = 0); raise num_steps or strength")
+        raise ValueError(
+            f"{pre}strength {strength} x num_steps {num_steps} leaves no denoising step "
+            f"(int(num_steps * strength) = 0); raise num_steps or strength"
+        )
 
 
 def start_index(num_steps: int, strength: float) -> int:

@@ -19,13 +19,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-from torch import nn
-
 from diffusers import UNet3DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.activations import get_activation
@@ -34,6 +32,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
 from diffusers.models.unets.unet_3d_condition import UNet3DConditionOutput
 from diffusers.utils import logging
+from torch import nn
 
 from show1_lightning.models.show1_unet_blocks import (
     BlockConfig,
@@ -190,7 +189,10 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin):
         timestep_input_dim = block_out_channels[0]
         self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)
         self.time_embedding = TimestepEmbedding(
-            timestep_input_dim, time_embed_dim, act_fn=act_fn, post_act_fn=timestep_post_act,
+            timestep_input_dim,
+            time_embed_dim,
+            act_fn=act_fn,
+            post_act_fn=timestep_post_act,
             cond_proj_dim=time_cond_proj_dim,
         )
 
@@ -268,7 +270,9 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin):
         elif mid_block_type is None:
             self.mid_block = None
         else:
-            raise ValueError(f"mid_block_type {mid_block_type!r} unsupported (Show-1: 'UNetMidBlock3DSimpleCrossAttn')")
+            raise ValueError(
+                f"mid_block_type {mid_block_type!r} unsupported (Show-1: 'UNetMidBlock3DSimpleCrossAttn')"
+            )
 
         # up (per-block options reversed; the head dim list is *not* reversed, as in the released code)
         self.up_blocks = nn.ModuleList()
@@ -294,7 +298,7 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin):
         )
 
     @classmethod
-    def from_config_file(cls, config: str | os.PathLike | dict, **overrides: Any) -> "Show1UNet3DConditionModel":
+    def from_config_file(cls, config: str | os.PathLike | dict, **overrides: Any) -> Show1UNet3DConditionModel:
         """Build with random weights from a released config (name like ``"show-1-base"``, a JSON path or a dict)."""
         return cls.from_config({**load_released_config(config), **overrides})
 
@@ -329,11 +333,17 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin):
             raise ValueError(f"sample must be (batch, channels, frames, height, width); got {tuple(sample.shape)}")
         batch, channels, num_frames, height, width = sample.shape
         if channels != self.config.in_channels:
-            raise ValueError(f"sample has {channels} channels but the model expects in_channels={self.config.in_channels}")
+            raise ValueError(
+                f"sample has {channels} channels but the model expects in_channels={self.config.in_channels}"
+            )
         factor = 2**self.num_upsamplers
         if height % factor or width % factor:
             raise ValueError(f"height and width must be multiples of {factor}; got {height}x{width}")
-        if encoder_hidden_states is None or encoder_hidden_states.dim() != 3 or encoder_hidden_states.shape[0] != batch:
+        if (
+            encoder_hidden_states is None
+            or encoder_hidden_states.dim() != 3
+            or encoder_hidden_states.shape[0] != batch
+        ):
             got = None if encoder_hidden_states is None else tuple(encoder_hidden_states.shape)
             raise ValueError(f"encoder_hidden_states must be (batch={batch}, tokens, dim); got {got}")
 
@@ -442,7 +452,12 @@ class Show1SR2UNet3DConditionModel(UNet3DConditionModel):
             "CrossAttnDownBlock3D",
             "DownBlock3D",
         ),
-        up_block_types: tuple[str, ...] = ("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
+        up_block_types: tuple[str, ...] = (
+            "UpBlock3D",
+            "CrossAttnUpBlock3D",
+            "CrossAttnUpBlock3D",
+            "CrossAttnUpBlock3D",
+        ),
         block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280),
         layers_per_block: int = 2,
         downsample_padding: int = 1,
@@ -482,7 +497,7 @@ class Show1SR2UNet3DConditionModel(UNet3DConditionModel):
         self._warned_mask = False
 
     @classmethod
-    def from_config_file(cls, config: str | os.PathLike | dict, **overrides: Any) -> "Show1SR2UNet3DConditionModel":
+    def from_config_file(cls, config: str | os.PathLike | dict, **overrides: Any) -> Show1SR2UNet3DConditionModel:
         """Build with random weights from a released config (``"show-1-sr2"``, a JSON path or a dict)."""
         return cls.from_config({**load_released_config(config), **overrides})
 
@@ -507,7 +522,9 @@ class Show1SR2UNet3DConditionModel(UNet3DConditionModel):
         if class_labels is not None:
             raise ValueError("the sr2 UNet has no class embedding; class_labels must be None")
         if encoder_attention_mask is not None and not self._warned_mask:
-            logger.warning("Show1SR2UNet3DConditionModel ignores encoder_attention_mask (unmasked CLIP text, as released)")
+            logger.warning(
+                "Show1SR2UNet3DConditionModel ignores encoder_attention_mask (unmasked CLIP text, as released)"
+            )
             self._warned_mask = True
         return super().forward(
             sample,

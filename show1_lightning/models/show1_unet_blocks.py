@@ -15,15 +15,15 @@ Frames travel folded into the batch: hidden states are ``(batch * frames, channe
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D, TemporalConvLayer
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+from torch import nn
 
 __all__ = [
     "AddedKVAttnProcessor",
@@ -96,7 +96,7 @@ class AddedKVAttnProcessor:
 
 
 def _resnet(
-    in_channels: int, out_channels: int, temb_channels: int, cfg: "BlockConfig", down: bool = False, up: bool = False
+    in_channels: int, out_channels: int, temb_channels: int, cfg: BlockConfig, down: bool = False, up: bool = False
 ) -> ResnetBlock2D:
     return ResnetBlock2D(
         in_channels=in_channels,
@@ -114,7 +114,7 @@ def _resnet(
     )
 
 
-def _added_kv_attention(channels: int, cfg: "BlockConfig") -> Attention:
+def _added_kv_attention(channels: int, cfg: BlockConfig) -> Attention:
     # IF semantics: attention_head_dim is the per-head width; heads = channels // head_dim.
     if channels % cfg.attention_head_dim != 0:
         raise ValueError(f"channels {channels} not divisible by attention_head_dim {cfg.attention_head_dim}")
@@ -133,12 +133,12 @@ def _added_kv_attention(channels: int, cfg: "BlockConfig") -> Attention:
     )
 
 
-def _temporal_conv(channels: int, cfg: "BlockConfig") -> TemporalConvLayer:
+def _temporal_conv(channels: int, cfg: BlockConfig) -> TemporalConvLayer:
     # GroupNorm groups follow the config (32 as released; small models need fewer).
     return TemporalConvLayer(channels, channels, dropout=cfg.temporal_conv_dropout, norm_num_groups=cfg.resnet_groups)
 
 
-def _temporal_attention(channels: int, cfg: "BlockConfig") -> TransformerTemporalModel:
+def _temporal_attention(channels: int, cfg: BlockConfig) -> TransformerTemporalModel:
     # As released: heads = attention_head_dim and head width = channels // attention_head_dim (inner dim = channels).
     # The released code ran diffusers 0.19.3, whose output un-flattening `reshape(b, h, w, channel, frames)` looks
     # like a frames/channels swap but is numerically identical to today's (tests/test_show1_unet.py proves it).
@@ -185,7 +185,7 @@ class BlockConfig:
         self.cross_attention_norm = cross_attention_norm
         self.temporal_conv_dropout = temporal_conv_dropout
 
-    def replace(self, **changes: Any) -> "BlockConfig":
+    def replace(self, **changes: Any) -> BlockConfig:
         """Copy with some fields changed (e.g. the mid block's own scale factor)."""
         new = BlockConfig.__new__(BlockConfig)
         new.__dict__.update(self.__dict__)
@@ -204,9 +204,7 @@ class _Show1Block3D(nn.Module):
     def _init_layers(self, channels_in: list[int], out_channels: int, cfg: BlockConfig, attend: bool) -> None:
         self.has_cross_attention = attend
         self.resnets = nn.ModuleList([_resnet(c, out_channels, cfg.temb_channels, cfg) for c in channels_in])
-        self.temp_convs = nn.ModuleList(
-            [_temporal_conv(out_channels, cfg) for _ in channels_in]
-        )
+        self.temp_convs = nn.ModuleList([_temporal_conv(out_channels, cfg) for _ in channels_in])
         if attend:
             self.attentions = nn.ModuleList([_added_kv_attention(out_channels, cfg) for _ in channels_in])
             self.temp_attentions = nn.ModuleList([_temporal_attention(out_channels, cfg) for _ in channels_in])
@@ -256,7 +254,13 @@ class _Show1Block3D(nn.Module):
 
 class _DownBlock3D(_Show1Block3D):
     def __init__(
-        self, in_channels: int, out_channels: int, num_layers: int, add_downsample: bool, cfg: BlockConfig, attend: bool
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_layers: int,
+        add_downsample: bool,
+        cfg: BlockConfig,
+        attend: bool,
     ) -> None:
         super().__init__()
         self._init_layers([in_channels] + [out_channels] * (num_layers - 1), out_channels, cfg, attend)
@@ -392,9 +396,7 @@ class UNetMidBlock3DSimpleCrossAttn(_Show1Block3D):
         super().__init__()
         self.has_cross_attention = True
         self.resnets = nn.ModuleList([_resnet(in_channels, in_channels, cfg.temb_channels, cfg)])
-        self.temp_convs = nn.ModuleList(
-            [_temporal_conv(in_channels, cfg)]
-        )
+        self.temp_convs = nn.ModuleList([_temporal_conv(in_channels, cfg)])
         self.attentions = nn.ModuleList()
         self.temp_attentions = nn.ModuleList()
         for _ in range(num_layers):

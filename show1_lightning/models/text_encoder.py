@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
 
 import torch
 from torch import nn
@@ -51,7 +50,7 @@ class TextEncoder(nn.Module):
     def __init__(
         self,
         kind: str = "t5",
-        pretrained_path: Union[str, Path, None] = None,
+        pretrained_path: str | Path | None = None,
         max_length: int = 77,
         seed: int = 0,
         tiny_dim: int = 64,
@@ -100,15 +99,30 @@ class TextEncoder(nn.Module):
         with torch.random.fork_rng(devices=[]):  # same weights in every process, global RNG untouched
             torch.manual_seed(seed)
             if kind == "t5":
-                cfg = T5Config(vocab_size=len(tokenizer), d_model=dim, d_kv=dim // heads, d_ff=2 * dim,
-                               num_layers=layers, num_heads=heads, pad_token_id=tokenizer.pad_token_id,
-                               eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+                cfg = T5Config(
+                    vocab_size=len(tokenizer),
+                    d_model=dim,
+                    d_kv=dim // heads,
+                    d_ff=2 * dim,
+                    num_layers=layers,
+                    num_heads=heads,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    decoder_start_token_id=tokenizer.pad_token_id,
+                )
                 model = T5EncoderModel(cfg)
             else:
-                cfg = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=dim, intermediate_size=2 * dim,
-                                     num_hidden_layers=layers, num_attention_heads=heads,
-                                     max_position_embeddings=max_length, pad_token_id=tokenizer.pad_token_id,
-                                     eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.pad_token_id)
+                cfg = CLIPTextConfig(
+                    vocab_size=len(tokenizer),
+                    hidden_size=dim,
+                    intermediate_size=2 * dim,
+                    num_hidden_layers=layers,
+                    num_attention_heads=heads,
+                    max_position_embeddings=max_length,
+                    pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    bos_token_id=tokenizer.pad_token_id,
+                )
                 model = CLIPTextModel(cfg)
         return model, tokenizer
 
@@ -124,7 +138,7 @@ class TextEncoder(nn.Module):
         """Stable description (kind, weights, max_length) used to validate embedding caches."""
         return f"{self.kind}|{self.source}|L{self.max_length}|D{self.dim}"
 
-    def train(self, mode: bool = True) -> "TextEncoder":
+    def train(self, mode: bool = True) -> TextEncoder:
         # Always frozen: stays in eval mode even when a parent module is put in train mode.
         super().train(mode)
         self.model.eval()

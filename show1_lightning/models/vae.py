@@ -34,24 +34,38 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import nn
 
-__all__ = ["VideoVAE", "tiny_autoencoder", "build_video_vae", "fit_vae", "ensure_toy_vae", "reconstruction_psnr",
-           "TOY_VAE_VERSION"]
+__all__ = [
+    "VideoVAE",
+    "tiny_autoencoder",
+    "build_video_vae",
+    "fit_vae",
+    "ensure_toy_vae",
+    "reconstruction_psnr",
+    "TOY_VAE_VERSION",
+]
 
 log = logging.getLogger(__name__)
 
 # Bump when the fitting recipe changes: ensure_toy_vae refits caches made by another version.
 TOY_VAE_VERSION = 1
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def _plain(x: Any) -> Any:
@@ -145,7 +159,7 @@ class VideoVAE(nn.Module):
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path, subfolder: str | None = None, **kwargs: Any) -> "VideoVAE":
+    def from_pretrained(cls, path: str | Path, subfolder: str | None = None, **kwargs: Any) -> VideoVAE:
         """Load ``AutoencoderKL`` from a local folder (``subfolder`` e.g. "vae" for a pipeline download)."""
         path = Path(path)
         target = path / subfolder if subfolder else path
@@ -155,7 +169,7 @@ class VideoVAE(nn.Module):
         vae = AutoencoderKL.from_pretrained(str(path), subfolder=subfolder, low_cpu_mem_usage=False)
         return cls(vae, **kwargs)
 
-    def train(self, mode: bool = True) -> "VideoVAE":
+    def train(self, mode: bool = True) -> VideoVAE:
         # Always frozen: stays in eval mode even when a parent module is put in train mode.
         super().train(mode)
         self.vae.eval()
@@ -257,7 +271,8 @@ def fit_vae(
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(1, steps))))
+        opt, lambda i: min(1.0, (i + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(1, steps)))
+    )
     start = time.time()
     rec = kl = torch.zeros(())
     done = 0
@@ -265,7 +280,7 @@ def fit_vae(
         idx = torch.randint(0, n, (batch_size,), generator=g)
         ys = torch.randint(0, h - crop_h + 1, (batch_size,), generator=g)
         xs = torch.randint(0, w - crop_w + 1, (batch_size,), generator=g)
-        x = torch.stack([frames[i, :, y:y + crop_h, x_:x_ + crop_w] for i, y, x_ in zip(idx, ys, xs)])
+        x = torch.stack([frames[i, :, y : y + crop_h, x_ : x_ + crop_w] for i, y, x_ in zip(idx, ys, xs)])
         flip = torch.rand(batch_size, generator=g) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         post = vae.encode(x).latent_dist
@@ -283,24 +298,48 @@ def fit_vae(
             break
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        means = torch.cat([vae.encode(frames[i:i + 16]).latent_dist.mean for i in range(0, n, 16)])
+        means = torch.cat([vae.encode(frames[i : i + 16]).latent_dist.mean for i in range(0, n, 16)])
         std = float(means.std())
     vae.register_to_config(scaling_factor=1.0 / std)
-    return {"rec_loss": float(rec.detach()), "kl": float(kl.detach()), "latent_std": std, "steps": done,
-            "seconds": time.time() - start}
+    return {
+        "rec_loss": float(rec.detach()),
+        "kl": float(kl.detach()),
+        "latent_std": std,
+        "steps": done,
+        "seconds": time.time() - start,
+    }
 
 
-def _toy_frames(toy_root: str | Path, height: int, width: int, num_clips: int, frames_per_clip: int,
-                seed: int, split: str = "train") -> torch.Tensor:
+def _toy_frames(
+    toy_root: str | Path,
+    height: int,
+    width: int,
+    num_clips: int,
+    frames_per_clip: int,
+    seed: int,
+    split: str = "train",
+) -> torch.Tensor:
     """Frames of toy clips (``split`` "train" or "val"), decoded and resized as in training (N x 3 x H x W)."""
     from show1_lightning.data.datamodule import VideoDataModule  # lazy: models stay importable without data
 
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     n_batches = max(1, math.ceil(num_clips / 8))
-    dm = VideoDataModule(toy_root=toy_root, num_frames=frames_per_clip, target_fps=4, height=height, width=width,
-                         batch_size=8, num_workers=0, epoch_length=n_batches, val_batches=n_batches,
-                         shuffle_buffer=64, seed=seed, rank=0, world_size=1)
+    dm = VideoDataModule(
+        toy_root=toy_root,
+        num_frames=frames_per_clip,
+        target_fps=4,
+        height=height,
+        width=width,
+        batch_size=8,
+        num_workers=0,
+        epoch_length=n_batches,
+        val_batches=n_batches,
+        shuffle_buffer=64,
+        seed=seed,
+        rank=0,
+        world_size=1,
+    )
     dm.prepare_data()
     dm.setup("fit")
     loader = dm.train_dataloader() if split == "train" else dm.val_dataloader()
@@ -309,8 +348,9 @@ def _toy_frames(toy_root: str | Path, height: int, width: int, num_clips: int, f
 
 
 @torch.no_grad()
-def reconstruction_psnr(vae: VideoVAE, toy_root: str | Path, height: int, width: int, num_clips: int = 8,
-                        frames_per_clip: int = 4) -> float:
+def reconstruction_psnr(
+    vae: VideoVAE, toy_root: str | Path, height: int, width: int, num_clips: int = 8, frames_per_clip: int = 4
+) -> float:
     """PSNR (dB, signal range [-1, 1]) of ``vae``'s reconstruction of held-out toy validation frames."""
     frames = _toy_frames(toy_root, height, width, num_clips, frames_per_clip, seed=0, split="val")
     video = frames.unsqueeze(0).permute(0, 2, 1, 3, 4)  # 1 x 3 x N x H x W: one long clip, chunked
@@ -340,9 +380,20 @@ def ensure_toy_vae(
     recipe: a change refits). Safe to call from several processes at once (an exclusive file lock)."""
     root = Path(root)
     tiny = dict(_plain(tiny) or {})
-    params = {"version": TOY_VAE_VERSION, "height": height, "width": width, "tiny": tiny,
-              "steps": steps, "batch_size": batch_size, "crop": crop, "lr": lr, "kl_weight": kl_weight,
-              "num_clips": num_clips, "frames_per_clip": frames_per_clip, "seed": seed}
+    params = {
+        "version": TOY_VAE_VERSION,
+        "height": height,
+        "width": width,
+        "tiny": tiny,
+        "steps": steps,
+        "batch_size": batch_size,
+        "crop": crop,
+        "lr": lr,
+        "kl_weight": kl_weight,
+        "num_clips": num_clips,
+        "frames_per_clip": frames_per_clip,
+        "seed": seed,
+    }
     params = json.loads(json.dumps(params))  # tuples -> lists: compares equal to what DONE.json holds
 
     def ready() -> bool:
@@ -400,8 +451,12 @@ def build_video_vae(
     - neither: the tiny seeded random VAE (``tiny``: :func:`tiny_autoencoder` arguments). Its latents mean
       nothing; fine for tests and shape checks only.
     """
-    kwargs = {"chunk_frames": chunk_frames, "sample_posterior": sample_posterior, "dtype": dtype,
-              "scaling_factor": scaling_factor}
+    kwargs = {
+        "chunk_frames": chunk_frames,
+        "sample_posterior": sample_posterior,
+        "dtype": dtype,
+        "scaling_factor": scaling_factor,
+    }
     if pretrained_path is not None and fit_on_toy is not None:
         raise ValueError("set either vae.pretrained_path or vae.fit_on_toy, not both")
     if pretrained_path is not None:

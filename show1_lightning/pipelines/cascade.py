@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import resource
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -210,20 +211,29 @@ def check_cascade(stages: dict[str, DiffusionStage], sampling_of: Any, strict_si
     for name, stage in stages.items():
         s = {**getattr(stage, "sampling_cfg", {}), **sampling_of(name)}  # the stage's defaults, then overrides
         strength = s.get("strength", getattr(stage, "strength", 1.0)) if name == "latent_sr" else 1.0
-        check_sampling_args(s.get("num_steps", 50), s.get("guidance_scale", 1.0), strength,
-                            with_init=name == "latent_sr", where=f"sampling.{name}")
+        check_sampling_args(
+            s.get("num_steps", 50),
+            s.get("guidance_scale", 1.0),
+            strength,
+            with_init=name == "latent_sr",
+            where=f"sampling.{name}",
+        )
 
     def fits(name: str, stage: DiffusionStage, hw: tuple[int, int], what: str) -> None:
         m = unet_size_multiple(stage.unet)
         if hw[0] % m or hw[1] % m:
-            raise ValueError(f"cascade: the {name} UNet downsamples {m}x, so {what} must be multiples of {m}; "
-                             f"got {hw[0]}x{hw[1]} (H x W)")
+            raise ValueError(
+                f"cascade: the {name} UNet downsamples {m}x, so {what} must be multiples of {m}; "
+                f"got {hw[0]}x{hw[1]} (H x W)"
+            )
 
     def trained(name: str, got: tuple[int, int], want: tuple[int, int], source: str) -> None:
         if got == want:
             return
-        msg = (f"cascade: {name} was trained on {want[0]}x{want[1]} (H x W) frames but gets {got[0]}x{got[1]} from "
-               f"{source}; a convolutional UNet runs, but not at the size it learned")
+        msg = (
+            f"cascade: {name} was trained on {want[0]}x{want[1]} (H x W) frames but gets {got[0]}x{got[1]} from "
+            f"{source}; a convolutional UNet runs, but not at the size it learned"
+        )
         if strict_sizes:
             raise ValueError(msg + " (strict_sizes: refused)")
         log.warning(msg)
@@ -232,8 +242,12 @@ def check_cascade(stages: dict[str, DiffusionStage], sampling_of: Any, strict_si
     # What flows between the stages: channels, frames, height, width.
     kf = stages["keyframe"]
     s = sampling_of("keyframe")
-    shape = (int(kf.sample_channels), int(s.get("num_frames", getattr(kf, "num_frames", 0))),
-             int(s.get("height", getattr(kf, "height", 0))), int(s.get("width", getattr(kf, "width", 0))))
+    shape = (
+        int(kf.sample_channels),
+        int(s.get("num_frames", getattr(kf, "num_frames", 0))),
+        int(s.get("height", getattr(kf, "height", 0))),
+        int(s.get("width", getattr(kf, "width", 0))),
+    )
     fits("keyframe", kf, shape[2:], "the keyframe size")
     source = "keyframe"
     for name in STAGE_ORDER[1:]:
@@ -242,8 +256,9 @@ def check_cascade(stages: dict[str, DiffusionStage], sampling_of: Any, strict_si
         st = stages[name]
         c, t, h, w = shape
         if name in ("interpolation", "pixel_sr") and c != st.sample_channels:
-            raise ValueError(f"cascade: {source} hands on {c}-channel frames but {name} generates "
-                             f"{st.sample_channels}")
+            raise ValueError(
+                f"cascade: {source} hands on {c}-channel frames but {name} generates {st.sample_channels}"
+            )
         if name == "latent_sr" and c != 3:
             raise ValueError(f"cascade: {source} hands on {c}-channel frames; latent_sr takes RGB video (3)")
         if name == "interpolation":

@@ -6,8 +6,9 @@ Satisfies ``evaluation.generators.VideoGenerator`` (``name``, ``fps``, ``generat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -40,20 +41,40 @@ class CascadeGenerator:
         if_ii_l: str | Path | None = None,
         strict_sizes: bool = False,
     ) -> None:
-        self.sources = {"keyframe": keyframe, "interpolation": interpolation, "pixel_sr": pixel_sr,
-                        "latent_sr": latent_sr}
-        self.cascade = Show1Cascade(keyframe, interpolation, pixel_sr, latent_sr, device=device,
-                                    precision=precision, sampling=sampling, behaviour=behaviour, t5=t5,
-                                    if_ii_l=if_ii_l, strict_sizes=strict_sizes)
+        self.sources = {
+            "keyframe": keyframe,
+            "interpolation": interpolation,
+            "pixel_sr": pixel_sr,
+            "latent_sr": latent_sr,
+        }
+        self.cascade = Show1Cascade(
+            keyframe,
+            interpolation,
+            pixel_sr,
+            latent_sr,
+            device=device,
+            precision=precision,
+            sampling=sampling,
+            behaviour=behaviour,
+            t5=t5,
+            if_ii_l=if_ii_l,
+            strict_sizes=strict_sizes,
+        )
         self.fps = float(fps)
         self.name = name or "cascade:" + "+".join(n for n in STAGE_ORDER if n in self.cascade.stages)
 
     def describe(self) -> dict[str, Any]:
         """What the report records about this generator."""
-        return {"name": self.name, "type": "cascade", "fps": self.fps,
-                "stages": {k: str(v) for k, v in self.sources.items() if v is not None},
-                "precision": self.cascade.precision, "sampling": self.cascade.sampling,
-                "behaviour": self.cascade.released.describe(), "size_notes": self.cascade.size_notes}
+        return {
+            "name": self.name,
+            "type": "cascade",
+            "fps": self.fps,
+            "stages": {k: str(v) for k, v in self.sources.items() if v is not None},
+            "precision": self.cascade.precision,
+            "sampling": self.cascade.sampling,
+            "behaviour": self.cascade.released.describe(),
+            "size_notes": self.cascade.size_notes,
+        }
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
         return self.cascade(list(prompts), list(seeds)).video

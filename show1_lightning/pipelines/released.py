@@ -61,9 +61,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,8 +73,12 @@ from show1_lightning.diffusion.module import DiffusionStage
 
 log = logging.getLogger(__name__)
 
-STAGE_FOLDERS = {"keyframe": "show-1-base", "interpolation": "show-1-interpolation", "pixel_sr": "show-1-sr1",
-                 "latent_sr": "show-1-sr2"}
+STAGE_FOLDERS = {
+    "keyframe": "show-1-base",
+    "interpolation": "show-1-interpolation",
+    "pixel_sr": "show-1-sr1",
+    "latent_sr": "show-1-sr2",
+}
 _WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
@@ -104,14 +109,15 @@ class ReleasedBehaviour:
 
     def __post_init__(self) -> None:
         if self.prompt_preprocessing not in ("lower_strip", "none"):
-            raise ValueError(f"prompt_preprocessing must be 'lower_strip' or 'none', "
-                             f"got {self.prompt_preprocessing!r}")
+            raise ValueError(
+                f"prompt_preprocessing must be 'lower_strip' or 'none', got {self.prompt_preprocessing!r}"
+            )
         if self.sr1_first_frame not in ("image_sr", "noisy"):
             raise ValueError(f"sr1_first_frame must be 'image_sr' or 'noisy', got {self.sr1_first_frame!r}")
         self.schedules = {k: dict(v) for k, v in (self.schedules or {}).items()}
 
     @classmethod
-    def from_dict(cls, cfg: dict[str, Any] | None) -> "ReleasedBehaviour":
+    def from_dict(cls, cfg: dict[str, Any] | None) -> ReleasedBehaviour:
         """From a ``conf/behaviour/*.yaml`` node (``apply_to`` and unknown keys are rejected by name)."""
         cfg = {k: v for k, v in dict(cfg or {}).items() if k != "apply_to"}
         known = {f.name for f in fields(cls)}
@@ -141,7 +147,8 @@ def is_released_folder(path: str | Path) -> bool:
     if not p.is_dir() or (p / "stage.json").exists():
         return False
     return (p / "model_index.json").is_file() or (
-        (p / "unet" / "config.json").is_file() and (p / "scheduler" / "scheduler_config.json").is_file())
+        (p / "unet" / "config.json").is_file() and (p / "scheduler" / "scheduler_config.json").is_file()
+    )
 
 
 def _has_text_encoder(folder: Path) -> bool:
@@ -164,8 +171,9 @@ def check_released_folder(folder: str | Path, kind: str) -> None:
     if kind not in STAGE_FOLDERS:
         raise ValueError(f"unknown stage {kind!r}; one of {sorted(STAGE_FOLDERS)}")
     if not folder.is_dir():
-        raise FileNotFoundError(f"{kind}: released folder {folder} does not exist (expected a download of "
-                                f"showlab/{STAGE_FOLDERS[kind]})")
+        raise FileNotFoundError(
+            f"{kind}: released folder {folder} does not exist (expected a download of showlab/{STAGE_FOLDERS[kind]})"
+        )
     missing = [r for r in required_files(kind) if not (folder / r).exists()]
     if missing:
         hint = ""
@@ -227,13 +235,16 @@ def resolve_t5(folders: dict[str, str | Path | None], t5: str | Path | None) -> 
             if kind != "latent_sr":
                 pixel.append(Path(f))
     if pixel and not t5 and not any(_has_text_encoder(p) for p in pixel):
-        raise FileNotFoundError(f"released folders {', '.join(map(str, pixel))} lack text_encoder/ and tokenizer/ "
-                                "(T5-XXL); download them or set t5=<folder with the T5-XXL encoder>")
+        raise FileNotFoundError(
+            f"released folders {', '.join(map(str, pixel))} lack text_encoder/ and tokenizer/ "
+            "(T5-XXL); download them or set t5=<folder with the T5-XXL encoder>"
+        )
     if t5:
         p = Path(t5)
         if not (p / "config.json").is_file() and not _has_text_encoder(p):
-            raise FileNotFoundError(f"t5={p}: neither a T5 folder (config.json) nor one with text_encoder/ and "
-                                    "tokenizer/")
+            raise FileNotFoundError(
+                f"t5={p}: neither a T5 folder (config.json) nor one with text_encoder/ and tokenizer/"
+            )
         return p
     for kind in ("keyframe", "interpolation", "pixel_sr"):
         f = folders.get(kind)
@@ -268,8 +279,10 @@ def load_released_stage(folder: str | Path, kind: str, t5: str | Path | None = N
     if kind != "latent_sr":
         source = Path(t5) if t5 else (folder if _has_text_encoder(folder) else None)
         if source is None:
-            raise FileNotFoundError(f"{kind}: released folder {folder} lacks text_encoder/ and tokenizer/ (T5-XXL); "
-                                    "download them or set t5=<folder with the T5-XXL encoder>")
+            raise FileNotFoundError(
+                f"{kind}: released folder {folder} lacks text_encoder/ and tokenizer/ (T5-XXL); "
+                "download them or set t5=<folder with the T5-XXL encoder>"
+            )
         text_encoder = _shared_text_encoder("t5", str(source))
     else:
         text_encoder = TextEncoder("clip", pretrained_path=folder, max_length=77)
@@ -281,18 +294,37 @@ def load_released_stage(folder: str | Path, kind: str, t5: str | Path | None = N
         noising = load_folder_scheduler(folder, "image_noising_scheduler")
         noise_cfg = json.loads((folder / "image_noising_scheduler" / "scheduler_config.json").read_text())
     # The stage's own (training) schedule: the folder's betas; sampling goes through `scheduler` above.
-    train_sched = DDPMScheduler.from_config({k: v for k, v in noise_cfg.items() if k in DDPMScheduler._get_init_keys(
-        DDPMScheduler) and k not in ("variance_type", "thresholding")})
-    common: dict[str, Any] = dict(unet=unet, noise_scheduler=train_sched,
-                                  optimizer=functools.partial(torch.optim.AdamW), text_encoder=text_encoder,
-                                  ema={"enabled": False}, caption_dropout=0.0, sampling=_training_sampling(kind))
+    train_sched = DDPMScheduler.from_config(
+        {
+            k: v
+            for k, v in noise_cfg.items()
+            if k in DDPMScheduler._get_init_keys(DDPMScheduler) and k not in ("variance_type", "thresholding")
+        }
+    )
+    common: dict[str, Any] = dict(
+        unet=unet,
+        noise_scheduler=train_sched,
+        optimizer=functools.partial(torch.optim.AdamW),
+        text_encoder=text_encoder,
+        ema={"enabled": False},
+        caption_dropout=0.0,
+        sampling=_training_sampling(kind),
+    )
     if kind == "keyframe":
         stage: DiffusionStage = KeyframeStage(num_frames=8, height=40, width=64, **common)
     elif kind == "interpolation":
         stage = InterpolationStage(num_frames=5, insert_frames=3, height=40, width=64, **common)
     elif kind == "pixel_sr":
-        stage = PixelSRStage(height=160, width=256, scale_factor=4, noise_level=250, window_frames=8,
-                             window_overlap=True, align_corners=True, **common)
+        stage = PixelSRStage(
+            height=160,
+            width=256,
+            scale_factor=4,
+            noise_level=250,
+            window_frames=8,
+            window_overlap=True,
+            align_corners=True,
+            **common,
+        )
     else:
         vae = VideoVAE.from_pretrained(folder, subfolder="vae")
         stage = LatentSRStage(vae=vae, sample_channels=4, height=320, width=576, strength=0.8, **common)
@@ -346,8 +378,11 @@ def _sampler_for(stage: DiffusionStage, beh: ReleasedBehaviour) -> Any:
     src = getattr(stage, "released", None)
     if src is not None and beh.folder_scheduler:
         return deepcopy(src.scheduler)
-    solver = {k: v for k, v in stage.sampling_cfg.items()
-              if k not in ("num_steps", "guidance_scale", "negative_prompt", "train_mode_dropout")}
+    solver = {
+        k: v
+        for k, v in stage.sampling_cfg.items()
+        if k not in ("num_steps", "guidance_scale", "negative_prompt", "train_mode_dropout")
+    }
     return make_sampler(stage.noise_scheduler, **solver)
 
 
@@ -395,8 +430,9 @@ def official_denoise(
 class _Ctx:
     """Per-stage sampling context: text, UNet call, scheduler, for one video."""
 
-    def __init__(self, stage: DiffusionStage, beh: ReleasedBehaviour, prompt: str, negative: str,
-                 preprocess: bool) -> None:
+    def __init__(
+        self, stage: DiffusionStage, beh: ReleasedBehaviour, prompt: str, negative: str, preprocess: bool
+    ) -> None:
         self.stage, self.beh = stage, beh
         mode = beh.prompt_preprocessing if preprocess else "none"
         emb, mask = stage.encode_text([preprocess_prompt(prompt, mode)])
@@ -404,8 +440,9 @@ class _Ctx:
         self.emb, self.mask = torch.cat([nemb, emb]), torch.cat([nmask, mask])
         self.pos = (emb, mask)
 
-    def model(self, class_labels: torch.Tensor | None = None, guided: bool = True
-              ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def model(
+        self, class_labels: torch.Tensor | None = None, guided: bool = True
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         emb, mask = (self.emb, self.mask) if guided else self.pos
         unet = self.stage.unet
         kwargs: dict[str, Any] = {"encoder_hidden_states": emb}
@@ -429,8 +466,13 @@ def _keyframe(stage: Any, beh: ReleasedBehaviour, prompt: str, seed: int, s: dic
     from show1_lightning.models.show1_unet import released_train_mode_dropout
 
     dev = stage.device
-    shape = (1, stage.sample_channels, int(s.get("num_frames", stage.num_frames)), int(s.get("height", stage.height)),
-             int(s.get("width", stage.width)))
+    shape = (
+        1,
+        stage.sample_channels,
+        int(s.get("num_frames", stage.num_frames)),
+        int(s.get("height", stage.height)),
+        int(s.get("width", stage.width)),
+    )
     guidance = float(s.get("guidance_scale", 9.0))
     ctx = _Ctx(stage, beh, prompt, s.get("negative_prompt", ""), preprocess=True)
     sched = _sampler_for(stage, beh)
@@ -438,12 +480,20 @@ def _keyframe(stage: Any, beh: ReleasedBehaviour, prompt: str, seed: int, s: dic
     g = _official_generator(seed)
     x = _randn(shape, g, dev) * sched.init_noise_sigma
     with released_train_mode_dropout(stage.unet, beh.train_mode_dropout):
-        return official_denoise(ctx.model(guided=guidance > 1), sched, x, ts, guidance, _step_kwargs(sched, g),
-                                beh.per_frame_scheduler_step)
+        return official_denoise(
+            ctx.model(guided=guidance > 1),
+            sched,
+            x,
+            ts,
+            guidance,
+            _step_kwargs(sched, g),
+            beh.per_frame_scheduler_step,
+        )
 
 
-def _interpolation(stage: Any, beh: ReleasedBehaviour, keyframes: torch.Tensor, prompt: str, seed: int,
-                   s: dict) -> torch.Tensor:
+def _interpolation(
+    stage: Any, beh: ReleasedBehaviour, keyframes: torch.Tensor, prompt: str, seed: int, s: dict
+) -> torch.Tensor:
     from show1_lightning.stages.interpolation import window_seeds
 
     dev = stage.device
@@ -462,9 +512,17 @@ def _interpolation(stage: Any, beh: ReleasedBehaviour, keyframes: torch.Tensor, 
         g = _official_generator(seed if beh.interp_shared_noise else own[i])
         x = shared.clone() if beh.interp_shared_noise else _randn(shape, g, dev)
         cond = stage.window_condition(keyframes[:, :, i], keyframes[:, :, i + 1]).concat
-        win = official_denoise(ctx.model(guided=guidance > 1), sched, x, ts, guidance, _step_kwargs(sched, g),
-                               beh.per_frame_scheduler_step, concat=cond)
-        out[:, :, i * step:i * step + k] = win
+        win = official_denoise(
+            ctx.model(guided=guidance > 1),
+            sched,
+            x,
+            ts,
+            guidance,
+            _step_kwargs(sched, g),
+            beh.per_frame_scheduler_step,
+            concat=cond,
+        )
+        out[:, :, i * step : i * step + k] = win
     if not beh.interp_model_keyframes:
         out[:, :, ::step] = keyframes
     return out
@@ -478,33 +536,62 @@ class ImageSR:
         from diffusers import IFSuperResolutionPipeline
 
         path = Path(path)
-        for req in ("unet/config.json", "scheduler/scheduler_config.json",
-                    "image_noising_scheduler/scheduler_config.json"):
+        for req in (
+            "unet/config.json",
+            "scheduler/scheduler_config.json",
+            "image_noising_scheduler/scheduler_config.json",
+        ):
             if not (path / req).exists():
-                raise FileNotFoundError(f"if_ii_l: folder {path} lacks {req} (expected a download of "
-                                        "DeepFloyd/IF-II-L-v1.0)")
+                raise FileNotFoundError(
+                    f"if_ii_l: folder {path} lacks {req} (expected a download of DeepFloyd/IF-II-L-v1.0)"
+                )
         self.path = path
         self.pipe = IFSuperResolutionPipeline.from_pretrained(
-            str(path), text_encoder=None, tokenizer=None, safety_checker=None, feature_extractor=None,
-            watermarker=None, requires_safety_checker=False)
+            str(path),
+            text_encoder=None,
+            tokenizer=None,
+            safety_checker=None,
+            feature_extractor=None,
+            watermarker=None,
+            requires_safety_checker=False,
+        )
         self.pipe.set_progress_bar_config(disable=True)
 
-    def __call__(self, image: torch.Tensor, emb: torch.Tensor, neg: torch.Tensor, height: int, width: int,
-                 seed: int, num_steps: int = 70, guidance_scale: float = 4.0, noise_level: int = 150) -> torch.Tensor:
+    def __call__(
+        self,
+        image: torch.Tensor,
+        emb: torch.Tensor,
+        neg: torch.Tensor,
+        height: int,
+        width: int,
+        seed: int,
+        num_steps: int = 70,
+        guidance_scale: float = 4.0,
+        noise_level: int = 150,
+    ) -> torch.Tensor:
         """One image (1 x 3 x h x w in [-1, 1]) -> 1 x 3 x height x width, unclamped (``output_type="pt"``)."""
         dev = image.device
         self.pipe.to(dev)
         try:
-            return self.pipe(image=image, prompt_embeds=emb, negative_prompt_embeds=neg, height=height, width=width,
-                             num_inference_steps=int(num_steps), guidance_scale=float(guidance_scale),
-                             noise_level=int(noise_level), generator=_official_generator(seed),
-                             output_type="pt").images
+            return self.pipe(
+                image=image,
+                prompt_embeds=emb,
+                negative_prompt_embeds=neg,
+                height=height,
+                width=width,
+                num_inference_steps=int(num_steps),
+                guidance_scale=float(guidance_scale),
+                noise_level=int(noise_level),
+                generator=_official_generator(seed),
+                output_type="pt",
+            ).images
         finally:
             self.pipe.to("cpu")
 
 
-def _pixel_sr(stage: Any, beh: ReleasedBehaviour, video: torch.Tensor, prompt: str, seed: int, s: dict,
-              image_sr: ImageSR | None) -> torch.Tensor:
+def _pixel_sr(
+    stage: Any, beh: ReleasedBehaviour, video: torch.Tensor, prompt: str, seed: int, s: dict, image_sr: ImageSR | None
+) -> torch.Tensor:
     from show1_lightning.stages.interpolation import window_seeds
 
     dev = stage.device
@@ -530,10 +617,19 @@ def _pixel_sr(stage: Any, beh: ReleasedBehaviour, video: torch.Tensor, prompt: s
         if k == 0 and beh.sr1_first_frame == "image_sr" and image_sr is not None:
             isr = beh.schedule("image_sr")
             emb, neg = ctx.emb[1:], ctx.emb[:1]
-            first = image_sr(video[:, :, 0], emb, neg, size[0], size[1], seed, isr.get("num_steps", 70),
-                             isr.get("guidance_scale", 4.0), isr.get("noise_level", 150)).to(dev)[:, :, None]
+            first = image_sr(
+                video[:, :, 0],
+                emb,
+                neg,
+                size[0],
+                size[1],
+                seed,
+                isr.get("num_steps", 70),
+                isr.get("guidance_scale", 4.0),
+                isr.get("noise_level", 150),
+            ).to(dev)[:, :, None]
         elif k > 0 and beh.sr1_overlapping_windows:
-            first = out[:, :, st:st + 1]
+            first = out[:, :, st : st + 1]
         seed_k = seed if beh.sr1_overlapping_windows else own[k]
         g = _official_generator(seed_k)
         sched = _sampler_for(stage, beh)
@@ -543,10 +639,18 @@ def _pixel_sr(stage: Any, beh: ReleasedBehaviour, video: torch.Tensor, prompt: s
         aug = stage.augment(up, levels, _randn(up.shape, g, dev))
         if first is not None:
             aug[:, :, :1] = first.to(aug.dtype)
-        res = official_denoise(ctx.model(levels, guided=guidance > 1), sched, x, ts, guidance, _step_kwargs(sched, g),
-                               beh.per_frame_scheduler_step, concat=aug)
+        res = official_denoise(
+            ctx.model(levels, guided=guidance > 1),
+            sched,
+            x,
+            ts,
+            guidance,
+            _step_kwargs(sched, g),
+            beh.per_frame_scheduler_step,
+            concat=aug,
+        )
         lo = 1 if (k > 0 and beh.sr1_overlapping_windows and not beh.sr1_overwrite_shared_frame) else 0
-        out[:, :, st + lo:en] = res[:, :, lo:]
+        out[:, :, st + lo : en] = res[:, :, lo:]
     return out
 
 
@@ -562,8 +666,9 @@ def uint8_pil_resize(video: torch.Tensor, height: int, width: int) -> torch.Tens
     return (torch.from_numpy(arr).permute(3, 0, 1, 2)[None] * 2.0 - 1.0).to(video.device)
 
 
-def _latent_sr(stage: Any, beh: ReleasedBehaviour, video: torch.Tensor, prompt: str, seed: int, s: dict
-               ) -> torch.Tensor:
+def _latent_sr(
+    stage: Any, beh: ReleasedBehaviour, video: torch.Tensor, prompt: str, seed: int, s: dict
+) -> torch.Tensor:
     dev = stage.device
     height, width = int(s.get("height", stage.height)), int(s.get("width", stage.width))
     guidance = float(s.get("guidance_scale", 15.0))
@@ -587,21 +692,29 @@ def _latent_sr(stage: Any, beh: ReleasedBehaviour, video: torch.Tensor, prompt: 
     sched.set_timesteps(n, device=dev)
     strength = float(s.get("strength", stage.strength))
     t_start = max(n - min(int(n * strength), n), 0)
-    ts = sched.timesteps[t_start * sched.order:]
+    ts = sched.timesteps[t_start * sched.order :]
     if hasattr(sched, "set_begin_index"):
         sched.set_begin_index(t_start * sched.order)
     lf = lat.permute(0, 2, 1, 3, 4).reshape(b * t, lc, lh, lw)
     nf = noise.permute(0, 2, 1, 3, 4).reshape(b * t, lc, lh, lw)
     x = sched.add_noise(lf, nf, ts[:1].repeat(b)).reshape(b, t, lc, lh, lw).permute(0, 2, 1, 3, 4)
-    x = official_denoise(ctx.model(guided=guidance > 1), sched, x, ts, guidance, _step_kwargs(sched, g),
-                         beh.per_frame_scheduler_step)
+    x = official_denoise(
+        ctx.model(guided=guidance > 1), sched, x, ts, guidance, _step_kwargs(sched, g), beh.per_frame_scheduler_step
+    )
     return vae.decode(x)
 
 
 @torch.no_grad()
-def run_released_stage(name: str, stage: DiffusionStage, x: torch.Tensor | None, prompts: Sequence[str],
-                       seeds: Sequence[int], beh: ReleasedBehaviour, overrides: dict[str, Any] | None = None,
-                       image_sr: ImageSR | None = None) -> torch.Tensor:
+def run_released_stage(
+    name: str,
+    stage: DiffusionStage,
+    x: torch.Tensor | None,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    beh: ReleasedBehaviour,
+    overrides: dict[str, Any] | None = None,
+    image_sr: ImageSR | None = None,
+) -> torch.Tensor:
     """Run cascade stage ``name`` the official way, one video at a time (module docstring).
 
     ``overrides`` update the preset's schedule of the stage (num_steps, guidance_scale, sizes, ...).
@@ -622,11 +735,11 @@ def run_released_stage(name: str, stage: DiffusionStage, x: torch.Tensor | None,
                     if name == "keyframe":
                         y = _keyframe(stage, beh, prompt, seed, s)
                     elif name == "interpolation":
-                        y = _interpolation(stage, beh, x[i:i + 1].to(stage.device), prompt, seed, s)
+                        y = _interpolation(stage, beh, x[i : i + 1].to(stage.device), prompt, seed, s)
                     elif name == "pixel_sr":
-                        y = _pixel_sr(stage, beh, x[i:i + 1].to(stage.device), prompt, seed, s, image_sr)
+                        y = _pixel_sr(stage, beh, x[i : i + 1].to(stage.device), prompt, seed, s, image_sr)
                     elif name == "latent_sr":
-                        y = _latent_sr(stage, beh, x[i:i + 1].to(stage.device), prompt, seed, s)
+                        y = _latent_sr(stage, beh, x[i : i + 1].to(stage.device), prompt, seed, s)
                     else:
                         raise ValueError(f"unknown stage {name!r}")
                 outs.append(y.float())
@@ -634,7 +747,6 @@ def run_released_stage(name: str, stage: DiffusionStage, x: torch.Tensor | None,
         stage.unet.train(was_training)
     y = torch.cat(outs)
     return y.clamp(-1, 1) if beh.clamp_between_stages else y
-
 
 
 # ---------------------------------------------------------------------------------------------------- cascade glue
@@ -658,8 +770,12 @@ class ReleasedCascade:
         if_ii_l: folder of ``DeepFloyd/IF-II-L-v1.0`` for SR1's first frame (None: the documented fallback).
     """
 
-    def __init__(self, stages: dict[str, DiffusionStage], behaviour: dict[str, Any] | None = None,
-                 if_ii_l: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        stages: dict[str, DiffusionStage],
+        behaviour: dict[str, Any] | None = None,
+        if_ii_l: str | Path | None = None,
+    ) -> None:
         behaviour = dict(behaviour or {})
         self.apply_to = behaviour.get("apply_to", "released_folders")
         if self.apply_to not in ("released_folders", "all", "none"):
@@ -670,8 +786,9 @@ class ReleasedCascade:
         if self.if_ii_l is not None:  # loaded lazily; its folder is checked now
             for req in ("unet/config.json", "scheduler/scheduler_config.json"):
                 if not (self.if_ii_l / req).exists():
-                    raise FileNotFoundError(f"if_ii_l: folder {self.if_ii_l} lacks {req} (expected a download of "
-                                            "DeepFloyd/IF-II-L-v1.0)")
+                    raise FileNotFoundError(
+                        f"if_ii_l: folder {self.if_ii_l} lacks {req} (expected a download of DeepFloyd/IF-II-L-v1.0)"
+                    )
         self._image_sr: ImageSR | None = None
         self._announced = False
 
@@ -684,9 +801,12 @@ class ReleasedCascade:
         """For reports: the preset's name, where it applies and the image-SR folder."""
         if self.behaviour is None:
             return {"name": None}
-        return {"name": self.behaviour.name, "apply_to": self.apply_to,
-                "stages": [n for n, a in self.active.items() if a],
-                "if_ii_l": str(self.if_ii_l) if self.if_ii_l else None}
+        return {
+            "name": self.behaviour.name,
+            "apply_to": self.apply_to,
+            "stages": [n for n, a in self.active.items() if a],
+            "if_ii_l": str(self.if_ii_l) if self.if_ii_l else None,
+        }
 
     def image_sr(self) -> ImageSR | None:
         """The IF-II-L pipeline (loaded on first use), or None with a printed notice of the fallback."""
@@ -695,9 +815,12 @@ class ReleasedCascade:
             return None
         if self.if_ii_l is None:
             if not self._announced:
-                print("pixel_sr: no IF-II-L folder configured (if_ii_l=PATH to a download of DeepFloyd/IF-II-L-v1.0);"
-                      " fallback: the first window's frame 0 is noise-augmented like the other frames "
-                      "(sr1_first_frame=noisy), so the first frames differ from the official videos", flush=True)
+                print(
+                    "pixel_sr: no IF-II-L folder configured (if_ii_l=PATH to a download of DeepFloyd/IF-II-L-v1.0);"
+                    " fallback: the first window's frame 0 is noise-augmented like the other frames "
+                    "(sr1_first_frame=noisy), so the first frames differ from the official videos",
+                    flush=True,
+                )
                 self._announced = True
             return None
         if self._image_sr is None:
@@ -708,8 +831,15 @@ class ReleasedCascade:
         """True when stage ``name`` samples the official way."""
         return bool(self.active.get(name))
 
-    def run(self, name: str, stage: DiffusionStage, x: torch.Tensor | None, prompts: Sequence[str],
-            seeds: Sequence[int], overrides: dict[str, Any]) -> torch.Tensor:
+    def run(
+        self,
+        name: str,
+        stage: DiffusionStage,
+        x: torch.Tensor | None,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        overrides: dict[str, Any],
+    ) -> torch.Tensor:
         assert self.behaviour is not None
         isr = self.image_sr() if name == "pixel_sr" else None
         return run_released_stage(name, stage, x, prompts, seeds, self.behaviour, overrides, isr)

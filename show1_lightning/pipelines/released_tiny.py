@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-TINY_TEXT_DIM = 48   # T5 width (encoder_hid_dim of the pixel UNets)
-TINY_CLIP_DIM = 32   # CLIP width (cross_attention_dim of the latent UNet)
+TINY_TEXT_DIM = 48  # T5 width (encoder_hid_dim of the pixel UNets)
+TINY_CLIP_DIM = 32  # CLIP width (cross_attention_dim of the latent UNet)
 
 #: Tiny configs in the released UNet schemas (keys of the released ``unet/config.json`` files).
 TINY_UNET_CONFIGS: dict[str, dict[str, Any]] = {}
@@ -113,26 +113,63 @@ TINY_IF_II_CONFIG: dict[str, Any] = {
 
 # Scheduler configs as diffusers 0.19.3 saves them (every option of that version, none added later).
 _DPM_0193 = {
-    "_class_name": "DPMSolverMultistepScheduler", "_diffusers_version": "0.19.3", "num_train_timesteps": 1000,
-    "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "squaredcos_cap_v2", "trained_betas": None,
-    "solver_order": 2, "prediction_type": "epsilon", "thresholding": True, "dynamic_thresholding_ratio": 0.95,
-    "sample_max_value": 1.5, "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "lower_order_final": True,
-    "use_karras_sigmas": False, "lambda_min_clipped": float("-inf"), "variance_type": "learned_range",
-    "timestep_spacing": "linspace", "steps_offset": 0,
+    "_class_name": "DPMSolverMultistepScheduler",
+    "_diffusers_version": "0.19.3",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "squaredcos_cap_v2",
+    "trained_betas": None,
+    "solver_order": 2,
+    "prediction_type": "epsilon",
+    "thresholding": True,
+    "dynamic_thresholding_ratio": 0.95,
+    "sample_max_value": 1.5,
+    "algorithm_type": "dpmsolver++",
+    "solver_type": "midpoint",
+    "lower_order_final": True,
+    "use_karras_sigmas": False,
+    "lambda_min_clipped": float("-inf"),
+    "variance_type": "learned_range",
+    "timestep_spacing": "linspace",
+    "steps_offset": 0,
 }
 _DDPM_0193 = {
-    "_class_name": "DDPMScheduler", "_diffusers_version": "0.19.3", "num_train_timesteps": 1000,
-    "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "squaredcos_cap_v2", "trained_betas": None,
-    "variance_type": "fixed_small", "clip_sample": True, "prediction_type": "epsilon", "thresholding": False,
-    "dynamic_thresholding_ratio": 0.995, "clip_sample_range": 1.0, "sample_max_value": 1.0,
-    "timestep_spacing": "leading", "steps_offset": 0,
+    "_class_name": "DDPMScheduler",
+    "_diffusers_version": "0.19.3",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "squaredcos_cap_v2",
+    "trained_betas": None,
+    "variance_type": "fixed_small",
+    "clip_sample": True,
+    "prediction_type": "epsilon",
+    "thresholding": False,
+    "dynamic_thresholding_ratio": 0.995,
+    "clip_sample_range": 1.0,
+    "sample_max_value": 1.0,
+    "timestep_spacing": "leading",
+    "steps_offset": 0,
 }
 _DDIM_0193 = {
-    "_class_name": "DDIMScheduler", "_diffusers_version": "0.19.3", "num_train_timesteps": 1000,
-    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "trained_betas": None,
-    "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "epsilon",
-    "thresholding": False, "dynamic_thresholding_ratio": 0.995, "clip_sample_range": 1.0, "sample_max_value": 1.0,
-    "timestep_spacing": "leading", "rescale_betas_zero_snr": False,
+    "_class_name": "DDIMScheduler",
+    "_diffusers_version": "0.19.3",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "trained_betas": None,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "thresholding": False,
+    "dynamic_thresholding_ratio": 0.995,
+    "clip_sample_range": 1.0,
+    "sample_max_value": 1.0,
+    "timestep_spacing": "leading",
+    "rescale_betas_zero_snr": False,
 }
 TINY_SCHEDULERS: dict[str, dict[str, dict[str, Any]]] = {
     "show-1-base": {"scheduler": _DPM_0193},
@@ -140,13 +177,23 @@ TINY_SCHEDULERS: dict[str, dict[str, dict[str, Any]]] = {
     # sr1: v-prediction with fixed variance (the pipelines then drop the variance half before the step) keeps the
     # tiny random SR model well-conditioned (see OUTPUT_SCALE); the learned-variance path is exercised by base,
     # interpolation and IF-II-L.
-    "show-1-sr1": {"scheduler": {**_DPM_0193, "dynamic_thresholding_ratio": 0.995, "prediction_type": "v_prediction",
-                                 "variance_type": None},
-                   "image_noising_scheduler": _DDPM_0193},
+    "show-1-sr1": {
+        "scheduler": {
+            **_DPM_0193,
+            "dynamic_thresholding_ratio": 0.995,
+            "prediction_type": "v_prediction",
+            "variance_type": None,
+        },
+        "image_noising_scheduler": _DDPM_0193,
+    },
     "show-1-sr2": {"scheduler": _DDIM_0193},
     "IF-II-L-v1.0": {
-        "scheduler": {**_DDPM_0193, "variance_type": "learned_range", "thresholding": True,
-                      "dynamic_thresholding_ratio": 0.95},
+        "scheduler": {
+            **_DDPM_0193,
+            "variance_type": "learned_range",
+            "thresholding": True,
+            "dynamic_thresholding_ratio": 0.95,
+        },
         "image_noising_scheduler": _DDPM_0193,
     },
 }
@@ -208,17 +255,29 @@ def _save_text(folder: Path, kind: str, seed: int) -> None:
 
         path = folder / "text_encoder" / "model.safetensors"
         sd = load_file(str(path))
-        save_file({k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in sd.items()}, str(path),
-                  metadata={"format": "pt"})
+        save_file(
+            {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in sd.items()},
+            str(path),
+            metadata={"format": "pt"},
+        )
     # A minimal tokenizer_config.json that old (4.29) and new transformers read alike (ByT5 needs no vocab file).
     tok = folder / "tokenizer"
-    _write_json(tok / "tokenizer_config.json", {
-        "tokenizer_class": "ByT5Tokenizer", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
-        "extra_ids": 125, "model_max_length": 77})
+    _write_json(
+        tok / "tokenizer_config.json",
+        {
+            "tokenizer_class": "ByT5Tokenizer",
+            "eos_token": "</s>",
+            "pad_token": "<pad>",
+            "unk_token": "<unk>",
+            "extra_ids": 125,
+            "model_max_length": 77,
+        },
+    )
 
 
-def build_tiny_released_folders(root: str | Path, seed: int = 0, names: tuple[str, ...] = RELEASED_NAMES
-                                ) -> dict[str, Path]:
+def build_tiny_released_folders(
+    root: str | Path, seed: int = 0, names: tuple[str, ...] = RELEASED_NAMES
+) -> dict[str, Path]:
     """Write the tiny released-layout folders under ``root`` (one per name); returns name -> folder.
 
     Weights are random from ``seed`` (the global RNG is left untouched); the T5 is shared by every pixel folder.
@@ -236,27 +295,45 @@ def build_tiny_released_folders(root: str | Path, seed: int = 0, names: tuple[st
             torch.manual_seed(seed * 101 + k)
             index: dict[str, Any] = {"_class_name": _PIPELINES[name], "_diffusers_version": "0.19.3"}
             if name == "IF-II-L-v1.0":
-                unet = UNet2DConditionModel.from_config({k2: v for k2, v in TINY_IF_II_CONFIG.items()
-                                                         if not k2.startswith("_")})
+                unet = UNet2DConditionModel.from_config(
+                    {k2: v for k2, v in TINY_IF_II_CONFIG.items() if not k2.startswith("_")}
+                )
                 _save_unet(unet, folder, "UNet2DConditionModel")
-                index.update(unet=["diffusers", "UNet2DConditionModel"], text_encoder=[None, None],
-                             tokenizer=[None, None], safety_checker=[None, None], feature_extractor=[None, None],
-                             watermarker=[None, None], requires_safety_checker=False)
+                index.update(
+                    unet=["diffusers", "UNet2DConditionModel"],
+                    text_encoder=[None, None],
+                    tokenizer=[None, None],
+                    safety_checker=[None, None],
+                    feature_extractor=[None, None],
+                    watermarker=[None, None],
+                    requires_safety_checker=False,
+                )
             else:
                 unet = build_show1_unet({k2: v for k2, v in TINY_UNET_CONFIGS[name].items() if k2 != "_class_name"})
                 _save_unet(unet, folder, "UNet3DConditionModel")
                 index["unet"] = ["diffusers", "UNet3DConditionModel"]
                 if name == "show-1-sr2":
-                    vae = tiny_autoencoder(block_out_channels=(16, 32), norm_num_groups=8,
-                                           mid_block_add_attention=True, scaling_factor=0.18215, seed=seed + 7)
+                    vae = tiny_autoencoder(
+                        block_out_channels=(16, 32),
+                        norm_num_groups=8,
+                        mid_block_add_attention=True,
+                        scaling_factor=0.18215,
+                        seed=seed + 7,
+                    )
                     vae.save_pretrained(folder / "vae", safe_serialization=True)
                     _save_text(folder, "clip", seed)
-                    index.update(vae=["diffusers", "AutoencoderKL"], text_encoder=["transformers", "CLIPTextModel"],
-                                 tokenizer=["transformers", "ByT5Tokenizer"])
+                    index.update(
+                        vae=["diffusers", "AutoencoderKL"],
+                        text_encoder=["transformers", "CLIPTextModel"],
+                        tokenizer=["transformers", "ByT5Tokenizer"],
+                    )
                 else:
                     _save_text(folder, "t5", seed)
-                    index.update(text_encoder=["transformers", "T5EncoderModel"],
-                                 tokenizer=["transformers", "ByT5Tokenizer"], feature_extractor=[None, None])
+                    index.update(
+                        text_encoder=["transformers", "T5EncoderModel"],
+                        tokenizer=["transformers", "ByT5Tokenizer"],
+                        feature_extractor=[None, None],
+                    )
             for sub, cfg in TINY_SCHEDULERS[name].items():
                 _write_json(folder / sub / "scheduler_config.json", cfg)
                 index[sub] = ["diffusers", cfg["_class_name"]]

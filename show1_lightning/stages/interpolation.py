@@ -10,7 +10,8 @@ are batched) and the windows are stitched, each shared keyframe once: N keyframe
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -98,8 +99,9 @@ class InterpolationStage(DiffusionStage):
         return (self.sample_channels, self.num_frames, self.height, self.width)
 
     # ------------------------------------------------------------------ sampling
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int], cond: StageCondition | None = None,
-                 **kwargs: Any) -> torch.Tensor:
+    def generate(
+        self, prompts: Sequence[str], seeds: Sequence[int], cond: StageCondition | None = None, **kwargs: Any
+    ) -> torch.Tensor:
         """Denoise windows under an explicit condition (see ``DiffusionStage.generate``); use
         :meth:`interpolate` to go from keyframes to a stitched video."""
         if cond is None or cond.concat is None:
@@ -154,9 +156,16 @@ class InterpolationStage(DiffusionStage):
         for lo in range(0, b * pairs, chunk):
             hi = min(lo + chunk, b * pairs)
             cond = self.window_condition(first[lo:hi], last[lo:hi])
-            outs.append(self.generate(w_prompts[lo:hi], w_seeds[lo:hi], cond=cond,
-                                      shape=(c, self.num_frames, h, w), text=(emb[lo:hi], mask[lo:hi]),
-                                      **sampling))
+            outs.append(
+                self.generate(
+                    w_prompts[lo:hi],
+                    w_seeds[lo:hi],
+                    cond=cond,
+                    shape=(c, self.num_frames, h, w),
+                    text=(emb[lo:hi], mask[lo:hi]),
+                    **sampling,
+                )
+            )
         windows = torch.cat(outs).reshape(b, pairs, c, self.num_frames, h, w)
         return self.stitch(keyframes, windows)
 
@@ -173,5 +182,5 @@ class InterpolationStage(DiffusionStage):
         out = keyframes.new_empty(b, c, self.output_frames(n), h, w)
         out[:, :, ::step] = keyframes
         for j in range(n - 1):
-            out[:, :, j * step + 1:(j + 1) * step] = windows[:, j, :, 1:-1].to(out.dtype)
+            out[:, :, j * step + 1 : (j + 1) * step] = windows[:, j, :, 1:-1].to(out.dtype)
         return out

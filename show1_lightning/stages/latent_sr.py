@@ -23,7 +23,8 @@ optimizer, not in checkpoints, and is rebuilt from its own config (``vae`` node)
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +66,10 @@ class LatentSRStage(DiffusionStage):
         if not isinstance(vae, VideoVAE):
             raise TypeError(f"vae must be a VideoVAE (show1_lightning.models.vae), got {type(vae).__name__}")
         if vae.latent_channels != self.sample_channels:
-            raise ValueError(f"the VAE has {vae.latent_channels} latent channels but sample_channels="
-                             f"{self.sample_channels}; set stage.sample_channels: {vae.latent_channels}")
+            raise ValueError(
+                f"the VAE has {vae.latent_channels} latent channels but sample_channels="
+                f"{self.sample_channels}; set stage.sample_channels: {vae.latent_channels}"
+            )
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         if resize_mode not in _RESIZE_MODES:
@@ -101,8 +104,10 @@ class LatentSRStage(DiffusionStage):
         """Target = the latents of the clip at the output resolution; no extra conditioning."""
         video = batch["video"]
         if video.shape[-2:] != (self.height, self.width):
-            raise ValueError(f"training clips are {video.shape[-1]}x{video.shape[-2]} (W x H) but the stage "
-                             f"trains at {self.width}x{self.height}: set data.height/width from stage.*")
+            raise ValueError(
+                f"training clips are {video.shape[-1]}x{video.shape[-2]} (W x H) but the stage "
+                f"trains at {self.width}x{self.height}: set data.height/width from stage.*"
+            )
         return self.encode_video(video), StageCondition()
 
     def sample_shape(self) -> tuple[int, int, int, int]:
@@ -110,8 +115,9 @@ class LatentSRStage(DiffusionStage):
         return (self.sample_channels, self.num_frames, self.latent_height, self.latent_width)
 
     # ------------------------------------------------------------------ sampling
-    def resize_to_output(self, video: torch.Tensor, height: int | None = None, width: int | None = None
-                         ) -> torch.Tensor:
+    def resize_to_output(
+        self, video: torch.Tensor, height: int | None = None, width: int | None = None
+    ) -> torch.Tensor:
         """Resize every frame of B x 3 x T x h x w to the output size (default: the stage's), clamped to [-1, 1]."""
         if video.ndim != 5 or video.shape[1] != 3:
             raise ValueError(f"video must be B x 3 x T x H x W, got {tuple(video.shape)}")
@@ -176,7 +182,14 @@ class LatentSRStage(DiffusionStage):
             raise ValueError(f"{video.shape[0]} videos but {len(prompts)} prompts")
         init = self.resize_to_output(video, height, width)
         return self.generate(
-            prompts, seeds, init=init, strength=self.strength if strength is None else strength,
-            num_steps=num_steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-            use_ema=use_ema, progress=progress, text=text,
+            prompts,
+            seeds,
+            init=init,
+            strength=self.strength if strength is None else strength,
+            num_steps=num_steps,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+            use_ema=use_ema,
+            progress=progress,
+            text=text,
         )

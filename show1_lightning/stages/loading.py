@@ -14,8 +14,9 @@ Checkpoints and export folders are untrusted input: a ``torch.load`` pickle can 
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import hydra
 import torch
@@ -36,18 +37,21 @@ __all__ = [
 #: scheduler and the optimizer of ``conf/{stage,model,text_encoder,vae}`` (tests/test_safe_loading.py checks
 #: that every target there is listed). Exact names only: a prefix such as ``show1_lightning.`` would also let
 #: ``show1_lightning.runtime.os.system`` or a project file-writing helper through.
-ALLOWED_TARGETS: frozenset[str] = frozenset({
-    "show1_lightning.stages.keyframe.KeyframeStage",
-    "show1_lightning.stages.interpolation.InterpolationStage",
-    "show1_lightning.stages.pixel_sr.PixelSRStage",
-    "show1_lightning.stages.latent_sr.LatentSRStage",
-    "show1_lightning.models.show1_unet.build_show1_unet",
-    "show1_lightning.models.text_encoder.TextEncoder",
-    "show1_lightning.models.vae.build_video_vae",
-    "diffusers.UNet3DConditionModel",
-    "diffusers.DDPMScheduler",
-    "torch.optim.AdamW",
-})
+ALLOWED_TARGETS: frozenset[str] = frozenset(
+    {
+        "show1_lightning.stages.keyframe.KeyframeStage",
+        "show1_lightning.stages.interpolation.InterpolationStage",
+        "show1_lightning.stages.pixel_sr.PixelSRStage",
+        "show1_lightning.stages.latent_sr.LatentSRStage",
+        "show1_lightning.models.show1_unet.build_show1_unet",
+        "show1_lightning.models.text_encoder.TextEncoder",
+        "show1_lightning.models.vae.build_video_vae",
+        "diffusers.UNet3DConditionModel",
+        "diffusers.DDPMScheduler",
+        "torch.optim.AdamW",
+    }
+)
+
 
 class UnsafeCheckpointError(RuntimeError):
     """A checkpoint or export that would run code (or call an unknown ``_target_``) when loaded."""

@@ -23,7 +23,8 @@ Training pairs are made on the fly: the datamodule delivers the high-res clip, t
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +38,9 @@ def _resize_frames(video: torch.Tensor, size: tuple[int, int], antialias: bool, 
     """Bilinearly resize every frame of a B x C x T x H x W video to ``size`` (H, W)."""
     b, c, t, h, w = video.shape
     frames = video.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w).float()
-    out = F.interpolate(frames, size=size, mode="bilinear", antialias=antialias,
-                        align_corners=None if antialias else align_corners)
+    out = F.interpolate(
+        frames, size=size, mode="bilinear", antialias=antialias, align_corners=None if antialias else align_corners
+    )
     return out.reshape(b, t, c, *size).permute(0, 2, 1, 3, 4).to(video.dtype)
 
 
@@ -86,10 +88,16 @@ class PixelSRStage(DiffusionStage):
         super().__init__(**kwargs)
         if train_crop is not None:
             train_crop = tuple(int(v) for v in train_crop)
-            if (len(train_crop) != 2 or any(v % scale_factor or v <= 0 for v in train_crop)
-                    or train_crop[0] > height or train_crop[1] > width):
-                raise ValueError(f"train_crop must be (h, w), positive multiples of scale_factor {scale_factor} "
-                                 f"within {height} x {width}; got {train_crop}")
+            if (
+                len(train_crop) != 2
+                or any(v % scale_factor or v <= 0 for v in train_crop)
+                or train_crop[0] > height
+                or train_crop[1] > width
+            ):
+                raise ValueError(
+                    f"train_crop must be (h, w), positive multiples of scale_factor {scale_factor} "
+                    f"within {height} x {width}; got {train_crop}"
+                )
         n_train = self.noise_scheduler.config.num_train_timesteps
         if scale_factor < 1 or height % scale_factor or width % scale_factor:
             raise ValueError(f"height {height} and width {width} must be multiples of scale_factor {scale_factor}")
@@ -146,7 +154,7 @@ class PixelSRStage(DiffusionStage):
         sf = self.scale_factor
         ys = torch.randint(0, (video.shape[-2] - h) // sf + 1, (video.shape[0],)).tolist()
         xs = torch.randint(0, (video.shape[-1] - w) // sf + 1, (video.shape[0],)).tolist()
-        return torch.stack([v[..., y * sf:y * sf + h, x * sf:x * sf + w] for v, y, x in zip(video, ys, xs)])
+        return torch.stack([v[..., y * sf : y * sf + h, x * sf : x * sf + w] for v, y, x in zip(video, ys, xs)])
 
     def training_inputs(self, batch: dict) -> tuple[torch.Tensor, StageCondition]:
         """High-res clip -> (target, condition): its downsampled, re-upsampled, noise-augmented copy.
@@ -180,8 +188,9 @@ class PixelSRStage(DiffusionStage):
         return (self.sample_channels, self.num_frames, self.height, self.width)
 
     # ------------------------------------------------------------------ sampling
-    def generate(self, prompts: Sequence[str], seeds: Sequence[int], cond: StageCondition | None = None,
-                 **kwargs: Any) -> torch.Tensor:
+    def generate(
+        self, prompts: Sequence[str], seeds: Sequence[int], cond: StageCondition | None = None, **kwargs: Any
+    ) -> torch.Tensor:
         """Denoise windows under an explicit condition (see ``DiffusionStage.generate``); use :meth:`upsample`
         to go from a low-res video to its high-res version."""
         if cond is None or cond.concat is None or cond.class_labels is None:
@@ -255,10 +264,11 @@ class PixelSRStage(DiffusionStage):
                 window_cond = cond[:, :, s:e].clone()
                 if k > 0:
                     window_cond[:, :, 0] = out[:, :, s]  # the previous window's clean output of the shared frame
-                res = self._generate_windows(prompts, [d[1 + k] for d in derived], window_cond, levels, emb, mask,
-                                             sampling)
+                res = self._generate_windows(
+                    prompts, [d[1 + k] for d in derived], window_cond, levels, emb, mask, sampling
+                )
                 lo = 0 if k == 0 else 1  # the shared frame keeps the previous window's output
-                out[:, :, s + lo:e] = res[:, :, lo:]
+                out[:, :, s + lo : e] = res[:, :, lo:]
             return out
         # Non-overlapping windows: every window of every video is independent; batch the windows of equal length.
         by_len: dict[int, list[tuple[int, int, int]]] = {}
@@ -268,22 +278,42 @@ class PixelSRStage(DiffusionStage):
             items = [(i, k, s, e) for i in range(b) for k, s, e in group]
             idx = torch.tensor([i for i, *_ in items], device=self.device)
             res = self._generate_windows(
-                [prompts[i] for i, *_ in items], [derived[i][1 + k] for i, k, *_ in items],
-                torch.stack([cond[i, :, s:e] for i, _, s, e in items]), levels[idx], emb[idx], mask[idx], sampling)
+                [prompts[i] for i, *_ in items],
+                [derived[i][1 + k] for i, k, *_ in items],
+                torch.stack([cond[i, :, s:e] for i, _, s, e in items]),
+                levels[idx],
+                emb[idx],
+                mask[idx],
+                sampling,
+            )
             for (i, _, s, e), r in zip(items, res):
                 out[i, :, s:e] = r
         return out
 
-    def _generate_windows(self, prompts: Sequence[str], seeds: Sequence[int], cond: torch.Tensor,
-                          levels: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor, sampling: dict) -> torch.Tensor:
+    def _generate_windows(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        cond: torch.Tensor,
+        levels: torch.Tensor,
+        emb: torch.Tensor,
+        mask: torch.Tensor,
+        sampling: dict,
+    ) -> torch.Tensor:
         """Denoise a batch of windows (conditions W x C x t x H x W), ``window_batch_size`` at a time."""
         n = cond.shape[0]
         chunk = self.window_batch_size or n
         outs = []
         for lo in range(0, n, chunk):
             hi = min(lo + chunk, n)
-            outs.append(self.generate(
-                list(prompts[lo:hi]), list(seeds[lo:hi]),
-                cond=StageCondition(concat=cond[lo:hi], class_labels=levels[lo:hi]),
-                shape=(self.sample_channels, *cond.shape[2:]), text=(emb[lo:hi], mask[lo:hi]), **sampling))
+            outs.append(
+                self.generate(
+                    list(prompts[lo:hi]),
+                    list(seeds[lo:hi]),
+                    cond=StageCondition(concat=cond[lo:hi], class_labels=levels[lo:hi]),
+                    shape=(self.sample_channels, *cond.shape[2:]),
+                    text=(emb[lo:hi], mask[lo:hi]),
+                    **sampling,
+                )
+            )
         return torch.cat(outs)
