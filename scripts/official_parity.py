@@ -356,7 +356,6 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    sys.path.insert(0, str(ROOT))
     from show1_lightning.pipelines.released_tiny import build_tiny_released_folders
 
     folders = args.workdir / f"tiny_weights_{args.weights_seed}"

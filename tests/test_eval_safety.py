@@ -293,7 +293,6 @@ def _dist_worker(rank: int, world: int, port: int, env: dict, out: str, res_dir:
 
     import torch.distributed as dist
 
-    sys.path.insert(0, str(TESTS))
     torch.set_num_threads(1)
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)

@@ -67,7 +67,6 @@ def _compute_metrics(rank: int, world: int) -> dict[str, float]:
 
 
 def _worker(rank: int, world: int, init_file: str, out: str) -> None:
-    sys.path.insert(0, str(TESTS))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -220,7 +219,6 @@ def test_evaluate_py_end_to_end_msrvtt_folder_generator(eval_env, tmp_path):
 
 
 def _runner_worker(rank: int, world: int, port: int, env: dict, out: str, result: str) -> None:
-    sys.path.insert(0, str(TESTS))
     torch.set_num_threads(1)
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)

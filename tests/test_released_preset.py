@@ -285,8 +285,7 @@ def test_official_parity_script():
     """scripts/official_parity.py (tiny released weights, official pipelines in their pinned env): every stage
     within 1e-4 (step counts capped at 10: minutes instead of ~18 on 2 cores; the same code paths). Skipped unless
     `python scripts/official_parity.py --setup` has been run."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import official_parity
+    import official_parity  # scripts/ is on the test path (pyproject.toml)
 
     if not official_parity.reference_ready():
         pytest.skip("reference environment missing: python scripts/official_parity.py --setup")

@@ -148,7 +148,6 @@ def test_cascade_checks_stage_to_stage_sizes_when_built(small_stages, caplog):
 
 NAME_SCRIPT = """
 import os, sys, time
-sys.path.insert(0, {root!r})
 time.sleep(1.5 * int(os.environ["GROUP_RANK"]))  # node 1 reaches config resolution later, as real nodes do
 from omegaconf import OmegaConf
 from show1_lightning.runtime import register_resolvers
