@@ -1,6 +1,6 @@
 """Stage 2: frame interpolation. Pixel VDM that fills ``insert_frames`` new frames between two given frames.
 
-Show-1 (show1-spec.md): windows of 5 frames whose frames 0 and 4 are given keyframes. The UNet sees
+Show-1 (Show-1 paper, arXiv:2309.15818): windows of 5 frames whose frames 0 and 4 are given keyframes. The UNet sees
 ``noisy frames (3) + blend (3) + mask (1)`` = 7 channels, where the blend is the linear (trilinear,
 align_corners) interpolation of the two given frames over the window and the mask is 1 at the given frames.
 Guidance applies to the text only. At inference every adjacent pair of keyframes is one window (all windows
