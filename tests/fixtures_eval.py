@@ -191,3 +191,28 @@ def write_tiny_metrics_conf(conf_dir: Path) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(TINY_METRICS_YAML)
     return p
+
+
+def compose_eval(env: dict, out: Path, *extra: str):
+    """The `eval` config for the fixture datasets in ``env`` (root, ucf, conf) with tiny metrics and the pattern
+    generator, writing to ``out``; ``extra`` overrides come last."""
+    from hydra import compose, initialize_config_dir
+
+    overrides = [
+        f"hydra.searchpath=[file://{env['conf']}]",
+        "eval_metrics=tiny",
+        "generator=pattern",
+        f"assets.ucf101_root={env['ucf']}",
+        "benchmark.adapter.num_samples=6",
+        "benchmark.adapter.real_clips=3",
+        "benchmark.adapter.clip.frames=8",
+        "generated_clip.frames=8",
+        f"output_dir={out}",
+        f"fvd_cache_dir={env['root'] / 'cache'}",
+        "logger.wandb=false",
+        "batch_size=3",
+        "score_batch_size=3",
+        *extra,
+    ]
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        return compose(config_name="eval", overrides=overrides)

@@ -16,7 +16,6 @@ from pathlib import Path
 import fixtures_eval as fx
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from evaluation.fingerprint import FINGERPRINT_NAME, GeneratorMismatchError, OutputDirBusyError
 from evaluation.runner import run_evaluation
@@ -67,24 +66,7 @@ def env(tmp_path_factory):
 
 
 def _compose(env, out: Path, *extra: str):
-    overrides = [
-        f"hydra.searchpath=[file://{env['conf']}]",
-        "eval_metrics=tiny",
-        "generator=pattern",
-        f"assets.ucf101_root={env['ucf']}",
-        "benchmark.adapter.num_samples=6",
-        "benchmark.adapter.real_clips=3",
-        "benchmark.adapter.clip.frames=8",
-        "generated_clip.frames=8",
-        f"output_dir={out}",
-        f"fvd_cache_dir={env['root'] / 'cache'}",
-        "logger.wandb=false",
-        "batch_size=3",
-        "score_batch_size=3",
-        *extra,
-    ]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="eval", overrides=overrides)
+    return fx.compose_eval(env, out, *extra)
 
 
 def _videos(out: Path) -> dict[str, bytes]:

@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from hydra import compose, initialize_config_dir
 
 from evaluation.benchmarks import MSRVTTBenchmark
 from evaluation.clipsim import CLIPSim
@@ -110,24 +109,7 @@ def eval_env(tmp_path_factory):
 
 
 def _compose(env, out: Path, *extra: str):
-    overrides = [
-        f"hydra.searchpath=[file://{env['conf']}]",
-        "eval_metrics=tiny",
-        "generator=pattern",
-        f"assets.ucf101_root={env['ucf']}",
-        "benchmark.adapter.num_samples=6",
-        "benchmark.adapter.real_clips=3",
-        "benchmark.adapter.clip.frames=8",
-        "generated_clip.frames=8",
-        f"output_dir={out}",
-        f"fvd_cache_dir={env['root'] / 'cache'}",
-        "logger.wandb=false",
-        "batch_size=3",
-        "score_batch_size=3",
-        *extra,
-    ]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="eval", overrides=overrides)
+    return fx.compose_eval(env, out, *extra)
 
 
 def _comparable(report: dict) -> dict:
