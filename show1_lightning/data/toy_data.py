@@ -7,7 +7,8 @@ stripes), captioned e.g. ``"a red circle moving left"``. Clips are 128x80 (W x H
 
 Because the background is never saturated, the colour a generated video shows can be read back
 from its saturated pixels: :func:`color_adherence` is the fraction of videos whose dominant colour
-is the colour their prompt names.
+is the colour their prompt names, and :func:`motion_adherence` the fraction whose saturated shape moves
+in the direction their prompt names.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ __all__ = [
     "parse_toy_prompt",
     "dominant_color",
     "color_adherence",
+    "motion_direction",
+    "motion_adherence",
 ]
 
 # Bump when the clips change: ensure_toy_dataset regenerates caches made by another version.
@@ -354,6 +357,12 @@ def _palette_hues() -> tuple[list[str], torch.Tensor]:
     return names, hue
 
 
+def _saturated(rgb: torch.Tensor) -> torch.Tensor:
+    """Mask of the saturated, not-too-dark pixels of ``3 x ...`` RGB in [0, 1] (HSV saturation and value)."""
+    mx, mn = rgb.amax(dim=0), rgb.amin(dim=0)
+    return ((mx - mn) > _SAT_MIN * mx) & (mx > _VAL_MIN)
+
+
 def dominant_color(video: torch.Tensor) -> str | None:
     """The palette colour of the dominant saturated pixels of a ``C x T x H x W`` video in [-1, 1].
 
@@ -364,8 +373,7 @@ def dominant_color(video: torch.Tensor) -> str | None:
     if video.ndim != 4 or video.shape[0] != 3:
         raise ValueError(f"expected a 3 x T x H x W video, got shape {tuple(video.shape)}")
     rgb = ((video.detach().float().cpu().clamp(-1, 1) + 1.0) / 2.0).reshape(3, -1)
-    mx, mn = rgb.amax(dim=0), rgb.amin(dim=0)
-    keep = ((mx - mn) > _SAT_MIN * mx) & (mx > _VAL_MIN)  # HSV saturation and value thresholds
+    keep = _saturated(rgb)
     if keep.sum().item() < _MIN_SATURATED_FRACTION * rgb.shape[1]:
         return None
     hue, _, _ = _rgb_to_hsv(rgb[:, keep])  # hue only where it matters: much faster on large videos
@@ -391,4 +399,64 @@ def color_adherence(videos: torch.Tensor, prompts: list[str]) -> float:
     for video, prompt in zip(videos, prompts):
         wanted = parse_toy_prompt(prompt)["color"]
         hits += int(wanted is not None and dominant_color(video) == wanted)
+    return hits / len(prompts)
+
+
+def _saturated_centroid(rgb: torch.Tensor) -> tuple[float, float] | None:
+    """(x, y) centroid in pixels of the saturated pixels of ``3 x T x H x W`` RGB in [0, 1], pooled over
+    the frames; None when fewer than 0.2% of the pixels are saturated."""
+    keep = _saturated(rgb).float()  # T x H x W
+    total = keep.sum()
+    if total.item() < _MIN_SATURATED_FRACTION * keep.numel():
+        return None
+    h, w = keep.shape[-2:]
+    ys = torch.arange(h, dtype=torch.float32)[:, None]
+    xs = torch.arange(w, dtype=torch.float32)[None, :]
+    return float((keep * xs).sum() / total), float((keep * ys).sum() / total)
+
+
+def motion_direction(video: torch.Tensor, min_displacement: float = 0.02) -> str | None:
+    """The direction (``left``/``right``/``up``/``down``) the saturated shape of a ``3 x T x H x W`` video in
+    [-1, 1] moves, or None.
+
+    The centroid of the saturated pixels (the rule of :func:`dominant_color`) over the first quarter of the
+    frames is compared with the one over the last quarter (quarters: robust to a flickering frame); the axis
+    of the larger displacement and its sign give the direction. None when either quarter has no saturated
+    shape, or when the displacement is below ``min_displacement`` of the frame side along its axis (a
+    static video does not move in any direction).
+    """
+    if video.ndim != 4 or video.shape[0] != 3:
+        raise ValueError(f"expected a 3 x T x H x W video, got shape {tuple(video.shape)}")
+    t, h, w = video.shape[1:]
+    if t < 2:
+        return None
+    q = max(1, t // 4)
+    rgb = (video.detach().float().cpu().clamp(-1, 1) + 1.0) / 2.0
+    first, last = _saturated_centroid(rgb[:, :q]), _saturated_centroid(rgb[:, t - q :])
+    if first is None or last is None:
+        return None
+    dx, dy = (last[0] - first[0]) / w, (last[1] - first[1]) / h  # as fractions of the frame side
+    if max(abs(dx), abs(dy)) < min_displacement:
+        return None
+    if abs(dx) >= abs(dy):
+        return "right" if dx > 0 else "left"
+    return "down" if dy > 0 else "up"
+
+
+def motion_adherence(videos: torch.Tensor, prompts: list[str], min_displacement: float = 0.02) -> float:
+    """Fraction of ``B x C x T x H x W`` videos whose saturated shape moves in the direction their prompt names
+    (:func:`motion_direction`; chance level 0.25 for a shape moving in a random direction).
+
+    A video with no saturated shape or no clear displacement, or a prompt naming no motion, counts as a miss.
+    """
+    if videos.ndim != 5:
+        raise ValueError(f"expected B x C x T x H x W videos, got shape {tuple(videos.shape)}")
+    if len(prompts) != videos.shape[0]:
+        raise ValueError(f"{videos.shape[0]} videos but {len(prompts)} prompts")
+    if len(prompts) == 0:
+        raise ValueError("no videos to score")
+    hits = 0
+    for video, prompt in zip(videos, prompts):
+        wanted = parse_toy_prompt(prompt)["motion"]
+        hits += int(wanted is not None and motion_direction(video, min_displacement) == wanted)
     return hits / len(prompts)
