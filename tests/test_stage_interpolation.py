@@ -12,7 +12,8 @@ from diffusers import DDPMScheduler, UNet3DConditionModel
 from numerics import assert_close_rel, assert_differ_rel
 
 from show1_lightning.models.text_encoder import TextEncoder
-from show1_lightning.stages.interpolation import InterpolationStage, window_seeds
+from show1_lightning.diffusion.sampling import window_seeds
+from show1_lightning.stages.interpolation import InterpolationStage
 
 torch.set_num_threads(1)
 

@@ -53,6 +53,13 @@ class StageCondition:
 
         return StageCondition(rep(self.concat), rep(self.class_labels))
 
+    def slice(self, lo: int, hi: int) -> StageCondition:
+        """Samples ``lo:hi`` of the batch."""
+        return StageCondition(
+            None if self.concat is None else self.concat[lo:hi],
+            None if self.class_labels is None else self.class_labels[lo:hi],
+        )
+
 
 class DiffusionStage(L.LightningModule):
     """Base LightningModule: a UNet denoiser trained with the DDPM objective and sampled with DPM-Solver++.
@@ -150,6 +157,41 @@ class DiffusionStage(L.LightningModule):
     def sample_shape(self) -> tuple[int, ...]:
         """C x T x H x W of one generated sample."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ the stage interface
+    # One call for every stage (the cascade is a loop over it, validation and evaluation use it too):
+    #   video = stage.run(upstream, prompts, seeds, **sampling)
+    # ``upstream`` is the previous stage's video (None for the keyframe stage). ``make_upstream`` makes that
+    # input from a ground-truth clip at the stage's output size, and ``baseline`` is the stage's non-learned
+    # answer to the same input (linear blend, bicubic): what the trained stage has to beat.
+
+    #: False for a stage that makes video from text alone (the keyframe stage).
+    takes_upstream: bool = True
+
+    def run(
+        self,
+        upstream: torch.Tensor | None,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        text: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **sampling: Any,
+    ) -> torch.Tensor:
+        """This stage's output video (B x 3 x T x H x W in [-1, 1]) for ``upstream`` (None: text only),
+        sample i seeded by ``seeds[i]``; ``sampling`` overrides the configured sampling values."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement run()")
+
+    def make_upstream(self, video: torch.Tensor) -> torch.Tensor | None:
+        """The input this stage gets in the cascade, made from a ground-truth clip at its output size
+        (B x 3 x T x H x W); None for a stage that takes none."""
+        return None
+
+    def baseline(self, upstream: torch.Tensor) -> torch.Tensor:
+        """The non-learned output for ``upstream`` (what the stage must beat), B x 3 x T x H x W in [-1, 1]."""
+        raise NotImplementedError(f"{type(self).__name__} has no baseline: it takes no upstream video")
+
+    def reference_outputs(self, upstream: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Further non-learned outputs reported beside the baseline in validation (name -> video)."""
+        return {}
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> DiffusionStage:
         """Device moves of the stage (``.to(device)``, ``.cuda()``, ``.cpu()``) also move the frozen modules
@@ -382,6 +424,38 @@ class DiffusionStage(L.LightningModule):
             self.ema.restore(self.unet.parameters())
 
     # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def generate_windows(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        cond: StageCondition,
+        shape: Sequence[int],
+        text: tuple[torch.Tensor, torch.Tensor],
+        chunk: int | None = None,
+        **sampling: Any,
+    ) -> torch.Tensor:
+        """``generate`` over a batch of windows (one prompt, seed, condition and text row each), at most ``chunk``
+        windows per call (None: all at once). Window noise depends only on its seed, so chunking changes nothing
+        but memory."""
+        n = len(prompts)
+        chunk = chunk or n
+        emb, mask = text
+        outs = []
+        for lo in range(0, n, chunk):
+            hi = min(lo + chunk, n)
+            outs.append(
+                self.generate(
+                    list(prompts[lo:hi]),
+                    list(seeds[lo:hi]),
+                    cond=cond.slice(lo, hi),
+                    shape=tuple(shape),
+                    text=(emb[lo:hi], mask[lo:hi]),
+                    **sampling,
+                )
+            )
+        return torch.cat(outs)
+
     @torch.no_grad()
     def generate(
         self,

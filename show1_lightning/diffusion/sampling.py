@@ -36,6 +36,15 @@ def seeded_noise(shape: Sequence[int], seeds: Sequence[int], device: torch.devic
     return torch.stack(out).to(device)
 
 
+def window_seeds(seed: int, n: int) -> list[int]:
+    """``n`` deterministic, distinct-per-window seeds derived from one sample seed.
+
+    A window's noise then depends only on (sample seed, window index), not on the batch it is generated in.
+    """
+    g = torch.Generator("cpu").manual_seed(int(seed))
+    return [int(s) for s in torch.randint(0, 2**62, (n,), generator=g)]
+
+
 def check_sampling_args(
     num_steps: int, guidance_scale: float = 1.0, strength: float = 1.0, with_init: bool = False, where: str = ""
 ) -> None:

@@ -84,6 +84,8 @@ class Show1Cascade:
         t5, if_ii_l: folders of T5-XXL (when the released folders lack ``text_encoder/``) and IF-II-L.
         strict_sizes: refuse (instead of warn about) a stage fed another frame size than it was trained at;
             what cannot run (channels, frame counts, sizes the UNets cannot downsample) is always refused.
+        baseline_stages: stages that hand on their non-learned baseline (``stage.baseline``: linear blend,
+            bicubic) instead of sampling: e.g. all but the keyframe stage give the naive cascade of the toy loop.
     """
 
     def __init__(
@@ -99,6 +101,7 @@ class Show1Cascade:
         t5: str | Path | None = None,
         if_ii_l: str | Path | None = None,
         strict_sizes: bool = False,
+        baseline_stages: Sequence[str] = (),
     ) -> None:
         from show1_lightning.pipelines.released import ReleasedCascade, load_cascade_stage, resolve_t5
 
@@ -129,6 +132,10 @@ class Show1Cascade:
         unknown = set(self.sampling) - set(STAGE_ORDER)
         if unknown:
             raise ValueError(f"sampling overrides for unknown stages: {sorted(unknown)}")
+        self.baseline_stages = tuple(baseline_stages)
+        bad = [n for n in self.baseline_stages if n not in self.stages or n == "keyframe"]
+        if bad:
+            raise ValueError(f"baseline_stages must name stages of this cascade after the keyframe stage; got {bad}")
         # Stage-to-stage sizes and sampling values, now rather than minutes into the first batch.
         self.size_notes = check_cascade(self.stages, self.effective_sampling, strict_sizes)
 
@@ -142,26 +149,15 @@ class Show1Cascade:
         out.update(self.sampling.get(name, {}))
         return out
 
-    @property
-    def fps(self) -> float:
-        """Frame rate of the final video (from the last stage's config, default 8)."""
-        last = self.stages[list(self.stages)[-1]]
-        return float(getattr(last, "output_fps", 8.0))
-
     def _run(self, name: str, prompts: Sequence[str], seeds: Sequence[int], x: torch.Tensor | None) -> torch.Tensor:
         stage = self.stages[name]
+        if name in self.baseline_stages:
+            assert x is not None
+            return stage.baseline(x.to(self.device))
         kw = self.sampling.get(name, {})
         if self.released.runs(name):
             return self.released.run(name, stage, x, prompts, seeds, kw)
-        if name == "keyframe":
-            return stage.generate(list(prompts), list(seeds), **kw)
-        assert x is not None
-        x = x.to(self.device)
-        if name == "interpolation":
-            return stage.interpolate(x, list(prompts), list(seeds), **kw)
-        if name == "pixel_sr":
-            return stage.upsample(x, list(prompts), list(seeds), **kw)
-        return stage.upscale(x, list(prompts), list(seeds), **kw)
+        return stage.run(None if x is None else x.to(self.device), list(prompts), list(seeds), **kw)
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int]) -> CascadeResult:

@@ -22,7 +22,8 @@ class CascadeGenerator:
         keyframe, interpolation, pixel_sr, latent_sr: checkpoint or export paths (a prefix of the cascade).
         fps: frame rate written into the evaluation's mp4 files.
         name: identifier in reports (default: ``cascade:<stages>``).
-        device, precision, sampling, behaviour, t5, if_ii_l, strict_sizes: see ``Show1Cascade``.
+        device, precision, sampling, behaviour, t5, if_ii_l, strict_sizes, baseline_stages: see ``Show1Cascade``
+            (``baseline_stages=[interpolation, pixel_sr, latent_sr]``: the naive cascade, conf/generator/naive.yaml).
     """
 
     def __init__(
@@ -40,6 +41,7 @@ class CascadeGenerator:
         t5: str | Path | None = None,
         if_ii_l: str | Path | None = None,
         strict_sizes: bool = False,
+        baseline_stages: Sequence[str] = (),
     ) -> None:
         self.sources = {
             "keyframe": keyframe,
@@ -59,9 +61,14 @@ class CascadeGenerator:
             t5=t5,
             if_ii_l=if_ii_l,
             strict_sizes=strict_sizes,
+            baseline_stages=baseline_stages,
         )
         self.fps = float(fps)
-        self.name = name or "cascade:" + "+".join(n for n in STAGE_ORDER if n in self.cascade.stages)
+        self.name = name or "cascade:" + "+".join(
+            n + ("(baseline)" if n in self.cascade.baseline_stages else "")
+            for n in STAGE_ORDER
+            if n in self.cascade.stages
+        )
 
     def describe(self) -> dict[str, Any]:
         """What the report records about this generator."""
@@ -74,6 +81,7 @@ class CascadeGenerator:
             "sampling": self.cascade.sampling,
             "behaviour": self.cascade.released.describe(),
             "size_notes": self.cascade.size_notes,
+            "baseline_stages": list(self.cascade.baseline_stages),
         }
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:

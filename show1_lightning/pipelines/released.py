@@ -494,7 +494,7 @@ def _keyframe(stage: Any, beh: ReleasedBehaviour, prompt: str, seed: int, s: dic
 def _interpolation(
     stage: Any, beh: ReleasedBehaviour, keyframes: torch.Tensor, prompt: str, seed: int, s: dict
 ) -> torch.Tensor:
-    from show1_lightning.stages.interpolation import window_seeds
+    from show1_lightning.diffusion.sampling import window_seeds
 
     dev = stage.device
     _, c, n, h, w = keyframes.shape
@@ -592,7 +592,7 @@ class ImageSR:
 def _pixel_sr(
     stage: Any, beh: ReleasedBehaviour, video: torch.Tensor, prompt: str, seed: int, s: dict, image_sr: ImageSR | None
 ) -> torch.Tensor:
-    from show1_lightning.stages.interpolation import window_seeds
+    from show1_lightning.diffusion.sampling import window_seeds
 
     dev = stage.device
     _, c, t, h, w = video.shape

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
 from show1_lightning.diffusion.module import DiffusionStage
 
 
@@ -17,5 +22,20 @@ class KeyframeStage(DiffusionStage):
         super().__init__(**kwargs)
         self.num_frames, self.height, self.width = num_frames, height, width
 
+    takes_upstream = False
+
     def sample_shape(self) -> tuple[int, int, int, int]:
         return (self.sample_channels, self.num_frames, self.height, self.width)
+
+    def run(
+        self,
+        upstream: torch.Tensor | None,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        text: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **sampling: Any,
+    ) -> torch.Tensor:
+        """Keyframes from text alone (``upstream`` must be None)."""
+        if upstream is not None:
+            raise ValueError("the keyframe stage makes video from text alone: upstream must be None")
+        return self.generate(list(prompts), list(seeds), text=text, **sampling)

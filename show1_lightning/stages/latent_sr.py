@@ -27,12 +27,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from show1_lightning.diffusion.module import DiffusionStage, StageCondition
 from show1_lightning.models.vae import VideoVAE
-
-_RESIZE_MODES = ("bicubic", "bilinear", "area", "nearest")
+from show1_lightning.video_ops import RESIZE_MODES, resize_frames
 
 
 class LatentSRStage(DiffusionStage):
@@ -47,6 +45,8 @@ class LatentSRStage(DiffusionStage):
             resizes with PIL's default, bicubic).
         text_attention_mask: pass the text padding mask to the UNet's cross-attention when it accepts one.
             Default False: the released zeroscope / show-1-sr2 pipeline attends to every CLIP token.
+        input_height, input_width: the size of the video this stage gets in the cascade (paper: the pixel SR
+            output, 160 x 256); validation makes that input from the ground truth (``make_upstream``).
         **kwargs: the shared diffusion settings (``DiffusionStage``); ``sample_channels`` must equal the
             VAE's latent channels (4).
     """
@@ -60,6 +60,8 @@ class LatentSRStage(DiffusionStage):
         strength: float = 0.8,
         resize_mode: str = "bicubic",
         text_attention_mask: bool = False,
+        input_height: int = 160,
+        input_width: int = 256,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -72,12 +74,13 @@ class LatentSRStage(DiffusionStage):
             )
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
-        if resize_mode not in _RESIZE_MODES:
-            raise ValueError(f"resize_mode must be one of {_RESIZE_MODES}, got {resize_mode!r}")
+        if resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
         self.num_frames, self.height, self.width = int(num_frames), int(height), int(width)
         self.latent_height, self.latent_width = vae.latent_size(self.height, self.width)
         self.strength = float(strength)
         self.resize_mode = resize_mode
+        self.input_height, self.input_width = int(input_height), int(input_width)
         self._unet_takes_mask = self._unet_takes_mask and bool(text_attention_mask)
         # Kept out of the module tree: frozen, loaded from its own path, never in checkpoints or DDP.
         self._frozen["vae"] = vae
@@ -122,14 +125,7 @@ class LatentSRStage(DiffusionStage):
         if video.ndim != 5 or video.shape[1] != 3:
             raise ValueError(f"video must be B x 3 x T x H x W, got {tuple(video.shape)}")
         height, width = height or self.height, width or self.width
-        b, c, t, h, w = video.shape
-        if (h, w) == (height, width):
-            return video.float().clamp(-1.0, 1.0)
-        frames = video.float().permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
-        align = {"align_corners": False} if self.resize_mode in ("bicubic", "bilinear") else {}
-        antialias = {"antialias": True} if self.resize_mode in ("bicubic", "bilinear") else {}
-        frames = F.interpolate(frames, size=(height, width), mode=self.resize_mode, **align, **antialias)
-        return frames.reshape(b, t, c, height, width).permute(0, 2, 1, 3, 4).clamp(-1.0, 1.0)
+        return resize_frames(video.float(), (height, width), self.resize_mode).clamp(-1.0, 1.0)
 
     @torch.no_grad()
     def generate(
@@ -193,3 +189,34 @@ class LatentSRStage(DiffusionStage):
             progress=progress,
             text=text,
         )
+
+    # ------------------------------------------------------------------ the stage interface
+    def run(
+        self,
+        upstream: torch.Tensor | None,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        text: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **sampling: Any,
+    ) -> torch.Tensor:
+        """Low-res video -> the output-size video (:meth:`upscale`)."""
+        if upstream is None:
+            raise ValueError("the latent SR stage needs a video to upscale (upstream)")
+        return self.upscale(upstream, list(prompts), list(seeds), text=text, **sampling)
+
+    def make_upstream(self, video: torch.Tensor) -> torch.Tensor:
+        """The clip at the stage's input size (antialiased resize), as the pixel SR stage would hand it on."""
+        return resize_frames(video.float(), (self.input_height, self.input_width)).clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def baseline(self, upstream: torch.Tensor) -> torch.Tensor:
+        """The VAE round trip of the resized (``resize_mode``) input: what the stage starts from, without the UNet."""
+        return self.decode_latents(self.encode_video(self.resize_to_output(upstream)))
+
+    @torch.no_grad()
+    def reference_outputs(self, upstream: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Plain resizing of the input (no VAE) and the VAE round trip of the ground truth (the VAE's ceiling)."""
+        return {
+            self.resize_mode: self.resize_to_output(upstream),
+            "vae_ground_truth": self.decode_latents(self.encode_video(target)),
+        }

@@ -27,21 +27,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from show1_lightning.diffusion.module import DiffusionStage, StageCondition
-from show1_lightning.diffusion.sampling import seeded_noise
-from show1_lightning.stages.interpolation import window_seeds
-
-
-def _resize_frames(video: torch.Tensor, size: tuple[int, int], antialias: bool, align_corners: bool) -> torch.Tensor:
-    """Bilinearly resize every frame of a B x C x T x H x W video to ``size`` (H, W)."""
-    b, c, t, h, w = video.shape
-    frames = video.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w).float()
-    out = F.interpolate(
-        frames, size=size, mode="bilinear", antialias=antialias, align_corners=None if antialias else align_corners
-    )
-    return out.reshape(b, t, c, *size).permute(0, 2, 1, 3, 4).to(video.dtype)
+from show1_lightning.diffusion.sampling import seeded_noise, window_seeds
+from show1_lightning.video_ops import resize_frames
 
 
 class PixelSRStage(DiffusionStage):
@@ -83,6 +72,7 @@ class PixelSRStage(DiffusionStage):
         align_corners: bool = True,
         window_batch_size: int | None = None,
         train_crop: Sequence[int] | None = None,
+        residual: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -125,6 +115,7 @@ class PixelSRStage(DiffusionStage):
         self.align_corners = align_corners
         self.window_batch_size = window_batch_size
         self.train_crop: tuple[int, int] | None = train_crop  # type: ignore[assignment]
+        self.residual = bool(residual)
 
     @property
     def low_res_size(self) -> tuple[int, int]:
@@ -138,11 +129,11 @@ class PixelSRStage(DiffusionStage):
         if h % self.scale_factor or w % self.scale_factor:
             raise ValueError(f"{h} x {w} frames are not divisible by scale_factor {self.scale_factor}")
         size = (h // self.scale_factor, w // self.scale_factor)
-        return _resize_frames(video, size, antialias=True, align_corners=False).clamp(-1.0, 1.0)
+        return resize_frames(video, size).clamp(-1.0, 1.0)
 
     def upsample_condition(self, low_res: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Bilinear upsampling of the low-res frames to the output size (before noise augmentation)."""
-        return _resize_frames(low_res, size, antialias=False, align_corners=self.align_corners)
+        return resize_frames(low_res, size, align_corners=self.align_corners)
 
     def augment(self, upsampled: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """DDPM forward step q(x_s | x_0) of the stage's schedule at per-sample levels s (B integers)."""
@@ -172,6 +163,7 @@ class PixelSRStage(DiffusionStage):
             hr = self.random_crop(hr, self.train_crop)
         b, size = hr.shape[0], tuple(hr.shape[-2:])
         up = self.upsample_condition(self.downsample(hr), size)
+        target = hr - up if self.residual else hr
         if self.training:
             levels = torch.randint(0, self.max_aug_level + 1, (b,), device=hr.device)
             noise = torch.randn_like(up)
@@ -182,7 +174,7 @@ class PixelSRStage(DiffusionStage):
         if self.training and self.clean_first_frame_prob > 0:
             clean = (torch.rand(b, device=hr.device) < self.clean_first_frame_prob)[:, None, None, None]
             cond[:, :, 0] = torch.where(clean, hr[:, :, 0], cond[:, :, 0])
-        return hr, StageCondition(concat=cond, class_labels=levels)
+        return target, StageCondition(concat=cond, class_labels=levels)
 
     def sample_shape(self) -> tuple[int, int, int, int]:
         return (self.sample_channels, self.num_frames, self.height, self.width)
@@ -267,6 +259,8 @@ class PixelSRStage(DiffusionStage):
                 res = self._generate_windows(
                     prompts, [d[1 + k] for d in derived], window_cond, levels, emb, mask, sampling
                 )
+                if self.residual:
+                    res = res + up[:, :, s:e]
                 lo = 0 if k == 0 else 1  # the shared frame keeps the previous window's output
                 out[:, :, s + lo : e] = res[:, :, lo:]
             return out
@@ -288,7 +282,7 @@ class PixelSRStage(DiffusionStage):
             )
             for (i, _, s, e), r in zip(items, res):
                 out[i, :, s:e] = r
-        return out
+        return out + up if self.residual else out
 
     def _generate_windows(
         self,
@@ -301,19 +295,35 @@ class PixelSRStage(DiffusionStage):
         sampling: dict,
     ) -> torch.Tensor:
         """Denoise a batch of windows (conditions W x C x t x H x W), ``window_batch_size`` at a time."""
-        n = cond.shape[0]
-        chunk = self.window_batch_size or n
-        outs = []
-        for lo in range(0, n, chunk):
-            hi = min(lo + chunk, n)
-            outs.append(
-                self.generate(
-                    list(prompts[lo:hi]),
-                    list(seeds[lo:hi]),
-                    cond=StageCondition(concat=cond[lo:hi], class_labels=levels[lo:hi]),
-                    shape=(self.sample_channels, *cond.shape[2:]),
-                    text=(emb[lo:hi], mask[lo:hi]),
-                    **sampling,
-                )
-            )
-        return torch.cat(outs)
+        return self.generate_windows(
+            prompts,
+            seeds,
+            StageCondition(concat=cond, class_labels=levels),
+            (self.sample_channels, *cond.shape[2:]),
+            (emb, mask),
+            self.window_batch_size,
+            **sampling,
+        )
+
+    # ------------------------------------------------------------------ the stage interface
+    def run(
+        self,
+        upstream: torch.Tensor | None,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        text: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **sampling: Any,
+    ) -> torch.Tensor:
+        """Low-res video -> high-res video (:meth:`upsample`)."""
+        if upstream is None:
+            raise ValueError("the pixel SR stage needs a low-res video (upstream)")
+        return self.upsample(upstream, list(prompts), list(seeds), text=text, **sampling)
+
+    def make_upstream(self, video: torch.Tensor) -> torch.Tensor:
+        """The antialiased ``scale_factor``-times-smaller copy (what the stage is trained to invert)."""
+        return self.downsample(video)
+
+    def baseline(self, upstream: torch.Tensor) -> torch.Tensor:
+        """Bicubic upsampling of the low-res video by ``scale_factor``, clamped to [-1, 1]."""
+        h, w = upstream.shape[-2:]
+        return resize_frames(upstream, (h * self.scale_factor, w * self.scale_factor), "bicubic").clamp(-1.0, 1.0)

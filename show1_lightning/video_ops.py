@@ -1,0 +1,46 @@
+"""Video tensor helpers shared by the stages, the data pipeline and the toy loop.
+
+Videos are ``B x C x T x H x W`` tensors. Frame-wise 2D operations fold the frames into the batch axis
+(``fold_frames``), apply the operation and unfold again (``unfold_frames``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+RESIZE_MODES = ("bicubic", "bilinear", "area", "nearest")
+
+
+def fold_frames(video: torch.Tensor) -> torch.Tensor:
+    """B x C x T x H x W -> (B T) x C x H x W (frames of a video consecutive)."""
+    b, c, t, h, w = video.shape
+    return video.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+
+
+def unfold_frames(frames: torch.Tensor, b: int, t: int) -> torch.Tensor:
+    """(B T) x C x H x W -> B x C x T x H x W (the inverse of :func:`fold_frames`)."""
+    return frames.reshape(b, t, *frames.shape[1:]).permute(0, 2, 1, 3, 4)
+
+
+def resize_frames(
+    video: torch.Tensor, size: tuple[int, int], mode: str = "bilinear", align_corners: bool = False
+) -> torch.Tensor:
+    """Resize every frame of a B x C x T x H x W video to ``size`` (H, W), computed in float32.
+
+    One rule everywhere (training data, stages, evaluation of the toy world): bilinear/bicubic resizing is
+    antialiased when it shrinks an axis (a low-pass filter, as PIL does) and plain interpolation when it
+    enlarges; ``align_corners`` applies only to enlarging (IF / Show-1 upsample their SR condition with True).
+    """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+    b, c, t, h, w = video.shape
+    if (h, w) == tuple(size):
+        return video
+    frames = fold_frames(video).float()
+    kwargs: dict = {}
+    if mode in ("bilinear", "bicubic"):
+        shrink = size[0] < h or size[1] < w
+        kwargs = {"antialias": True, "align_corners": False} if shrink else {"align_corners": align_corners}
+    out = F.interpolate(frames, size=tuple(size), mode=mode, **kwargs)
+    return unfold_frames(out, b, t).to(video.dtype)
