@@ -31,6 +31,8 @@ LABELS = {
     "is": ("IS", "higher", "is_mean"),
     "fvd": ("FVD", "lower", "fvd"),
     "clipsim": ("CLIPSIM", "higher", "clipsim"),
+    "color_adherence": ("colour adherence", "higher", "color_adherence"),
+    "motion_adherence": ("motion adherence", "higher", "motion_adherence"),
 }
 
 
@@ -242,6 +244,10 @@ def metric_counts(metrics: Mapping[str, Any], world_size: int, device: torch.dev
         if hasattr(c, "n_videos"):
             keys.append("clipsim_videos")
             vals.append(float(c.n_videos))
+    for name in ("color_adherence", "motion_adherence"):
+        if name in metrics:
+            keys.append(f"{name}_videos")
+            vals.append(float(metrics[name].total))
     if not keys:
         return {}
     t = torch.tensor(vals, dtype=torch.float64, device=device)
@@ -330,6 +336,8 @@ def _ours(name: str, metrics: Mapping[str, Any], report: Mapping[str, Any]) -> s
         return f"{val:.2f} +- {metrics['is_std']:.2f}"
     if name == "fvd":
         return f"{val:.2f} +- {metrics['fvd_std']:.2f}" if "fvd_std" in metrics else f"{val:.2f}"
+    if name != "clipsim":
+        return f"{val:.4f}"
     scale = report["protocol"].get("clipsim", {}).get("scale")
     if scale == "clipscore":
         return f"{val:.4f} (x100: {100 * val:.2f})"
@@ -347,7 +355,9 @@ def markdown_report(report: Mapping[str, Any]) -> str:
     for rows in report.get("paper", {}).values():
         methods += [m for m in rows if m not in methods]
     gen = report["generator"].get("name", "?")
-    head = f"| benchmark | metric | ours ({gen}, protocol {ep.get('name', '?')}) | " + " | ".join(methods) + " |"
+    head = f"| benchmark | metric | ours ({gen}, protocol {ep.get('name', '?')}) |" + "".join(
+        f" {m} |" for m in methods
+    )
     lines = [
         f"# Evaluation: {b}",
         "",
@@ -364,9 +374,8 @@ def markdown_report(report: Mapping[str, Any]) -> str:
             c = comp.get(name, {}).get(m)
             cells.append("-" if c is None else (str(c["value"]) if c["comparable"] else "different protocol"))
         lines.append(
-            f"| {b} | {label} ({better} is better) | {_ours(name, report['metrics'], report)} | "
-            + " | ".join(cells)
-            + " |"
+            f"| {b} | {label} ({better} is better) | {_ours(name, report['metrics'], report)} |"
+            + "".join(f" {c} |" for c in cells)
         )
     lines += ["", "## Published numbers and the protocols they used", ""]
     for name in report["metrics_run"]:

@@ -41,7 +41,8 @@ from show1_lightning.fileio import atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
-METRIC_NAMES = ("is", "fvd", "clipsim")
+METRIC_NAMES = ("is", "fvd", "clipsim", "color_adherence", "motion_adherence")
+ADHERENCE_METRICS = ("color_adherence", "motion_adherence")  # benchmark=toy: evaluation.toy_benchmark
 SEEDS_RULE = "seed(i) = base_seed + i for global sample index i; rank r of W takes i = r, r+W, ..."
 
 
@@ -283,6 +284,10 @@ def score(
             if "clipsim" in metrics:  # every frame of the video as generated
                 for i, v in zip(batch, videos):  # videos may differ in length: one at a time
                     metrics["clipsim"].update(v[None].to(ctx.device), [prompts[i]])
+            for name in ADHERENCE_METRICS:  # every frame of the video as generated, on the CPU
+                if name in metrics:
+                    for i, v in zip(batch, videos):
+                        metrics[name].update(v[None], [prompts[i]])
             if "is" in metrics or "fvd" in metrics:
                 clips = torch.stack([cut_clip(to_uint8_frames(v), clip, i) for i, v in zip(batch, videos)]).to(
                     ctx.device
@@ -299,6 +304,9 @@ def score(
         values["fvd"] = float(metrics["fvd"].compute())
     if "clipsim" in metrics:
         values["clipsim"] = float(metrics["clipsim"].compute())
+    for name in ADHERENCE_METRICS:
+        if name in metrics:
+            values[name] = float(metrics[name].compute())
     from evaluation.protocols import extra_values, metric_counts
 
     values.update(extra_values(metrics))  # FVD per generated set (collective, like the computes)
@@ -343,6 +351,8 @@ def _metric_protocol(name: str, metric: Any, cfg_node: Any) -> dict[str, Any]:
             if hasattr(metric, "generated_protocol")
             else metric.protocol()
         )
+    if name in ADHERENCE_METRICS:
+        return metric.describe()
     if name == "clipsim" and metric.scale == "clipscore":
         return {
             "scale": "clipscore",
@@ -371,6 +381,7 @@ def _log_wandb(cfg: DictConfig, report: Mapping[str, Any], md_path: Path) -> Non
         project=wcfg.get("project", "show1-eval"),
         name=wcfg.get("name"),
         id=wcfg.get("id"),
+        group=report["run"].get("wandb_group"),
         dir=str(Path(cfg.output_dir)),
         config=OmegaConf.to_container(cfg, resolve=True),
         job_type="evaluation",
@@ -390,6 +401,17 @@ def _log_wandb(cfg: DictConfig, report: Mapping[str, Any], md_path: Path) -> Non
 
 
 # ---------------------------------------------------------------------------- entry
+
+
+def _sweep_entries(cfg: DictConfig) -> dict[str, Any]:
+    """Report entries of a Hydra multirun job (its overrides, number, wandb group); the group alone otherwise."""
+    from evaluation.sweep import hydra_job, wandb_group
+
+    job = hydra_job()
+    out: dict[str, Any] = {"wandb_group": wandb_group(OmegaConf.select(cfg, "logger.group"), job)}
+    if job is not None:
+        out.update(hydra_job_num=job["num"], hydra_overrides=job["overrides"], sweep_dir=job["sweep_dir"])
+    return out
 
 
 def _check_existing_manifest(video_dir: Path, prompts: Sequence[str], base_seed: int) -> None:
@@ -583,6 +605,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any] | None:
                         "found_on_disk": int(counts[1]),
                         "output_dir": str(out_dir.resolve()),
                         "generator_record": fingerprint.get("status"),
+                        **_sweep_entries(cfg),
                     },
                 }
                 # temp file + rename: a kill leaves the previous report or the new one, never half of one

@@ -7,6 +7,10 @@ for ``split="test"`` (the benchmark's real clips and prompts) and ``(GENERATOR_V
 ``split="real2"`` (a second real set: held-out real vs real is the floor any generator is compared with).
 numpy seeds a generator from the whole tuple, so the three families never share a clip.
 
+Metrics (``benchmark.metrics``): ``fvd`` (the evaluation's I3D FVD against the held-out test clips),
+``color_adherence`` and ``motion_adherence`` (:class:`ToyAdherence`, from ``show1_lightning.data.toy_data``).
+:class:`ToyRealGenerator` (``generator=toy_real``) serves ``real2`` clips of the prompted captions: the floor.
+
 Prompts form a balanced design over colours x shapes x motions (:func:`toy_spec`): every block of 12
 consecutive samples holds each (shape, motion) pair once and each colour twice, and 72 samples hold every
 combination once; so ``num_samples=48`` has each colour 8 times, each shape 16 times, each motion 12 times.
@@ -14,18 +18,25 @@ combination once; so ``num_samples=48`` has each colour 8 times, each shape 16 t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torchmetrics import Metric
 
+from evaluation.benchmarks import Benchmark, ClipSpec, PromptItem, cut_clip
 from show1_lightning.data.toy_data import (
     GENERATOR_VERSION,
     TOY_COLORS,
     TOY_FPS,
     TOY_MOTIONS,
     TOY_SHAPES,
+    color_adherence,
     make_toy_clip,
+    motion_adherence,
+    parse_toy_prompt,
     toy_caption,
 )
 
@@ -85,3 +96,189 @@ def toy_heldout_clips(
         [_to_float(toy_heldout_frames(i, num_frames, height, width, split)) for i in range(num_samples)]
     )
     return videos, [toy_caption(*toy_spec(i)) for i in range(num_samples)]
+
+
+class ToyBenchmark(Benchmark):
+    """The toy benchmark: prompts = captions of held-out ``test`` clips, FVD reference = those clips.
+
+    Args:
+        num_samples: number of prompts (balanced design, :func:`toy_spec`).
+        num_frames, height, width: size the held-out clips are rendered at (the toy cascade's output).
+        fps: their frame rate (reported; the generator's own fps is used to write its videos).
+        real_clips: number of FVD reference clips (test clips ``0..real_clips-1``); None: ``num_samples``.
+        clip: how FVD clips are cut from the rendered clips (:class:`ClipSpec` or its fields).
+        seed: kept for the config interface; the held-out set does not depend on it.
+    """
+
+    name = "toy"
+
+    def __init__(
+        self,
+        num_samples: int = 48,
+        num_frames: int = TOY_EVAL_FRAMES,
+        height: int = TOY_EVAL_HEIGHT,
+        width: int = TOY_EVAL_WIDTH,
+        fps: float = TOY_EVAL_FPS,
+        real_clips: int | None = None,
+        clip: ClipSpec | Mapping[str, Any] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(clip=clip, real_clips=real_clips, seed=seed)
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        self.num_samples = int(num_samples)
+        self.num_frames, self.height, self.width, self.fps = int(num_frames), int(height), int(width), float(fps)
+
+    def prompts(self) -> list[PromptItem]:
+        return [PromptItem(i, toy_caption(*toy_spec(i)), f"toy:test/{i}") for i in range(self.num_samples)]
+
+    def reference_videos(self) -> list[Path]:
+        return []  # rendered, not read from files
+
+    def num_real_clips(self) -> int:
+        return self.num_samples if self.real_clips is None else self.real_clips
+
+    def real_clip(self, clip_index: int) -> torch.Tensor:
+        """Held-out test clip ``clip_index`` cut by ``clip``: float ``3 x T x H x W`` in [-1, 1]."""
+        if not 0 <= clip_index < self.num_real_clips():
+            raise IndexError(f"real clip {clip_index} out of range (0..{self.num_real_clips() - 1})")
+        frames = toy_heldout_frames(clip_index, self.num_frames, self.height, self.width, "test")
+        return cut_clip(frames, self.clip, clip_index)
+
+    def _reference_description(self) -> str:
+        return "held-out toy clips, split test"
+
+    def _rendering(self) -> dict[str, Any]:
+        return {
+            "generator_version": GENERATOR_VERSION,
+            "num_frames": self.num_frames,
+            "height": self.height,
+            "width": self.width,
+            "fps": self.fps,
+            "seeds": f"make_toy_clip seed (GENERATOR_VERSION, split id, i); split ids {TOY_SPLIT_IDS} "
+            "(training shards 0, validation 1)",
+        }
+
+    def real_protocol(self) -> dict[str, Any]:
+        """The choices that define the real statistics (the FVD cache key)."""
+        return {
+            "benchmark": self.name,
+            "reference": self._reference_description(),
+            "rendering": self._rendering(),
+            "real_clips": self.num_real_clips(),
+            "clip_selection": "held-out test clips 0..real_clips-1 (balanced captions, toy_spec)",
+            "clip": self.clip.describe(),
+        }
+
+    def protocol(self) -> dict[str, Any]:
+        return {
+            "benchmark": self.name,
+            "num_samples": self.num_samples,
+            "prompts": "captions of held-out test clips 0..num_samples-1; colour/shape/motion by toy_spec: "
+            "each block of 12 has every (shape, motion) once and every colour twice",
+            **self._rendering(),
+            "real": self.real_protocol(),
+        }
+
+
+class ToyRealGenerator:
+    """``generator=toy_real``: for each prompt, a ``real2`` held-out clip with that caption (the real floor).
+
+    Sample seed ``s`` renders ``make_toy_clip(<prompt's colour, shape, motion>, seed=toy_seed("real2", s))``:
+    with the evaluation's seed rule (``seed + i``, default seed 0) sample ``i`` is exactly
+    ``toy_heldout_clips(..., split="real2")[i]``, a different clip of the same caption as test clip ``i``.
+
+    Args:
+        num_frames, height, width: size of the clips (those of the benchmark).
+        fps: frame rate reported to the runner.
+        name: name in reports.
+    """
+
+    def __init__(
+        self,
+        num_frames: int = TOY_EVAL_FRAMES,
+        height: int = TOY_EVAL_HEIGHT,
+        width: int = TOY_EVAL_WIDTH,
+        fps: float = TOY_EVAL_FPS,
+        name: str = "toy_real",
+    ) -> None:
+        self.num_frames, self.height, self.width = int(num_frames), int(height), int(width)
+        self.fps, self.name = float(fps), name
+
+    def describe(self) -> dict[str, Any]:
+        """Report entry."""
+        return {"type": "toy_real", "split": "real2", "size": [self.num_frames, self.height, self.width]}
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
+        """``real2`` clips of the prompts' captions: float ``B x 3 x T x H x W`` in [-1, 1]."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        out = []
+        for prompt, seed in zip(prompts, seeds):
+            spec = parse_toy_prompt(prompt)
+            if None in spec.values():
+                raise ValueError(f"toy_real: {prompt!r} is not a toy caption (colour, shape and motion needed)")
+            frames = toy_heldout_frames(
+                int(seed),
+                self.num_frames,
+                self.height,
+                self.width,
+                "real2",
+                (spec["color"], spec["shape"], spec["motion"]),
+            )
+            out.append(_to_float(frames))
+        return torch.stack(out)
+
+
+ADHERENCE_KINDS = ("color", "motion")
+
+
+class ToyAdherence(Metric):
+    """Toy prompt adherence as a torchmetrics metric (hits / videos, summed over processes).
+
+    Args:
+        kind: ``"color"`` (:func:`~show1_lightning.data.toy_data.color_adherence`) or ``"motion"``
+            (:func:`~show1_lightning.data.toy_data.motion_adherence`).
+        min_displacement: the motion rule's smallest displacement, as a fraction of the frame side.
+    """
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, kind: str, min_displacement: float = 0.02, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if kind not in ADHERENCE_KINDS:
+            raise ValueError(f"kind must be one of {ADHERENCE_KINDS}, got {kind!r}")
+        self.kind, self.min_displacement = kind, float(min_displacement)
+        self.add_state("hits", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, videos: torch.Tensor, prompts: Sequence[str]) -> None:
+        """Score ``B x 3 x T x H x W`` videos in [-1, 1] against their prompts."""
+        if self.kind == "color":
+            rate = color_adherence(videos, list(prompts))
+        else:
+            rate = motion_adherence(videos, list(prompts), self.min_displacement)
+        self.hits += round(rate * len(prompts))
+        self.total += len(prompts)
+
+    def compute(self) -> torch.Tensor:
+        """Fraction of videos that follow their prompt."""
+        if self.total == 0:
+            raise RuntimeError("ToyAdherence: no videos scored")
+        return self.hits / self.total
+
+    def describe(self) -> dict[str, Any]:
+        """Report entry: the rule of this adherence."""
+        if self.kind == "color":
+            rule = (
+                "dominant palette colour of the saturated pixels (HSV saturation > 0.45, value > 0.25; nearest "
+                "palette hue votes) equals the prompt's colour; chance 1/6"
+            )
+        else:
+            rule = (
+                "centroid of the saturated pixels over the first vs the last quarter of the frames: axis of the "
+                f"larger displacement and its sign equal the prompt's motion, displacement >= {self.min_displacement} "
+                "of the frame side; no saturated pixels: miss; chance 1/4"
+            )
+        return {"kind": self.kind, "rule": rule, "frames": "every frame of each video as generated"}
