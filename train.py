@@ -15,6 +15,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from show1_lightning.runtime import (
+    ConfigError,
     find_resume_checkpoint,
     hydra_multirun_info,
     instantiate_group,
@@ -79,10 +80,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 # An absolute config path: the same configs when run as a script or as a console script (show1-*).
 @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="train.yaml")
-def main(cfg: DictConfig) -> float | None:
+def main(cfg: DictConfig) -> float | dict[str, float] | None:
     metrics = train(cfg)
     # Returned for Hydra sweepers (e.g. optuna) that optimise a metric.
-    return None if not metrics else metrics.get("val/loss")
+    return optimized_value(metrics, cfg.get("optimized_metric"))
+
+
+def optimized_value(metrics: dict[str, float] | None, name: str | None) -> float | dict[str, float] | None:
+    """What the task returns: ``metrics[name]`` as a float when ``optimized_metric`` is set (a sweeper optimises
+    it), else the whole dict. None when training failed inside a multirun (the job is recorded as failed: a sweeper
+    marks the trial failed). A metric that was never logged is an error naming the key and the logged ones."""
+    if metrics is None or name is None:
+        return metrics
+    if name not in metrics:
+        raise ConfigError(
+            f"config error at 'optimized_metric': {name!r} was never logged in this run; logged metrics: "
+            f"{sorted(metrics)} (val/fvd needs callbacks=[default,fvd])"
+        )
+    return float(metrics[name])
 
 
 if __name__ == "__main__":
