@@ -1,0 +1,148 @@
+"""Show1Pipeline: trained stages -> one diffusers folder (model_index.json) -> from_pretrained -> the same video as
+Show1Cascade for the same seeds; save_pretrained, DiffusionPipeline loading, model card and --push-to-hub."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pytest
+import torch
+from conftest import compose_config
+from omegaconf import OmegaConf
+
+from show1_lightning.callbacks.export import export_stage
+from show1_lightning.pipelines.cascade import Show1Cascade
+from show1_lightning.pipelines.diffusers_pipeline import Show1Pipeline, export_pipeline, main
+from show1_lightning.stages.loading import UnsafeCheckpointError
+
+TOY = {
+    "keyframe": "toy",
+    "interpolation": "toy_interpolation",
+    "pixel_sr": "toy_pixel_sr",
+    "latent_sr": "toy_latent_sr",
+}
+# Small sizes so all four stages run in seconds: 2 keyframes of 16x8 -> 5 frames -> 64x32 pixels -> 64x32 latent SR.
+SMALL = {
+    "keyframe": ("stage.height=8", "stage.width=16", "stage.num_frames=2"),
+    "latent_sr": ("vae@stage.vae=tiny", "stage.height=32", "stage.width=64"),
+}
+TWO_STEPS = {name: {"num_steps": 2} for name in TOY}
+PROMPTS = ["a red circle moving left"]
+
+
+@pytest.fixture(scope="module")
+def stage_exports(toy_data_dir, tmp_path_factory) -> dict[str, Path]:
+    """The four toy stages (untrained, seeded) as the per-stage export folders training writes (stage.json + unet/)."""
+    out = tmp_path_factory.mktemp("stages")
+    folders = {}
+    for name, experiment in TOY.items():
+        cfg = compose_config(toy_data_dir, out, f"experiment={experiment}", *SMALL.get(name, ()), tiny=False)
+        torch.manual_seed(0)
+        stage = hydra.utils.instantiate(cfg.stage, _convert_="all")
+        stage.stage_config = OmegaConf.to_container(cfg.stage, resolve=True)
+        folders[name] = export_stage(stage, out / name)
+    return folders
+
+
+def _record_hub_calls(monkeypatch) -> list[tuple[str, dict]]:
+    """The one fake: no network here, so HfApi's repo creation and upload record their arguments."""
+    from huggingface_hub import HfApi
+
+    calls: list[tuple[str, dict]] = []
+    monkeypatch.setattr(
+        HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create_repo", {"repo_id": repo_id, **kw}))
+    )
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.append(("upload_folder", kw)))
+    return calls
+
+
+def test_export_load_and_run_equals_the_cascade(stage_exports, tmp_path, monkeypatch):
+    """The round trip of the issue: export -> Show1Pipeline.from_pretrained -> bit-identical video for the same seeds."""
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"metrics": {"fvd": 123.5, "clipsim": 0.25}, "generator": {"name": "cascade"}}))
+    calls = _record_hub_calls(monkeypatch)
+    out = tmp_path / "pipe"
+    args = ["--out", str(out), "--report", str(report), "--push-to-hub", "me/show1-toy"]
+    for name, folder in stage_exports.items():
+        args += [f"--{name.replace('_', '-')}", str(folder)]
+    assert main(args) == 0
+
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "Show1Pipeline"
+    assert index["keyframe_unet"] == ["show1_lightning.models.show1_unet", "Show1UNet3DConditionModel"]
+    assert index["latent_sr_vae"] == ["diffusers", "AutoencoderKL"]
+    assert index["text_encoder"][1] == "T5EncoderModel" and index["text_encoder_2"][1] == "CLIPTextModel"
+    assert sorted(index["show1_stages"]) == sorted(TOY)
+
+    card = (out / "README.md").read_text()
+    assert "library_name: diffusers" in card and "pipeline_tag: text-to-video" in card
+    assert "show1_lightning.stages.latent_sr.LatentSRStage" in card and "| metrics.fvd | 123.5 |" in card
+    assert [c[0] for c in calls] == ["create_repo", "upload_folder"]
+    assert calls[0][1]["repo_id"] == "me/show1-toy" and calls[1][1]["repo_id"] == "me/show1-toy"
+    assert Path(calls[1][1]["folder_path"]) == out
+
+    reference = Show1Cascade(**stage_exports, device="cpu", sampling=TWO_STEPS)(PROMPTS, [3]).video
+    pipe = Show1Pipeline.from_pretrained(out)
+    got = pipe(PROMPTS, num_inference_steps=2, seed=3, output_type="raw")
+    assert got.seeds == [3] and got.frames.shape == (1, 3, 5, 32, 64)
+    assert torch.equal(got.frames, reference)
+
+
+def test_save_pretrained_generator_and_diffusion_pipeline_loading(stage_exports, tmp_path, monkeypatch):
+    two = {k: stage_exports[k] for k in ("keyframe", "interpolation")}
+    first = export_pipeline(tmp_path / "a", **two)
+    pipe = Show1Pipeline.from_pretrained(first)
+    assert pipe.stage_names == ["keyframe", "interpolation"] and pipe.latent_sr_unet is None
+    pipe.save_pretrained(tmp_path / "b")
+    again = Show1Pipeline.from_pretrained(tmp_path / "b")
+    saved, exported = (json.loads((d / "model_index.json").read_text()) for d in (tmp_path / "b", first))
+    saved.pop("_name_or_path", None)  # diffusers records where a loaded pipeline came from
+    assert saved == exported
+
+    out = pipe(
+        ["a blue square moving up", "a red circle moving left"],
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(7),
+        output_type="pt",
+    )
+    assert out.frames.shape == (2, 5, 3, 8, 16) and len(set(out.seeds)) == 2
+    by_seed = again(
+        ["a blue square moving up", "a red circle moving left"],
+        num_inference_steps=2,
+        seed=out.seeds,
+        output_type="pt",
+    )
+    assert torch.equal(out.frames, by_seed.frames)  # the generator only picks the seeds
+    reference = Show1Cascade(**two, device="cpu", sampling=TWO_STEPS)(["a blue square moving up"], out.seeds[:1]).video
+    frames = again("a blue square moving up", num_inference_steps=2, seed=out.seeds[0]).frames  # np: B x T x H x W x 3
+    expected = ((reference.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).numpy()
+    assert isinstance(frames, np.ndarray) and frames.shape == (1, 5, 8, 16, 3)
+    np.testing.assert_array_equal(frames, expected)
+    other = again("a blue square moving up", num_inference_steps=2, seed=out.seeds[0] + 1, output_type="pt")
+    assert not torch.equal(other.frames[0], out.frames[0])
+
+    # DiffusionPipeline resolves the class through the folder's pipeline.py (one import of this package).
+    import diffusers.utils.dynamic_modules_utils as dyn
+
+    monkeypatch.setattr(dyn, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    from diffusers import DiffusionPipeline
+
+    generic = DiffusionPipeline.from_pretrained(tmp_path / "b", custom_pipeline="pipeline", trust_remote_code=True)
+    assert type(generic) is Show1Pipeline
+    got = generic("a blue square moving up", num_inference_steps=2, seed=out.seeds[0], output_type="raw").frames
+    assert torch.equal(got, reference)
+
+
+def test_a_tampered_stage_config_is_refused(stage_exports, tmp_path):
+    folder = export_pipeline(tmp_path / "p", stage_exports["keyframe"])
+    index = json.loads((folder / "model_index.json").read_text())
+    index["show1_stages"]["keyframe"]["stage"]["optimizer"]["_target_"] = "os.system"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    pipe = Show1Pipeline.from_pretrained(folder)
+    with pytest.raises(UnsafeCheckpointError, match="os.system"):
+        pipe("x", num_inference_steps=1, seed=0)
+    with pytest.raises(ValueError, match="prefix"):
+        Show1Pipeline.from_stages(stage_exports["keyframe"], pixel_sr=stage_exports["pixel_sr"])
