@@ -35,7 +35,8 @@ PROMPTS = ["a red circle moving left"]
 
 @pytest.fixture(scope="module")
 def stage_exports(toy_data_dir, tmp_path_factory) -> dict[str, Path]:
-    """The four toy stages (untrained, seeded) as the per-stage export folders training writes (stage.json + unet/)."""
+    """The four toy stages (untrained, seeded) as the per-stage export folders training writes (stage.json + unet/),
+    each in a run folder with the composed config where Hydra saves it (``<run>/.hydra/config.yaml``)."""
     out = tmp_path_factory.mktemp("stages")
     folders = {}
     for name, experiment in TOY.items():
@@ -43,7 +44,9 @@ def stage_exports(toy_data_dir, tmp_path_factory) -> dict[str, Path]:
         torch.manual_seed(0)
         stage = hydra.utils.instantiate(cfg.stage, _convert_="all")
         stage.stage_config = OmegaConf.to_container(cfg.stage, resolve=True)
-        folders[name] = export_stage(stage, out / name)
+        folders[name] = export_stage(stage, out / name / "export")
+        (out / name / ".hydra").mkdir()
+        OmegaConf.save(cfg, out / name / ".hydra" / "config.yaml")
     return folders
 
 
@@ -80,6 +83,8 @@ def test_export_load_and_run_equals_the_cascade(stage_exports, tmp_path, monkeyp
     card = (out / "README.md").read_text()
     assert "library_name: diffusers" in card and "pipeline_tag: text-to-video" in card
     assert "show1_lightning.stages.latent_sr.LatentSRStage" in card and "| metrics.fvd | 123.5 |" in card
+    assert "[`training/latent_sr.yaml`](training/latent_sr.yaml)" in card
+    assert OmegaConf.load(out / "training" / "pixel_sr.yaml").stage._target_.endswith("PixelSRStage")
     assert [c[0] for c in calls] == ["create_repo", "upload_folder"]
     assert calls[0][1]["repo_id"] == "me/show1-toy" and calls[1][1]["repo_id"] == "me/show1-toy"
     assert Path(calls[1][1]["folder_path"]) == out
@@ -93,7 +98,8 @@ def test_export_load_and_run_equals_the_cascade(stage_exports, tmp_path, monkeyp
 
 def test_save_pretrained_generator_and_diffusion_pipeline_loading(stage_exports, tmp_path, monkeypatch):
     two = {k: stage_exports[k] for k in ("keyframe", "interpolation")}
-    first = export_pipeline(tmp_path / "a", **two)
+    first = export_pipeline(tmp_path / "a", **two, train_configs=False)
+    assert not (first / "training").exists() and "training config of the run" not in (first / "README.md").read_text()
     pipe = Show1Pipeline.from_pretrained(first)
     assert pipe.stage_names == ["keyframe", "interpolation"] and pipe.latent_sr_unet is None
     pipe.save_pretrained(tmp_path / "b")

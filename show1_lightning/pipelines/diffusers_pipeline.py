@@ -5,12 +5,15 @@ objects, Lightning checkpoints or per-stage export folders) and ``save_pretraine
 
     model_index.json                       components + each stage's config (``show1_stages``)
     keyframe_unet/ interpolation_unet/ pixel_sr_unet/ latent_sr_unet/       config.json + safetensors (EMA weights)
-    keyframe_scheduler/ ... latent_sr_scheduler/                            the training noise schedules
+    keyframe_scheduler/ ... latent_sr_scheduler/     the training noise schedules (for reference: a stage runs the
+                                                     schedule of its config node, see _COMPONENT_KEYS)
     text_encoder/ tokenizer/               the first text encoder (T5 for the pixel stages)
     text_encoder_2/ tokenizer_2/           a second one when a stage uses another (CLIP for the latent SR stage)
     latent_sr_vae/                         the latent SR stage's AutoencoderKL
     pipeline.py                            one import line, for ``DiffusionPipeline.from_pretrained(folder,
                                            custom_pipeline="pipeline", trust_remote_code=True)``
+    README.md, report.json, training/      written by ``export_pipeline``: model card, evaluation report, the runs'
+                                           Hydra training configs
 
 ``Show1Pipeline.from_pretrained(folder)`` rebuilds every stage from its stored config with the loaded components
 (the stage configs are checked against the project's allow-list of targets first, as export folders are) and
@@ -43,7 +46,15 @@ from show1_lightning.models.vae import VideoVAE
 from show1_lightning.pipelines.cascade import STAGE_ORDER, Show1Cascade
 from show1_lightning.stages.loading import check_stage_config
 
-__all__ = ["Show1Pipeline", "Show1PipelineOutput", "export_pipeline", "push_to_hub", "model_card", "main"]
+__all__ = [
+    "Show1Pipeline",
+    "Show1PipelineOutput",
+    "export_pipeline",
+    "find_train_config",
+    "push_to_hub",
+    "model_card",
+    "main",
+]
 
 #: Component slots for distinct text encoders, in the order stages first use them.
 TEXT_SLOTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
@@ -433,8 +444,10 @@ def model_card(
     sources: Mapping[str, str] | None = None,
     report: Mapping[str, Any] | None = None,
     report_name: str = "report.json",
+    train_configs: Mapping[str, str] | None = None,
 ) -> str:
-    """The README.md of an exported pipeline: metadata, usage, each stage's training config, the evaluation report."""
+    """The README.md of an exported pipeline: metadata, usage, each stage's config (and, in ``train_configs``,
+    ``{stage: path in the folder}`` of the full Hydra training config of its run), the evaluation report."""
     import yaml
 
     names = pipe.stage_names
@@ -480,6 +493,11 @@ def model_card(
             f"- text encoder: {entry['text_encoder']['kind']} (`{entry['text_encoder']['source']}`), "
             f"{entry['text_encoder']['max_length']} tokens",
             f"- sampling defaults: `{json.dumps(stage.get('sampling', {}))}`",
+            *(
+                [f"- full training config of the run: [`{train_configs[n]}`]({train_configs[n]})"]
+                if train_configs and n in train_configs
+                else []
+            ),
             "",
             "<details><summary>stage config</summary>",
             "",
@@ -520,6 +538,18 @@ def push_to_hub(
     )
 
 
+def find_train_config(source: str | Path, levels: int = 3) -> Path | None:
+    """The Hydra ``.hydra/config.yaml`` of the training run a stage export or checkpoint came from (``<run>/export``,
+    ``<run>/checkpoints/last.ckpt``): searched in the source's folder and up to ``levels`` parents."""
+    here = Path(source).resolve()
+    here = here if here.is_dir() else here.parent
+    for folder in [here, *here.parents][: levels + 1]:
+        candidate = folder / ".hydra" / "config.yaml"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def export_pipeline(
     out: str | Path,
     keyframe: DiffusionStage | str | Path,
@@ -529,9 +559,14 @@ def export_pipeline(
     report: str | Path | None = None,
     push_to_hub_repo: str | None = None,
     private: bool = False,
+    train_configs: bool = True,
 ) -> Path:
     """Write the pipeline folder (``save_pretrained`` + ``pipeline.py`` + ``README.md`` model card, with the
-    evaluation ``report`` JSON copied in when given) and optionally push it to the Hub repo ``push_to_hub_repo``."""
+    evaluation ``report`` JSON copied in when given) and optionally push it to the Hub repo ``push_to_hub_repo``.
+
+    With ``train_configs``, each stage's full Hydra training config (``.hydra/config.yaml`` of the run its export or
+    checkpoint sits in, when found) is copied to ``training/<stage>.yaml`` and linked from the model card; it holds
+    the run's local paths, so pass ``train_configs=False`` (``--no-train-configs``) to keep them out of a public repo."""
     out = Path(out)
     given = {"keyframe": keyframe, "interpolation": interpolation, "pixel_sr": pixel_sr, "latent_sr": latent_sr}
     pipe = Show1Pipeline.from_stages(**given)
@@ -541,7 +576,14 @@ def export_pipeline(
         report_data = json.loads(Path(report).read_text())
         (out / "report.json").write_text(json.dumps(report_data, indent=2))
     sources = {k: str(v) for k, v in given.items() if isinstance(v, (str, Path))}
-    (out / "README.md").write_text(model_card(pipe, push_to_hub_repo, sources, report_data))
+    copied: dict[str, str] = {}
+    for name, src in sources.items() if train_configs else ():
+        found = find_train_config(src)
+        if found is not None:
+            (out / "training").mkdir(exist_ok=True)
+            (out / "training" / f"{name}.yaml").write_text(found.read_text())
+            copied[name] = f"training/{name}.yaml"
+    (out / "README.md").write_text(model_card(pipe, push_to_hub_repo, sources, report_data, train_configs=copied))
     if push_to_hub_repo:
         push_to_hub(out, push_to_hub_repo, private=private)
     return out
@@ -565,6 +607,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", type=Path, default=None, help="an evaluate.py report.json for the model card")
     ap.add_argument("--push-to-hub", dest="push_to_hub", default=None, metavar="REPO", help="upload to this Hub repo")
     ap.add_argument("--private", action="store_true", help="create the Hub repo private")
+    ap.add_argument(
+        "--no-train-configs",
+        dest="train_configs",
+        action="store_false",
+        help="do not copy the runs' .hydra/config.yaml into training/ (they hold local paths)",
+    )
     args = ap.parse_args(argv)
     out = export_pipeline(
         args.out,
@@ -575,6 +623,7 @@ def main(argv: list[str] | None = None) -> int:
         report=args.report,
         push_to_hub_repo=args.push_to_hub,
         private=args.private,
+        train_configs=args.train_configs,
     )
     print(
         f"wrote the Show1Pipeline folder {out}" + (f" and pushed it to {args.push_to_hub}" if args.push_to_hub else "")
