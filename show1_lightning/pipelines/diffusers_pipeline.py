@@ -483,7 +483,8 @@ def model_card(
     for n in names:
         entry = pipe.config.show1_stages[n]
         stage = entry["stage"]
-        src = f" (from `{sources[n]}`)" if sources and sources.get(n) else ""
+        # The source's last two path parts only: the card may be published, the local folders are not.
+        src = f" (from `{'/'.join(Path(sources[n]).parts[-2:])}`)" if sources and sources.get(n) else ""
         unet = getattr(pipe, f"{n}_unet")
         n_params = sum(p.numel() for p in unet.parameters())
         lines += [
