@@ -10,10 +10,13 @@ import hydra
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config
+from conftest import ROOT, compose_config
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from show1_lightning.callbacks.export import export_stage
+from show1_lightning.data.video_io import to_uint8_frames, write_mp4
 from show1_lightning.pipelines.cascade import Show1Cascade
 from show1_lightning.pipelines.diffusers_pipeline import Show1Pipeline, export_pipeline, main
 from show1_lightning.stages.loading import UnsafeCheckpointError
@@ -127,6 +130,10 @@ def test_save_pretrained_generator_and_diffusion_pipeline_loading(stage_exports,
     expected = ((reference.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).numpy()
     assert isinstance(frames, np.ndarray) and frames.shape == (1, 5, 8, 16, 3)
     np.testing.assert_array_equal(frames, expected)
+    # ... and to generate.py's mp4 for the same prompt and seed (the same uint8 frames, the same encoder, 8 fps).
+    mp4 = _generate_py(two, "a blue square moving up", out.seeds[0], tmp_path / "gen")
+    ours = write_mp4(tmp_path / "ours.mp4", to_uint8_frames(reference[0]))  # == the pipeline's video (above)
+    assert ours.read_bytes() == mp4.read_bytes()
     other = again("a blue square moving up", num_inference_steps=2, seed=out.seeds[0] + 1, output_type="pt")
     assert not torch.equal(other.frames[0], out.frames[0])
 
@@ -140,6 +147,31 @@ def test_save_pretrained_generator_and_diffusion_pipeline_loading(stage_exports,
     assert type(generic) is Show1Pipeline
     got = generic("a blue square moving up", num_inference_steps=2, seed=out.seeds[0], output_type="raw").frames
     assert torch.equal(got, reference)
+
+
+def _generate_py(stages: dict[str, Path], prompt: str, seed: int, out: Path) -> Path:
+    """generate.py's final mp4 (its generate() on the composed `generate` config) for one prompt."""
+    import generate
+
+    GlobalHydra.instance().clear()
+    overrides = [
+        f"output_dir={out}",
+        f"prompts=[{prompt}]",
+        f"seeds=[{seed}]",
+        "batch_size=1",
+        "device=cpu",
+        "logger.wandb=false",
+        "save_intermediates=false",
+        *[f"stages.{n}={stages[n] if n in stages else 'null'}" for n in TOY],
+        *[f"+sampling.{n}.num_steps=2" for n in stages],
+    ]
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("generate", overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
+    (path,) = generate.generate(cfg)
+    return path
 
 
 def test_a_tampered_stage_config_is_refused(stage_exports, tmp_path):
