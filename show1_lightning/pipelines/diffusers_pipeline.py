@@ -64,7 +64,7 @@ TEXT_SLOTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
 #: the node left out (e.g. ``timestep_spacing``), which a schedule saved with all its keys would override.
 _COMPONENT_KEYS = ("unet", "text_encoder", "vae")
 _PIPELINE_SHIM = (
-    '"""Loads Show1Pipeline from the installed show1-lightning package (pip install show1-lightning)."""\n\n'
+    '"""Loads Show1Pipeline from the installed show1-lightning package (the Show-1 UNets and stages live there)."""\n\n'
     "from show1_lightning.pipelines.diffusers_pipeline import Show1Pipeline  # noqa: F401\n"
 )
 
@@ -468,7 +468,7 @@ def model_card(
         "## Usage",
         "",
         "```python",
-        "from show1_lightning.pipelines.diffusers_pipeline import Show1Pipeline  # pip install show1-lightning",
+        "from show1_lightning.pipelines.diffusers_pipeline import Show1Pipeline  # needs show1-lightning installed",
         "",
         f'pipe = Show1Pipeline.from_pretrained("{repo_id or "path/to/folder"}")',
         'video = pipe("a red circle moving left", seed=0).frames[0]  # T x H x W x 3 in [0, 1]',
