@@ -110,6 +110,8 @@ def test_save_pretrained_generator_and_diffusion_pipeline_loading(stage_exports,
     saved, exported = (json.loads((d / "model_index.json").read_text()) for d in (tmp_path / "b", first))
     saved.pop("_name_or_path", None)  # diffusers records where a loaded pipeline came from
     assert saved == exported
+    # The stages a pipeline builds export again to the same stage configs.
+    assert Show1Pipeline.from_stages(**pipe.stages).config.show1_stages == pipe.config.show1_stages
 
     out = pipe(
         ["a blue square moving up", "a red circle moving left"],

@@ -90,9 +90,17 @@ class _LoadedTextEncoder(TextEncoder):
     """A :class:`TextEncoder` around an already loaded transformers model and tokenizer (pipeline components)."""
 
     def __init__(
-        self, model: nn.Module, tokenizer: Any, kind: str, max_length: int, use_attention_mask: bool, source: str
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        kind: str,
+        max_length: int,
+        use_attention_mask: bool,
+        source: str,
+        torch_dtype: str | None = None,
     ) -> None:
         nn.Module.__init__(self)
+        self.torch_dtype = torch_dtype  # kept so that a pipeline's stages export again as they were
         self.kind, self.max_length, self.use_attention_mask = kind, int(max_length), bool(use_attention_mask)
         self.model, self.tokenizer, self.source = model, tokenizer, source
         self.model.requires_grad_(False)
@@ -246,7 +254,7 @@ class Show1Pipeline(DiffusionPipeline):
                     "max_length": te.max_length,
                     "use_attention_mask": te.use_attention_mask,
                     "source": te.source,
-                    "torch_dtype": te_cfg.get("torch_dtype"),
+                    "torch_dtype": te_cfg.get("torch_dtype", getattr(te, "torch_dtype", None)),
                 },
             }
             components[f"{name}_unet"] = _ema_unet(stage)
@@ -277,7 +285,9 @@ class Show1Pipeline(DiffusionPipeline):
         tokenizer = getattr(self, t["component"].replace("text_encoder", "tokenizer"))
         if t.get("torch_dtype"):
             model = model.to(getattr(torch, str(t["torch_dtype"]).removeprefix("torch.")))
-        te = _LoadedTextEncoder(model, tokenizer, t["kind"], t["max_length"], t["use_attention_mask"], t["source"])
+        te = _LoadedTextEncoder(
+            model, tokenizer, t["kind"], t["max_length"], t["use_attention_mask"], t["source"], t.get("torch_dtype")
+        )
         parts: dict[str, Any] = {
             "unet": getattr(self, f"{name}_unet"),
             "text_encoder": te,
