@@ -26,7 +26,8 @@ def run_evaluate_py(monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
         GlobalHydra.instance().clear()
 
 
-def test_multirun_writes_one_report_per_job_and_a_summary(tmp_path, monkeypatch):
+def run_toy_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wandb: bool) -> Path:
+    """``evaluate.py -m benchmark=toy generator=toy_real,toy_static`` on 4 tiny clips; returns the sweep folder."""
     conf = write_toy_conf(tmp_path / "conf")
     sweep = tmp_path / "sweep"
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -47,14 +48,18 @@ def test_multirun_writes_one_report_per_job_and_a_summary(tmp_path, monkeypatch)
         "benchmark.adapter.width=48",
         "generated_clip.frames=8",
         f"fvd_cache_dir={tmp_path / 'cache'}",
-        "logger.wandb=true",
+        f"logger.wandb={str(wandb).lower()}",
     )
+    return sweep
+
+
+def test_multirun_writes_one_report_per_job_and_a_summary(tmp_path, monkeypatch):
+    sweep = run_toy_sweep(tmp_path, monkeypatch, wandb=False)
     reports = [json.loads((sweep / str(j) / "report.json").read_text()) for j in (0, 1)]
     assert [r["generator"]["name"] for r in reports] == ["toy_real", "toy_static"]  # one folder per job
     assert "generator=toy_real" in reports[0]["run"]["hydra_overrides"]
     groups = {r["run"]["wandb_group"] for r in reports}
     assert groups == {f"{tmp_path.name}/sweep"}  # every job in the sweep's wandb group
-    assert all(any((sweep / str(j) / "wandb").glob("offline-run-*")) for j in (0, 1))
 
     summary = json.loads((sweep / "summary.json").read_text())
     assert summary["swept"] == ["generator"]
@@ -67,3 +72,14 @@ def test_multirun_writes_one_report_per_job_and_a_summary(tmp_path, monkeypatch)
     md = (sweep / "summary.md").read_text()
     assert "| job | generator | fvd | color_adherence | motion_adherence |" in md
     assert md.count("| toy_static |") == 1 and "| 0 | toy_real | " in md
+
+
+@pytest.mark.slow
+def test_multirun_jobs_log_to_one_wandb_group(tmp_path, monkeypatch):
+    """The same sweep with wandb (offline): each job's run is in the sweep's group (~10 s more per job)."""
+    sweep = run_toy_sweep(tmp_path, monkeypatch, wandb=True)
+    group = f"{tmp_path.name}/sweep".encode()
+    for j in (0, 1):
+        runs = list((sweep / str(j) / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(runs) == 1 and group in runs[0].read_bytes()
+    assert (sweep / "summary.md").is_file()

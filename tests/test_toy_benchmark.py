@@ -238,10 +238,12 @@ def test_evaluation_of_toy_real_and_bad_generators(toy_conf, tmp_path):
 
 @pytest.mark.slow
 def test_real_i3d_fvd_floor_is_far_below_static_videos(toy_conf, tmp_path):
-    """The real I3D FVD (conf/eval_metrics/default.yaml): real2 vs test far below frozen videos (~2 min on CPU)."""
+    """The real I3D FVD (conf/eval_metrics/default.yaml) on 48 prompts: real2 vs test far below frozen videos
+    (measured at the default size: 130 vs 294; at 16 prompts the small-sample bias hides it: 318 vs 404).
+    About 150 I3D clips: minutes on a CPU."""
     common = [
         "eval_metrics=default",
-        "benchmark.adapter.num_samples=16",
+        "benchmark.adapter.num_samples=48",
         "benchmark.adapter.num_frames=16",
         "benchmark.adapter.height=64",
         "benchmark.adapter.width=96",
@@ -252,10 +254,7 @@ def test_real_i3d_fvd_floor_is_far_below_static_videos(toy_conf, tmp_path):
     ]
     real = run_evaluation(compose_toy(toy_conf, tmp_path / "real", *common))
     static = run_evaluation(compose_toy(toy_conf, tmp_path / "static", *common, "generator=toy_static"))
-    wrong = run_evaluation(compose_toy(toy_conf, tmp_path / "wrong", *common, "generator=toy_wrong_color"))
     assert real["eval_protocol"]["deviations"] == {}  # the tf_fvd protocol's FVD: real I3D, 16 frames
     assert real["metrics"]["color_adherence"] >= 0.95 and real["metrics"]["motion_adherence"] >= 0.95
-    assert real["metrics"]["fvd"] < 0.7 * static["metrics"]["fvd"]
-    # FVD does not read prompts: a generator of the wrong colours has the real colour distribution, so
-    # only the colour adherence sees it.
-    assert wrong["metrics"]["color_adherence"] == 0.0
+    assert static["metrics"]["motion_adherence"] == 0.0
+    assert real["metrics"]["fvd"] < 0.6 * static["metrics"]["fvd"]
