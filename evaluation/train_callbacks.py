@@ -340,7 +340,7 @@ class TrainingFVD(L.Callback):
         self._last_step = step
         value = self.evaluate(pl_module, trainer)
         self.history.append((step, value))
-        trainer.callback_metrics[self.key] = torch.tensor(value)
+        trainer.callback_metrics[self.key] = torch.tensor(value, dtype=torch.float64)
         for logger in trainer.loggers:  # Lightning's loggers write on global rank 0 only
             logger.log_metrics({self.key: value}, step=step)
         if trainer.is_global_zero:
