@@ -74,9 +74,8 @@ def test_multirun_writes_one_report_per_job_and_a_summary(tmp_path, monkeypatch)
     assert md.count("| toy_static |") == 1 and "| 0 | toy_real | " in md
 
 
-@pytest.mark.slow
 def test_multirun_jobs_log_to_one_wandb_group(tmp_path, monkeypatch):
-    """The same sweep with wandb (offline): each job's run is in the sweep's group (~10 s more per job)."""
+    """The same sweep with wandb (offline): each job's run is in the sweep's group."""
     sweep = run_toy_sweep(tmp_path, monkeypatch, wandb=True)
     group = f"{tmp_path.name}/sweep".encode()
     for j in (0, 1):
