@@ -140,7 +140,7 @@ def validate_train_config(cfg: DictConfig) -> None:
 
 
 # Callbacks that call the stage's generate() during fit (their _target_ class names).
-SAMPLING_CALLBACKS = ("VideoSampleCallback", "ToyColorAdherence")
+SAMPLING_CALLBACKS = ("VideoSampleCallback", "ToyColorAdherence", "TrainingFVD")
 
 
 def _sampling_callbacks(cfg: DictConfig) -> dict[str, DictConfig]:

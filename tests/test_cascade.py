@@ -57,18 +57,35 @@ def test_toy_cascade_shapes_and_reports(toy_stages):
     result = cascade(["a red circle moving left"], [3])
     shapes = {r.name: r.output_shape for r in result.reports}
     assert shapes == {
-        # keyframes 16x8 here; interpolation keeps the size, pixel SR scales it 4x, and the latent expert
+        # keyframes 16x8 here; interpolation keeps the size, toy pixel SR scales it 2x, and the latent expert
         # resizes to its configured output (as the paper's 256x160 -> 576x320 changes the aspect ratio too)
         "keyframe": (1, 3, 8, 8, 16),
         "interpolation": (1, 3, 29, 8, 16),
-        "pixel_sr": (1, 3, 29, 32, 64),
-        "latent_sr": (1, 3, 29, 160, 256),
+        "pixel_sr": (1, 3, 29, 16, 32),
+        "latent_sr": (1, 3, 29, 64, 96),
     }
-    assert result.video.shape == (1, 3, 29, 160, 256)
+    assert result.video.shape == (1, 3, 29, 64, 96)
     assert result.video.min() >= -1 and result.video.max() <= 1
     # The interpolation keeps the keyframes at every 4th frame: copied, so bit for bit.
     assert torch.equal(result.intermediates["interpolation"][:, :, ::4], result.intermediates["keyframe"])
     assert all(r.seconds > 0 and r.peak_bytes > 0 for r in result.reports)
+
+
+def test_naive_cascade_hands_on_baselines(toy_stages):
+    """baseline_stages: the later stages hand on their baseline (blend, bicubic, VAE round trip), not a sample."""
+    later = ["interpolation", "pixel_sr", "latent_sr"]
+    naive = Show1Cascade(**toy_stages, device="cpu", sampling=TWO_STEPS, baseline_stages=later)
+    result = naive(["a red circle moving left"], [3])
+    x = result.intermediates["keyframe"]
+    for name in later:
+        x = toy_stages[name].baseline(x)
+        assert torch.equal(result.intermediates[name], x), name
+    learned = Show1Cascade(toy_stages["keyframe"], toy_stages["interpolation"], device="cpu", sampling=TWO_STEPS)
+    other = learned(["a red circle moving left"], [3])
+    assert torch.equal(other.intermediates["keyframe"], result.intermediates["keyframe"])  # the same keyframes
+    assert not torch.equal(other.intermediates["interpolation"], result.intermediates["interpolation"])
+    with pytest.raises(ValueError, match="baseline_stages"):
+        Show1Cascade(toy_stages["keyframe"], device="cpu", baseline_stages=["keyframe"])
 
 
 def test_cascade_prefix_and_order_checks(toy_stages):
@@ -108,7 +125,7 @@ def test_exports_reload_and_generate_py_writes_mp4s(toy_stages, tmp_path):
     from show1_lightning.data.video_io import decode_video
 
     video = decode_video(finals[0])
-    assert video.frames.shape == (29, 160, 256, 3)
+    assert video.frames.shape == (29, 64, 96, 3)
     assert len(list((out / "stages").glob("000_*.mp4"))) == 4
 
 

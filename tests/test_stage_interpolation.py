@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet3DConditionModel
 from numerics import assert_close_rel, assert_differ_rel
 
-from show1_lightning.models.text_encoder import TextEncoder
 from show1_lightning.diffusion.sampling import window_seeds
+from show1_lightning.models.text_encoder import TextEncoder
 from show1_lightning.stages.interpolation import InterpolationStage
 
 torch.set_num_threads(1)
@@ -199,6 +199,8 @@ def test_toy_experiment_trains_through_hydra(compose_train, tmp_path: Path) -> N
         "data.epoch_length=2",
         "data.val_batches=1",
         "callbacks.model_checkpoint.every_n_train_steps=1",
+        "callbacks.samples.num_steps=2",
+        "callbacks.samples.num_val_clips=2",
         tiny=False,
     )
     with open_dict(cfg):
@@ -208,6 +210,9 @@ def test_toy_experiment_trains_through_hydra(compose_train, tmp_path: Path) -> N
     metrics = train.train(cfg)
     assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/loss"])
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    # The sample callback runs the stage on validation clips: input | output | ground truth, PSNR vs the blend.
+    assert math.isfinite(metrics["val/psnr"]) and math.isfinite(metrics["val/psnr_baseline"])
+    assert len(list((tmp_path / "samples").glob("step_*/*.mp4"))) == 2
 
 
 def test_paper_experiment_config(compose_train, tmp_path) -> None:

@@ -270,15 +270,19 @@ def test_toy_experiment_trains_through_hydra(compose_train, tmp_path: Path) -> N
         "data.epoch_length=2",
         "data.val_batches=1",
         "callbacks.model_checkpoint.every_n_train_steps=1",
+        "callbacks.samples.num_steps=2",
+        "callbacks.samples.num_val_clips=1",
         tiny=False,
     )
     with open_dict(cfg):
         cfg.callbacks.pop("progress_bar", None)
     assert cfg.stage._target_.endswith("PixelSRStage") and cfg.data.target_fps == 16
-    assert cfg.callbacks.samples is None
     metrics = train.train(cfg)
     assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/loss"])
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    # The sample callback runs the stage on validation clips' low-res copies, PSNR beside bicubic's.
+    assert math.isfinite(metrics["val/psnr"]) and math.isfinite(metrics["val/psnr_baseline"])
+    assert len(list((tmp_path / "samples").glob("step_*/*.mp4"))) == 1
     assert (tmp_path / "export").is_dir()
 
 

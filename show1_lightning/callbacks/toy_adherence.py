@@ -1,13 +1,21 @@
-"""Prompt adherence on the bundled toy data, measured before and after training."""
+"""Prompt adherence (colour and motion) on the bundled toy data, measured before and after training."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from show1_lightning.data.toy_data import TOY_COLORS, TOY_MOTIONS, TOY_SHAPES, color_adherence, toy_caption
+from show1_lightning.data.toy_data import (
+    TOY_COLORS,
+    TOY_MOTIONS,
+    TOY_SHAPES,
+    color_adherence,
+    motion_adherence,
+    toy_caption,
+)
 
 
 def toy_eval_prompts(per_color: int = 2) -> list[str]:
@@ -21,10 +29,11 @@ def toy_eval_prompts(per_color: int = 2) -> list[str]:
 
 
 class ToyColorAdherence(L.Callback):
-    """At fit start and fit end, sample prompts naming every toy colour and score whether each sample's
-    dominant colour is the prompted one (chance level: 1 / number of colours). Prints and logs
-    ``toy/color_adherence_before`` and ``toy/color_adherence_after``; the values are also kept in
-    ``self.results`` for the entry point to report."""
+    """At fit start and fit end, sample prompts naming every toy colour (shapes and motions cycled) and score
+    whether each sample's dominant colour is the prompted one (chance level: 1 / number of colours) and whether
+    its shape moves the prompted way (``motion_adherence``, chance 0.25). Prints and logs
+    ``toy/color_adherence_<when>`` and ``toy/motion_adherence_<when>`` (``when``: before, after); the colour values
+    are also kept in ``self.results`` for the entry point to report, both in ``trainer.callback_metrics``."""
 
     def __init__(
         self,
@@ -47,14 +56,19 @@ class ToyColorAdherence(L.Callback):
             self.prompts, self.seeds, num_steps=self.num_steps, guidance_scale=self.guidance_scale
         )
         value = color_adherence(videos.float().cpu(), self.prompts)
+        motion = motion_adherence(videos.float().cpu(), self.prompts)
         self.results[when] = value
         chance = 1.0 / len(TOY_COLORS)
         print(
-            f"[toy] colour adherence {when} training: {value:.3f} ({len(self.prompts)} prompts, chance {chance:.3f})",
+            f"[toy] colour adherence {when} training: {value:.3f} ({len(self.prompts)} prompts, chance {chance:.3f}); "
+            f"motion adherence {motion:.3f} (chance {1.0 / len(TOY_MOTIONS):.3f})",
             flush=True,
         )
+        metrics = {f"toy/color_adherence_{when}": value, f"toy/motion_adherence_{when}": motion}
         for logger in trainer.loggers:
-            logger.log_metrics({f"toy/color_adherence_{when}": value}, step=trainer.global_step)
+            logger.log_metrics(metrics, step=trainer.global_step)
+        for k, v in metrics.items():
+            trainer.callback_metrics[k] = torch.tensor(v)
         return value
 
     def on_fit_start(self, trainer, pl_module) -> None:

@@ -228,7 +228,10 @@ class DiffusionStage(L.LightningModule):
         """The empty caption's 1 x L x D embedding and mask (from the encoder or the text cache)."""
         if self._null_text is None:
             if self.text_encoder is not None:
-                self._null_text = self.encode_text([""])
+                # Cached for the whole run: computed with autocast off, or a first call inside a bf16-mixed
+                # training step would keep a bf16-rounded embedding that later sampling reuses.
+                with torch.autocast(self.device.type, enabled=False):
+                    self._null_text = self.encode_text([""])
             elif self.null_text_cache_dir:
                 from show1_lightning.data.text_cache import TextEmbeddingCache
 
@@ -433,17 +436,27 @@ class DiffusionStage(L.LightningModule):
         shape: Sequence[int],
         text: tuple[torch.Tensor, torch.Tensor],
         chunk: int | None = None,
+        init: torch.Tensor | None = None,
         **sampling: Any,
     ) -> torch.Tensor:
         """``generate`` over a batch of windows (one prompt, seed, condition and text row each), at most ``chunk``
         windows per call (None: all at once). Window noise depends only on its seed, so chunking changes nothing
-        but memory."""
+        but memory.
+
+        ``sampling["strength"]`` (default: the configured ``sampling.strength``, else 1) below 1 starts every window
+        from ``init`` (what the stage's baseline gives, in the sample's own space) noised to that point of the
+        schedule instead of from pure noise (SDEdit): the stage then refines its baseline.
+        """
         n = len(prompts)
         chunk = chunk or n
         emb, mask = text
+        strength = float(sampling.pop("strength", self.sampling_cfg.get("strength", 1.0)))
+        if strength < 1.0 and init is None:
+            raise ValueError(f"{type(self).__name__}: sampling strength {strength} < 1 needs an init")
         outs = []
         for lo in range(0, n, chunk):
             hi = min(lo + chunk, n)
+            refine = {"init": init[lo:hi], "strength": strength} if strength < 1.0 else {}
             outs.append(
                 self.generate(
                     list(prompts[lo:hi]),
@@ -451,6 +464,7 @@ class DiffusionStage(L.LightningModule):
                     cond=cond.slice(lo, hi),
                     shape=tuple(shape),
                     text=(emb[lo:hi], mask[lo:hi]),
+                    **refine,
                     **sampling,
                 )
             )
@@ -485,7 +499,7 @@ class DiffusionStage(L.LightningModule):
         solver = {
             k: v
             for k, v in s.items()
-            if k not in ("num_steps", "guidance_scale", "negative_prompt", "train_mode_dropout")
+            if k not in ("num_steps", "guidance_scale", "negative_prompt", "train_mode_dropout", "strength")
         }
         sampler = make_sampler(self.noise_scheduler, **solver)
         shape = tuple(shape) if shape is not None else self.sample_shape()

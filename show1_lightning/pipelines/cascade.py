@@ -7,7 +7,6 @@ memory are recorded.
 
 from __future__ import annotations
 
-import json
 import resource
 import time
 from collections.abc import Sequence
@@ -19,29 +18,11 @@ import torch
 from omegaconf import OmegaConf
 
 from show1_lightning.diffusion.module import DiffusionStage
-from show1_lightning.stages.loading import instantiate_stage_config, load_stage_from_checkpoint
+from show1_lightning.stages.loading import load_stage
+
+__all__ = ["STAGE_ORDER", "Show1Cascade", "load_stage", "check_cascade", "format_reports"]
 
 STAGE_ORDER = ("keyframe", "interpolation", "pixel_sr", "latent_sr")
-
-
-def load_stage(source: str | Path) -> DiffusionStage:
-    """A stage from a Lightning checkpoint (``*.ckpt`` written by train.py) or from an export folder
-    (``stage.json`` + ``unet/`` in the diffusers layout, written at the end of fit by ExportEMACallback)."""
-    source = Path(source)
-    if source.is_file():
-        return load_stage_from_checkpoint(source)
-    spec = source / "stage.json"
-    weights = source / "unet" / "diffusion_pytorch_model.safetensors"
-    if not spec.exists() or not weights.exists():
-        raise FileNotFoundError(f"{source}: neither a checkpoint file nor an export folder (stage.json + unet/)")
-    from safetensors.torch import load_file
-
-    config = json.loads(spec.read_text())
-    stage: DiffusionStage = instantiate_stage_config(config, spec)  # refuses _target_s outside the allow-list
-    stage.unet.load_state_dict(load_file(str(weights)))
-    stage.stage_config = config
-    stage.ema = None  # the export holds the EMA weights already
-    return stage.eval()
 
 
 def peak_memory_bytes(device: torch.device) -> int:

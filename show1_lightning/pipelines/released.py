@@ -754,7 +754,7 @@ def load_cascade_stage(name: str, source: str | Path, t5: str | Path | None = No
     """A cascade stage from a released folder (:func:`load_released_stage`), else from a checkpoint or export."""
     if is_released_folder(source):
         return load_released_stage(source, name, t5=t5)
-    from show1_lightning.pipelines.cascade import load_stage
+    from show1_lightning.stages.loading import load_stage
 
     return load_stage(source)
 

@@ -153,11 +153,19 @@ class InterpolationStage(DiffusionStage):
         w_prompts = [p for p in prompts for _ in range(pairs)]
         w_seeds = [s for seed in seeds for s in window_seeds(seed, pairs)]
         cond = self.window_condition(first, last)
+        blend = cond.concat[:, :c]
         windows = self.generate_windows(
-            w_prompts, w_seeds, cond, (c, self.num_frames, h, w), (emb, mask), self.window_batch_size, **sampling
+            w_prompts,
+            w_seeds,
+            cond,
+            (c, self.num_frames, h, w),
+            (emb, mask),
+            self.window_batch_size,
+            init=torch.zeros_like(blend) if self.residual else blend,  # the blend, in the sample's space
+            **sampling,
         )
         if self.residual:
-            windows = windows + cond.concat[:, :c].to(windows.dtype)
+            windows = windows + blend.to(windows.dtype)
         windows = windows.reshape(b, pairs, c, self.num_frames, h, w)
         return self.stitch(keyframes, windows)
 

@@ -1,4 +1,4 @@
-"""Rebuilding a trained stage from a Lightning checkpoint written by train.py, safely.
+"""Rebuilding a trained stage from a Lightning checkpoint written by train.py or an export folder, safely.
 
 Checkpoints and export folders are untrusted input: a ``torch.load`` pickle can run any code, and
 ``hydra.utils.instantiate`` calls whatever ``_target_`` a stored config names. So:
@@ -31,6 +31,7 @@ __all__ = [
     "check_stage_config",
     "instantiate_stage_config",
     "load_stage_from_checkpoint",
+    "load_stage",
 ]
 
 #: Every ``_target_`` a stored stage config may name: the stages, their UNets, text encoders, VAEs, the noise
@@ -152,4 +153,30 @@ def load_stage_from_checkpoint(path: str | Path, map_location: str | torch.devic
     stage.on_load_checkpoint(ckpt)  # also drops state that older checkpoints kept in the state_dict
     stage.load_state_dict(ckpt["state_dict"])
     stage.stage_config = ckpt["stage_config"]
+    return stage.eval()
+
+
+def load_stage(source: str | Path, map_location: str | torch.device = "cpu") -> DiffusionStage:
+    """A stage from a Lightning checkpoint (``*.ckpt`` written by train.py) or from an export folder
+    (``stage.json`` + ``unet/`` in the diffusers layout, written at the end of fit by ExportEMACallback).
+
+    An export holds the EMA weights already, so its stage is built without an EMA copy.
+    """
+    source = Path(source)
+    if source.is_file():
+        return load_stage_from_checkpoint(source, map_location)
+    spec = source / "stage.json"
+    weights = source / "unet" / "diffusion_pytorch_model.safetensors"
+    if not spec.exists() or not weights.exists():
+        raise FileNotFoundError(f"{source}: neither a checkpoint file nor an export folder (stage.json + unet/)")
+    import json
+
+    from safetensors.torch import load_file
+
+    config = json.loads(spec.read_text())
+    check_stage_config(config, spec)  # before the copy below: a bad config is refused as stored
+    build = {**config, "ema": {**dict(config.get("ema") or {}), "enabled": False}}
+    stage = instantiate_stage_config(build, spec)  # refuses _target_s outside the allow-list
+    stage.unet.load_state_dict(load_file(str(weights), device=str(map_location)))
+    stage.stage_config = config
     return stage.eval()

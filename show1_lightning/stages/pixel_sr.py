@@ -257,7 +257,7 @@ class PixelSRStage(DiffusionStage):
                 if k > 0:
                     window_cond[:, :, 0] = out[:, :, s]  # the previous window's clean output of the shared frame
                 res = self._generate_windows(
-                    prompts, [d[1 + k] for d in derived], window_cond, levels, emb, mask, sampling
+                    prompts, [d[1 + k] for d in derived], window_cond, levels, emb, mask, sampling, up[:, :, s:e]
                 )
                 if self.residual:
                     res = res + up[:, :, s:e]
@@ -279,6 +279,7 @@ class PixelSRStage(DiffusionStage):
                 emb[idx],
                 mask[idx],
                 sampling,
+                torch.stack([up[i, :, s:e] for i, _, s, e in items]),
             )
             for (i, _, s, e), r in zip(items, res):
                 out[i, :, s:e] = r
@@ -293,8 +294,10 @@ class PixelSRStage(DiffusionStage):
         emb: torch.Tensor,
         mask: torch.Tensor,
         sampling: dict,
+        up: torch.Tensor,
     ) -> torch.Tensor:
-        """Denoise a batch of windows (conditions W x C x t x H x W), ``window_batch_size`` at a time."""
+        """Denoise a batch of windows (conditions W x C x t x H x W, clean upsampled low-res ``up``),
+        ``window_batch_size`` at a time; with a sampling strength < 1 each starts from its upsampled low-res."""
         return self.generate_windows(
             prompts,
             seeds,
@@ -302,7 +305,8 @@ class PixelSRStage(DiffusionStage):
             (self.sample_channels, *cond.shape[2:]),
             (emb, mask),
             self.window_batch_size,
-            **sampling,
+            init=torch.zeros_like(up) if self.residual else up,
+            **dict(sampling),
         )
 
     # ------------------------------------------------------------------ the stage interface

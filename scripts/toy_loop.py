@@ -1,0 +1,260 @@
+"""The whole loop on the toy world in one command: train the four toy stages, score every stage against its
+baseline, score the cascade, each prefix of it, the naive cascade and the real floor with evaluate.py, and write
+``<out>/report.json`` and ``<out>/report.md``; every run (training, stage check, evaluation) in one wandb group.
+
+    python scripts/toy_loop.py                      # everything (about 30 minutes on a 2-core CPU, README)
+    python scripts/toy_loop.py --skip-train         # re-score the stages trained before
+    python scripts/toy_loop.py --num-samples 8 --train-overrides trainer.max_steps=20   # a quick dry run
+
+Steps (each resumable: re-running picks up finished training runs and evaluation folders):
+
+1. ``train.py -m experiment=toy,toy_interpolation,toy_pixel_sr,toy_latent_sr``: one Hydra multirun, one job per
+   stage, each run in ``<out>/train/<experiment>`` (named ``toy_loop_<experiment>``).
+2. Every conditional stage on held-out toy clips at its output size (``evaluation.toy_benchmark``, seeds the
+   training shards never use): PSNR of its output and of its baseline (linear blend, bicubic, the VAE round trip
+   of bicubic; ``show1_lightning.stages.validation``), side-by-side mp4s under ``<out>/stages``.
+3. ``evaluate.py benchmark=toy`` for the cascade, each prefix (at the prefix's output size and frame count),
+   the naive cascade (keyframe stage + linear blend + bicubic + VAE round trip) and the real floor
+   (``generator=toy_real``): FVD (real I3D), colour adherence, motion adherence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evaluation.toy_benchmark import toy_heldout_clips
+from show1_lightning.data.video_io import to_uint8_frames, write_mp4
+from show1_lightning.fileio import atomic_write_json, atomic_write_text
+from show1_lightning.pipelines.cascade import STAGE_ORDER, load_stage
+from show1_lightning.stages.validation import compare_to_baseline
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = {
+    "keyframe": "toy",
+    "interpolation": "toy_interpolation",
+    "pixel_sr": "toy_pixel_sr",
+    "latent_sr": "toy_latent_sr",
+}
+FPS = 16  # the cascade's output rate: keyframes at 4 fps, 3 frames inserted between each pair
+
+
+def run(cmd: list[str], log_path: Path) -> None:
+    """Run ``cmd`` from the repository root, its output teed into ``log_path``; fail loudly."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print("$ " + " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    with log_path.open("w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    print(f"  ({time.perf_counter() - t0:.0f} s, log {log_path})", flush=True)
+    if proc.returncode:
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
+
+
+def checkpoint(out: Path, name: str) -> Path:
+    """The last checkpoint of the toy run of stage ``name``."""
+    return out / "train" / EXPERIMENTS[name] / "checkpoints" / "last.ckpt"
+
+
+def train(out: Path, group: str, overrides: list[str]) -> float:
+    """Step 1: the four toy stages as one Hydra multirun (sequential jobs); returns the seconds taken."""
+    t0 = time.perf_counter()
+    run(
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            "experiment=" + ",".join(EXPERIMENTS.values()),
+            "run_name=toy_loop_${experiment_name}",
+            f"hydra.sweep.dir={out}/train",
+            "hydra.sweep.subdir=${experiment_name}",  # a fixed folder per stage: a re-run resumes it
+            f"logger.wandb.group={group}",
+            *overrides,
+        ],
+        out / "logs" / "train.log",
+    )
+    return time.perf_counter() - t0
+
+
+def stage_output_size(stages: dict[str, Any], name: str) -> tuple[int, int, int]:
+    """(frames, height, width) of the output of the cascade prefix ending at stage ``name``."""
+    kf = stages["keyframe"]
+    frames, h, w = int(kf.num_frames), int(kf.height), int(kf.width)
+    for n in STAGE_ORDER[1 : STAGE_ORDER.index(name) + 1]:
+        st = stages[n]
+        if n == "interpolation":
+            frames = st.output_frames(frames)
+        elif n == "pixel_sr":
+            h, w = h * st.scale_factor, w * st.scale_factor
+        else:
+            h, w = int(st.height), int(st.width)
+    return frames, h, w
+
+
+def score_stages(out: Path, stages: dict[str, Any], num_samples: int, group: str) -> dict[str, dict[str, float]]:
+    """Step 2: each conditional stage against its baseline on held-out clips at its output size."""
+    results: dict[str, dict[str, float]] = {}
+    for name in STAGE_ORDER[1:]:
+        stage = stages[name]
+        frames, h, w = stage_output_size(stages, name)
+        clips, prompts = toy_heldout_clips(num_samples, frames, h, w, split="test")
+        seeds = list(range(len(prompts)))
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            cmp = compare_to_baseline(stage, clips, prompts, seeds)
+        results[name] = {
+            "psnr": cmp.psnr["output"],
+            "psnr_baseline": cmp.psnr["baseline"],
+            **{f"psnr_{k}": v for k, v in cmp.psnr.items() if k not in ("output", "baseline")},
+            "seconds": time.perf_counter() - t0,
+            "clips": len(prompts),
+            "size": [frames, h, w],
+        }
+        panels = cmp.side_by_side()
+        for i in range(min(4, len(prompts))):
+            write_mp4(out / "stages" / name / f"{i:02d}.mp4", to_uint8_frames(panels[i]), fps=FPS)
+        print(f"[stage] {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in results[name].items() if "psnr" in k))
+    _log_wandb(out, group, "toy_loop_stages", {f"{n}/{k}": v for n, r in results.items() for k, v in r.items()})
+    return results
+
+
+def evaluate(
+    out: Path, name: str, generator: list[str], size: tuple[int, int, int], num_samples: int, group: str
+) -> dict[str, Any]:
+    """Step 3: ``evaluate.py benchmark=toy`` for one generator; returns its report's metrics."""
+    frames, h, w = size
+    eval_dir = out / "eval" / name
+    run(
+        [
+            sys.executable,
+            "evaluate.py",
+            "benchmark=toy",
+            *generator,
+            f"benchmark.adapter.num_samples={num_samples}",
+            f"benchmark.adapter.num_frames={frames}",
+            f"benchmark.adapter.height={h}",
+            f"benchmark.adapter.width={w}",
+            f"benchmark.adapter.fps={FPS}",
+            f"eval_protocol.clip_frames={min(16, frames)}",
+            f"run_name=toy_loop_{name}",
+            f"output_dir={eval_dir}",
+            f"fvd_cache_dir={out}/eval/cache",
+            f"logger.group={group}",
+        ],
+        out / "logs" / f"eval_{name}.log",
+    )
+    report = json.loads((eval_dir / "report.json").read_text())
+    return {k: report["metrics"][k]["value"] for k in ("fvd", "color_adherence", "motion_adherence")}
+
+
+def _log_wandb(out: Path, group: str, name: str, values: dict[str, Any]) -> None:
+    """One offline wandb run (WANDB_MODE decides) in the loop's group."""
+    import wandb
+
+    os.environ.setdefault("WANDB_MODE", "offline")
+    run_ = wandb.init(project="show1-lightning", group=group, name=name, dir=str(out), job_type="toy_loop")
+    run_.log(values)
+    run_.finish()
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as the README's toy table."""
+    lines = [
+        "| generator | FVD (lower is better) | colour adherence | motion adherence |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, m in report["generators"].items():
+        lines.append(f"| {name} | {m['fvd']:.1f} | {m['color_adherence']:.3f} | {m['motion_adherence']:.3f} |")
+    lines += [
+        "",
+        "| stage (held-out clips) | PSNR (dB) | baseline | baseline PSNR (dB) | others |",
+        "|---|---:|---|---:|---|",
+    ]
+    base_name = {"interpolation": "linear blend", "pixel_sr": "bicubic", "latent_sr": "VAE(bicubic)"}
+    for name, s in report["stages"].items():
+        others = ", ".join(f"{k[5:]} {v:.2f}" for k, v in s.items() if k.startswith("psnr_") and k != "psnr_baseline")
+        lines.append(f"| {name} | {s['psnr']:.2f} | {base_name[name]} | {s['psnr_baseline']:.2f} | {others} |")
+    c, n = report["cascade"], report["naive"]
+    lines += [
+        "",
+        f"Checks: cascade FVD below naive: {c['fvd'] < n['fvd']}; adherences kept (within 0.05 of naive): "
+        f"{report['checks']['adherence_kept']}; every stage above its baseline: {report['checks']['stages_beat_baseline']}.",
+        f"Time: {report['seconds']['total']:.0f} s in all (training {report['seconds']['train']:.0f} s).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=ROOT / "logs" / "toy_loop")
+    p.add_argument("--num-samples", type=int, default=24, help="held-out prompts per evaluation (balanced)")
+    p.add_argument("--skip-train", action="store_true", help="score the stages already trained under --out")
+    p.add_argument("--train-overrides", nargs="*", default=[], help="extra train.py overrides (every stage)")
+    p.add_argument("--group", default=None, help="wandb group (default: toy_loop_<time>)")
+    args = p.parse_args(argv)
+    out = args.out.resolve()
+    group = args.group or f"toy_loop_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+    t0 = time.perf_counter()
+    train_s = 0.0 if args.skip_train else train(out, group, args.train_overrides)
+
+    ckpts = {n: checkpoint(out, n) for n in STAGE_ORDER}
+    missing = [str(c) for c in ckpts.values() if not c.is_file()]
+    if missing:
+        raise SystemExit(f"missing trained stages (run without --skip-train): {missing}")
+    stages = {n: load_stage(c) for n, c in ckpts.items()}
+    stage_results = score_stages(out, stages, args.num_samples, group)
+
+    generators: dict[str, Any] = {}
+    for k, name in enumerate(STAGE_ORDER):
+        prefix = STAGE_ORDER[: k + 1]
+        label = "cascade" if len(prefix) == len(STAGE_ORDER) else "prefix_" + "+".join(prefix)
+        gen = ["generator=cascade", f"generator.name={label}"] + [f"generator.{n}={ckpts[n]}" for n in prefix]
+        generators[label] = (gen, stage_output_size(stages, name))
+    final = stage_output_size(stages, STAGE_ORDER[-1])
+    generators["naive"] = (
+        ["generator=cascade", "generator.name=naive", *[f"generator.{n}={ckpts[n]}" for n in STAGE_ORDER]]
+        + ["generator.baseline_stages=[" + ",".join(STAGE_ORDER[1:]) + "]"],
+        final,
+    )
+    generators["real"] = (["generator=toy_real"], final)
+    del stages
+    scores = {
+        name: evaluate(out, name, gen, size, args.num_samples, group) for name, (gen, size) in generators.items()
+    }
+
+    cascade, naive = scores["cascade"], scores["naive"]
+    report = {
+        "cascade": cascade,
+        "naive": naive,
+        "real": scores["real"],
+        "prefixes": {k: v for k, v in scores.items() if k.startswith("prefix_")},
+        "generators": scores,
+        "stages": stage_results,
+        "checks": {
+            "cascade_beats_naive_fvd": cascade["fvd"] < naive["fvd"],
+            "adherence_kept": all(cascade[m] >= naive[m] - 0.05 for m in ("color_adherence", "motion_adherence")),
+            "stages_beat_baseline": all(s["psnr"] > s["psnr_baseline"] for s in stage_results.values()),
+        },
+        "num_samples": args.num_samples,
+        "wandb_group": group,
+        "seconds": {"train": train_s, "total": time.perf_counter() - t0},
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+    }
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", markdown(report))
+    print(markdown(report))
+    print(f"report: {out / 'report.json'}, {out / 'report.md'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The one stage interface (run / make_upstream / baseline), the residual option, the stage-vs-baseline check,
+the naive cascade and the single stage loader, on tiny models."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from numerics import assert_close_rel
+from test_stage_interpolation import make_stage as make_interpolation
+from test_stage_pixel_sr import make_stage as make_pixel_sr
+
+from show1_lightning.stages.loading import load_stage
+from show1_lightning.stages.validation import compare_to_baseline, video_psnr
+
+torch.set_num_threads(1)
+
+# Thresholded x0 predictions keep the untrained UNets' samples of order 1, so float32 rounding stays far below
+# the size of the residual base (order 1) that the residual checks look for.
+BOUNDED = {"num_steps": 2, "guidance_scale": 4.0, "thresholding": True, "sample_max_value": 1.5}
+
+
+def clip(b: int, t: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 3, t, h, w, generator=g) * 2 - 1
+
+
+def linear_in_time(b: int, t: int, h: int, w: int, step: int) -> torch.Tensor:
+    """A video that is exactly linear between every step-th frame (what the blend baseline reproduces)."""
+    keys = clip(b, (t - 1) // step + 1, h, w, seed=3)
+    return F.interpolate(keys, size=(t, h, w), mode="trilinear", align_corners=True)
+
+
+def test_interpolation_interface_and_linear_baseline() -> None:
+    st = make_interpolation()
+    video = linear_in_time(2, 9, 8, 16, step=4)  # 3 keyframes -> 9 frames
+    up = st.make_upstream(video)
+    assert up.shape == (2, 3, 3, 8, 16) and torch.equal(up, video[:, :, ::4])
+    assert_close_rel(st.baseline(up), video)  # the blend of a linear video is the video
+    out = st.run(up, ["a", "b"], [1, 2])
+    assert out.shape == video.shape and torch.equal(out[:, :, ::4], up)  # given frames kept exactly
+    with pytest.raises(ValueError, match="needs keyframes"):
+        st.run(None, ["a"], [0])
+    with pytest.raises(ValueError, match=r"\(N-1\)\*4\+1"):
+        st.make_upstream(video[:, :, :8])
+
+
+def test_interpolation_residual_target_and_sampling() -> None:
+    plain, res = make_interpolation(sampling=BOUNDED), make_interpolation(residual=True, sampling=BOUNDED)
+    window = linear_in_time(2, 5, 8, 16, step=4)
+    target, cond = res.training_inputs({"video": window})
+    assert target.abs().max() < 1e-6  # linear motion: nothing left for the model to learn
+    target_plain, _ = plain.training_inputs({"video": window})
+    assert torch.equal(target_plain, window)
+    keys = clip(2, 3, 8, 16)
+    out_res, out_plain = res.interpolate(keys, ["a", "b"], [5, 6]), plain.interpolate(keys, ["a", "b"], [5, 6])
+    inserted = [i for i in range(9) if i % 4]
+    # The same UNet and noise: the residual stage adds the blend to what the plain stage returns.
+    assert_close_rel(out_res[:, :, inserted] - out_plain[:, :, inserted], res.baseline(keys)[:, :, inserted])
+    assert torch.equal(out_res[:, :, ::4], keys)
+
+
+def test_pixel_sr_interface_residual_and_bicubic_baseline() -> None:
+    plain, res = make_pixel_sr(sampling=BOUNDED), make_pixel_sr(residual=True, sampling=BOUNDED)
+    hr = clip(2, 3, 16, 32)
+    low = res.make_upstream(hr)
+    assert low.shape == (2, 3, 3, 4, 8) and torch.equal(low, res.downsample(hr))
+    frames = low.permute(0, 2, 1, 3, 4).reshape(6, 3, 4, 8)
+    bicubic = F.interpolate(frames, size=(16, 32), mode="bicubic", align_corners=False).clamp(-1, 1)
+    assert torch.equal(res.baseline(low), bicubic.reshape(2, 3, 3, 16, 32).permute(0, 2, 1, 3, 4))
+    target, _ = res.training_inputs({"video": hr})
+    up = res.upsample_condition(res.downsample(hr), (16, 32))
+    assert_close_rel(target, hr - up)
+    out_res = res.run(low, ["a", "b"], [1, 2])
+    out_plain = plain.run(low, ["a", "b"], [1, 2])
+    assert_close_rel(out_res - out_plain, up)  # the clean upsampling added back after sampling
+
+
+def test_compare_to_baseline_scores_output_baseline_and_panels() -> None:
+    st = make_interpolation()
+    video = clip(2, 5, 8, 16)
+    cmp = compare_to_baseline(st, video, ["a", "b"], [0, 1])
+    assert set(cmp.psnr) == {"output", "baseline"}
+    assert cmp.psnr["baseline"] == pytest.approx(video_psnr(st.baseline(video[:, :, ::4]), video))
+    assert math.isfinite(cmp.psnr["output"])
+    assert cmp.side_by_side().shape == (2, 3, 5, 8, 48)  # input | output | ground truth
+    with pytest.raises(ValueError, match="takes no upstream"):
+        compare_to_baseline(type("K", (), {"takes_upstream": False})(), video, ["a"], [0])
+
+
+def test_video_psnr() -> None:
+    a = torch.zeros(2, 3, 2, 4, 4)
+    b = a.clone()
+    b[0] += 0.2  # mse 0.04 -> 10 log10(4 / 0.04) = 20 dB; video 1 identical: capped, still larger
+    assert video_psnr(a[:1], b[:1]) == pytest.approx(20.0, abs=1e-4)
+    with pytest.raises(ValueError, match="different shapes"):
+        video_psnr(a, b[:1])
+
+
+def test_load_stage_export_builds_no_ema(tmp_path: Path) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    st = make_interpolation(ema={"enabled": True, "decay": 0.9})
+    config = {
+        "_target_": "show1_lightning.stages.interpolation.InterpolationStage",
+        "num_frames": 5,
+        "insert_frames": 3,
+        "height": 8,
+        "width": 16,
+        "ema": {"enabled": True, "decay": 0.9},
+        "unet": {
+            "_target_": "diffusers.UNet3DConditionModel",
+            **{k: v for k, v in dict(st.unet.config).items() if not k.startswith("_")},
+        },
+        "noise_scheduler": {"_target_": "diffusers.DDPMScheduler", "num_train_timesteps": 1000},
+        "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3},
+        "text_encoder": None,
+    }
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "stage.json").write_text(json.dumps(config))
+    save_file(st.unet.state_dict(), str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors"))
+    loaded = load_stage(tmp_path)
+    assert loaded.ema is None and loaded.stage_config["ema"]["enabled"] is True  # stored config unchanged
+    for k, v in st.unet.state_dict().items():
+        assert torch.equal(loaded.unet.state_dict()[k], v)
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
+        load_stage(tmp_path / "unet")
