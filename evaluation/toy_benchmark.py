@@ -27,10 +27,12 @@ import torch
 from torchmetrics import Metric
 
 from evaluation.benchmarks import Benchmark, ClipSpec, PromptItem, cut_clip
+from show1_lightning.data.shards import resize_center_crop
 from show1_lightning.data.toy_data import (
     GENERATOR_VERSION,
     TOY_COLORS,
     TOY_FPS,
+    TOY_FRAMES,
     TOY_MOTIONS,
     TOY_SHAPES,
     color_adherence,
@@ -39,11 +41,12 @@ from show1_lightning.data.toy_data import (
     parse_toy_prompt,
     toy_caption,
 )
+from show1_lightning.data.video_io import decode_video, encode_mp4, to_float_video, to_uint8_frames
 
 # Split ids of the held-out seed families (training uses 0, validation 1).
 TOY_SPLIT_IDS: dict[str, int] = {"test": 1000, "real2": 1001}
-# The toy cascade's output (keyframes -> interpolation -> super-resolution): 29 frames, 128 x 192, 16 fps.
-TOY_EVAL_FRAMES, TOY_EVAL_HEIGHT, TOY_EVAL_WIDTH, TOY_EVAL_FPS = 29, 128, 192, TOY_FPS
+# The toy cascade's output (scripts/toy_loop.py: keyframes -> interpolation -> super-resolution): 29 frames, 64 x 96, 16 fps.
+TOY_EVAL_FRAMES, TOY_EVAL_HEIGHT, TOY_EVAL_WIDTH, TOY_EVAL_FPS = 29, 64, 96, TOY_FPS
 _BLOCK = len(TOY_SHAPES) * len(TOY_MOTIONS)  # 12 (shape, motion) pairs per block
 
 
@@ -62,13 +65,34 @@ def toy_seed(split: str, index: int) -> tuple[int, int, int]:
 
 
 def toy_heldout_frames(
-    index: int, num_frames: int, height: int, width: int, split: str = "test", spec: Sequence[str] | None = None
+    index: int,
+    num_frames: int,
+    height: int,
+    width: int,
+    split: str = "test",
+    spec: Sequence[str] | None = None,
+    fps: float = TOY_EVAL_FPS,
 ) -> np.ndarray:
-    """Held-out clip ``index`` of ``split`` as uint8 ``T x H x W x 3`` (``spec``: another (colour, shape, motion))."""
+    """Held-out clip ``index`` of ``split`` as uint8 ``T x H x W x 3`` (``spec``: another (colour, shape, motion)).
+
+    Made the way training sees toy clips, so that held-out and training clips differ only in their seeds: rendered
+    at the toy size (128x80, 32 frames at 16 fps), through the same mp4 encoding as the shards, ``num_frames``
+    frames from the first at ``fps`` (16: consecutive frames; 4: every 4th, as keyframes), then resized to cover
+    ``height x width`` and centre-cropped (the datamodule's ``resize_center_crop``).
+    """
+    stride = TOY_FPS / float(fps)
+    if stride < 1 or stride != int(stride):
+        raise ValueError(f"fps must divide the toy clips' {TOY_FPS} fps, got {fps}")
+    stride = int(stride)
+    if (num_frames - 1) * stride + 1 > TOY_FRAMES:
+        raise ValueError(
+            f"{num_frames} frames at {fps} fps need {(num_frames - 1) * stride + 1} of the toy clips' {TOY_FRAMES}"
+        )
     color, shape, motion = spec if spec is not None else toy_spec(index)
-    return make_toy_clip(
-        color, shape, motion, seed=toy_seed(split, index), num_frames=num_frames, height=height, width=width
-    )
+    native = make_toy_clip(color, shape, motion, seed=toy_seed(split, index))
+    frames = decode_video(encode_mp4(native, fps=TOY_FPS)).frames[: (num_frames - 1) * stride + 1 : stride]
+    video = resize_center_crop(to_float_video(frames), height, width)
+    return to_uint8_frames(video)
 
 
 def _to_float(frames: np.ndarray) -> torch.Tensor:
@@ -77,13 +101,13 @@ def _to_float(frames: np.ndarray) -> torch.Tensor:
 
 
 def toy_heldout_clips(
-    num_samples: int, num_frames: int, height: int, width: int, split: str = "test"
+    num_samples: int, num_frames: int, height: int, width: int, split: str = "test", fps: float = TOY_EVAL_FPS
 ) -> tuple[torch.Tensor, list[str]]:
     """The first ``num_samples`` held-out toy clips of ``split`` and their captions.
 
     Args:
         num_samples: number of clips (balanced over colours x shapes x motions, see :func:`toy_spec`).
-        num_frames, height, width: the clips' size (rendered at that size, not resized).
+        num_frames, height, width: the clips' size (made as training sees clips: :func:`toy_heldout_frames`).
         split: ``"test"`` (the benchmark set) or ``"real2"`` (a disjoint second real set, same captions
             at the same indices).
 
@@ -93,7 +117,7 @@ def toy_heldout_clips(
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     videos = torch.stack(
-        [_to_float(toy_heldout_frames(i, num_frames, height, width, split)) for i in range(num_samples)]
+        [_to_float(toy_heldout_frames(i, num_frames, height, width, split, fps=fps)) for i in range(num_samples)]
     )
     return videos, [toy_caption(*toy_spec(i)) for i in range(num_samples)]
 
@@ -142,7 +166,7 @@ class ToyBenchmark(Benchmark):
         """Held-out test clip ``clip_index`` cut by ``clip``: float ``3 x T x H x W`` in [-1, 1]."""
         if not 0 <= clip_index < self.num_real_clips():
             raise IndexError(f"real clip {clip_index} out of range (0..{self.num_real_clips() - 1})")
-        frames = toy_heldout_frames(clip_index, self.num_frames, self.height, self.width, "test")
+        frames = toy_heldout_frames(clip_index, self.num_frames, self.height, self.width, "test", fps=self.fps)
         return cut_clip(frames, self.clip, clip_index)
 
     def _reference_description(self) -> str:
@@ -225,6 +249,7 @@ class ToyRealGenerator:
                 self.width,
                 "real2",
                 (spec["color"], spec["shape"], spec["motion"]),
+                fps=self.fps,
             )
             out.append(_to_float(frames))
         return torch.stack(out)

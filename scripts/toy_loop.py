@@ -106,7 +106,7 @@ def score_stages(out: Path, stages: dict[str, Any], num_samples: int, group: str
     for name in STAGE_ORDER[1:]:
         stage = stages[name]
         frames, h, w = stage_output_size(stages, name)
-        clips, prompts = toy_heldout_clips(num_samples, frames, h, w, split="test")
+        clips, prompts = toy_heldout_clips(num_samples, frames, h, w, split="test", fps=FPS)
         seeds = list(range(len(prompts)))
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -130,9 +130,15 @@ def score_stages(out: Path, stages: dict[str, Any], num_samples: int, group: str
 def evaluate(
     out: Path, name: str, generator: list[str], size: tuple[int, int, int], num_samples: int, group: str
 ) -> dict[str, Any]:
-    """Step 3: ``evaluate.py benchmark=toy`` for one generator; returns its report's metrics."""
+    """Step 3: ``evaluate.py benchmark=toy`` for one generator; returns its report's metrics (None: not scored).
+
+    Keyframes (8 frames at 4 fps) are compared with held-out clips sampled at 4 fps; I3D needs more than 8
+    frames, so the keyframe prefix is scored on the adherences only.
+    """
     frames, h, w = size
     eval_dir = out / "eval" / name
+    fps = FPS if frames > 8 else 4
+    metrics = ["fvd", "color_adherence", "motion_adherence"] if frames > 8 else ["color_adherence", "motion_adherence"]
     run(
         [
             sys.executable,
@@ -143,7 +149,8 @@ def evaluate(
             f"benchmark.adapter.num_frames={frames}",
             f"benchmark.adapter.height={h}",
             f"benchmark.adapter.width={w}",
-            f"benchmark.adapter.fps={FPS}",
+            f"benchmark.adapter.fps={fps}",
+            "benchmark.metrics=[" + ",".join(metrics) + "]",
             f"eval_protocol.clip_frames={min(16, frames)}",
             f"run_name=toy_loop_{name}",
             f"output_dir={eval_dir}",
@@ -153,7 +160,8 @@ def evaluate(
         out / "logs" / f"eval_{name}.log",
     )
     report = json.loads((eval_dir / "report.json").read_text())
-    return {k: report["metrics"][k]["value"] for k in ("fvd", "color_adherence", "motion_adherence")}
+    got = report["metrics"]
+    return {k: got[k]["value"] if k in got else None for k in ("fvd", "color_adherence", "motion_adherence")}
 
 
 def _log_wandb(out: Path, group: str, name: str, values: dict[str, Any]) -> None:
@@ -173,7 +181,8 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---:|---:|---:|",
     ]
     for name, m in report["generators"].items():
-        lines.append(f"| {name} | {m['fvd']:.1f} | {m['color_adherence']:.3f} | {m['motion_adherence']:.3f} |")
+        fvd = "n/a (8 frames)" if m["fvd"] is None else f"{m['fvd']:.1f}"
+        lines.append(f"| {name} | {fvd} | {m['color_adherence']:.3f} | {m['motion_adherence']:.3f} |")
     lines += [
         "",
         "| stage (held-out clips) | PSNR (dB) | baseline | baseline PSNR (dB) | others |",
@@ -196,7 +205,7 @@ def markdown(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "logs" / "toy_loop")
-    p.add_argument("--num-samples", type=int, default=24, help="held-out prompts per evaluation (balanced)")
+    p.add_argument("--num-samples", type=int, default=32, help="held-out prompts per evaluation (balanced)")
     p.add_argument("--skip-train", action="store_true", help="score the stages already trained under --out")
     p.add_argument("--train-overrides", nargs="*", default=[], help="extra train.py overrides (every stage)")
     p.add_argument("--group", default=None, help="wandb group (default: toy_loop_<time>)")

@@ -106,9 +106,9 @@ def validate_train_config(cfg: DictConfig) -> None:
     )
     ns = st.noise_scheduler
     _check(
-        ns.prediction_type in ("epsilon", "v_prediction"),
+        ns.prediction_type in ("epsilon", "v_prediction", "sample"),
         "stage.noise_scheduler.prediction_type",
-        f"must be 'epsilon' or 'v_prediction', got {ns.prediction_type!r}",
+        f"must be 'epsilon', 'v_prediction' or 'sample', got {ns.prediction_type!r}",
     )
     n = int(ns.num_train_timesteps)
     t_max = n - 1 if st.t_max is None else int(st.t_max)

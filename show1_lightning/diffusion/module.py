@@ -80,6 +80,9 @@ class DiffusionStage(L.LightningModule):
         gradient_checkpointing: trade compute for memory in the UNet.
         snr_gamma: Min-SNR-gamma loss weighting (None: plain MSE, as the paper's models).
         snr_floor: with ``snr_gamma``, the truncated-SNR floor of the x0 weight (``clamp(SNR, floor, gamma)``).
+        zero_init_output: zero the UNet's output convolution at construction (a checkpoint loaded afterwards
+            replaces it). With ``prediction_type: sample`` and a residual target, the untrained stage then returns
+            exactly its baseline and training moves it from there (as ControlNet's zero convolutions).
     """
 
     #: channels a stage concatenates to the noisy sample (interpolation: 4, pixel SR: 3).
@@ -102,6 +105,7 @@ class DiffusionStage(L.LightningModule):
         null_text_cache_dir: str | None = None,
         snr_gamma: float | None = None,
         snr_floor: float | None = None,
+        zero_init_output: bool = False,
     ) -> None:
         super().__init__()
         if snr_floor is not None and not snr_gamma:
@@ -131,6 +135,14 @@ class DiffusionStage(L.LightningModule):
                 f"{type(self).__name__} feeds the UNet {sample_channels} sample + {self.condition_channels} condition "
                 f"channels, but the UNet config has in_channels={unet_in} (set model.in_channels)"
             )
+        if zero_init_output:
+            conv_out = getattr(unet, "conv_out", None)
+            if not isinstance(conv_out, nn.Conv2d | nn.Conv3d):
+                raise ValueError(f"stage.zero_init_output: {type(unet).__name__} has no conv_out convolution to zero")
+            with torch.no_grad():
+                conv_out.weight.zero_()
+                if conv_out.bias is not None:
+                    conv_out.bias.zero_()
         if gradient_checkpointing:
             if not getattr(unet, "_supports_gradient_checkpointing", False):
                 raise ValueError(

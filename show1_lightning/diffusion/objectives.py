@@ -1,4 +1,4 @@
-"""Training objective: timestep sampling, noising and the regression target (epsilon or v)."""
+"""Training objective: timestep sampling, noising and the regression target (epsilon, v or the sample x0)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def sample_timesteps(
@@ -35,6 +35,8 @@ def training_target(
         return noise
     if kind == "v_prediction":
         return scheduler.get_velocity(x0, noise, timesteps)
+    if kind == "sample":  # x0 itself (diffusers' "sample"): suits near-deterministic refinement targets
+        return x0
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {kind!r}")
 
 
@@ -62,7 +64,8 @@ def min_snr_weights(
     In x0 terms the weight is ``min(SNR, gamma)``; with ``floor`` it is ``clamp(SNR, floor, gamma)``, the
     truncated-SNR floor of Salimans & Ho (2022) (``floor=1``: ``max(SNR, 1)`` at the noisy end), which keeps
     the high-noise steps, where a sample's layout and colours are decided from the text, from being
-    weighted down to nothing. Converted to the prediction's loss: epsilon ``w / SNR``, v ``w / (SNR + 1)``.
+    weighted down to nothing. Converted to the prediction's loss: epsilon ``w / SNR``, v ``w / (SNR + 1)``,
+    sample ``w``.
     """
     if gamma <= 0:
         raise ValueError(f"snr_gamma must be positive, got {gamma}")
@@ -73,6 +76,8 @@ def min_snr_weights(
     clipped = snr.clamp(min=floor, max=gamma)
     if scheduler.config.prediction_type == "v_prediction":
         return clipped / (snr + 1)
+    if scheduler.config.prediction_type == "sample":
+        return clipped
     return clipped / snr
 
 

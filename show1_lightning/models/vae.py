@@ -255,6 +255,7 @@ def fit_vae(
     kl_weight: float = 1e-4,
     seed: int = 0,
     time_limit_s: float | None = None,
+    sample_posterior: bool = True,
 ) -> dict[str, float]:
     """Fit ``vae`` for reconstruction on random crops of ``frames`` (N x 3 x H x W in [-1, 1]).
 
@@ -262,6 +263,7 @@ def fit_vae(
     smooth and bounded for the diffusion model). AdamW with cosine decay. Afterwards the config's
     ``scaling_factor`` is set to 1 / std of the latent means over ``frames`` (SD's recipe for 0.18215), so
     scaled latents have unit variance. Returns the final losses. ``time_limit_s`` stops early.
+    ``sample_posterior=False`` decodes the posterior mean in training (a plain autoencoder with a KL penalty).
     """
     if frames.ndim != 4 or frames.shape[1] != 3:
         raise ValueError(f"frames must be N x 3 x H x W, got {tuple(frames.shape)}")
@@ -284,7 +286,9 @@ def fit_vae(
         flip = torch.rand(batch_size, generator=g) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         post = vae.encode(x).latent_dist
-        y_hat = vae.decode(post.sample(generator=None)).sample
+        # The posterior mean (sample_posterior=False) is what VideoVAE encodes to by default; decoding noisy
+        # samples as well (SD's recipe) costs a tiny VAE most of a short fit.
+        y_hat = vae.decode(post.sample(generator=None) if sample_posterior else post.mode()).sample
         rec = F.l1_loss(y_hat, x) + F.mse_loss(y_hat, x)
         kl = post.kl().mean() / (x.shape[-1] * x.shape[-2])
         loss = rec + kl_weight * kl
@@ -374,6 +378,7 @@ def ensure_toy_vae(
     frames_per_clip: int = 4,
     seed: int = 0,
     time_limit_s: float | None = 240.0,
+    sample_posterior: bool = True,
 ) -> Path:
     """The tiny VAE fitted on the toy clips (frames resized to ``height`` x ``width``), saved with
     ``save_pretrained`` in ``root``; fitted on first use, then read from the cache (``DONE.json`` records the
@@ -393,6 +398,7 @@ def ensure_toy_vae(
         "num_clips": num_clips,
         "frames_per_clip": frames_per_clip,
         "seed": seed,
+        **({} if sample_posterior else {"sample_posterior": False}),  # older caches stay valid
     }
     params = json.loads(json.dumps(params))  # tuples -> lists: compares equal to what DONE.json holds
 
@@ -418,7 +424,9 @@ def ensure_toy_vae(
             vae = tiny_autoencoder(**tiny, seed=seed)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                stats = fit_vae(vae, frames, steps, batch_size, crop, lr, kl_weight, seed, time_limit_s)
+                stats = fit_vae(
+                    vae, frames, steps, batch_size, crop, lr, kl_weight, seed, time_limit_s, sample_posterior
+                )
             tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
             vae.save_pretrained(tmp, safe_serialization=True)
             (tmp / "DONE.json").write_text(json.dumps({"params": params, "stats": stats}, indent=1))

@@ -47,6 +47,9 @@ class LatentSRStage(DiffusionStage):
             Default False: the released zeroscope / show-1-sr2 pipeline attends to every CLIP token.
         input_height, input_width: the size of the video this stage gets in the cascade (paper: the pixel SR
             output, 160 x 256); validation makes that input from the ground truth (``make_upstream``).
+        residual: learn, in latent space, the clip's latents minus those of its resized input (the baseline:
+            ``make_upstream`` then ``resize_to_output``), added back before decoding, instead of the latents
+            themselves. Our option, not Show-1's (False); training then encodes both (README, toy loop).
         **kwargs: the shared diffusion settings (``DiffusionStage``); ``sample_channels`` must equal the
             VAE's latent channels (4).
     """
@@ -62,6 +65,7 @@ class LatentSRStage(DiffusionStage):
         text_attention_mask: bool = False,
         input_height: int = 160,
         input_width: int = 256,
+        residual: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -81,6 +85,7 @@ class LatentSRStage(DiffusionStage):
         self.strength = float(strength)
         self.resize_mode = resize_mode
         self.input_height, self.input_width = int(input_height), int(input_width)
+        self.residual = bool(residual)
         self._unet_takes_mask = self._unet_takes_mask and bool(text_attention_mask)
         # Kept out of the module tree: frozen, loaded from its own path, never in checkpoints or DDP.
         self._frozen["vae"] = vae
@@ -111,7 +116,10 @@ class LatentSRStage(DiffusionStage):
                 f"training clips are {video.shape[-1]}x{video.shape[-2]} (W x H) but the stage "
                 f"trains at {self.width}x{self.height}: set data.height/width from stage.*"
             )
-        return self.encode_video(video), StageCondition()
+        latents = self.encode_video(video)
+        if self.residual:
+            latents = latents - self.encode_video(self.resize_to_output(self.make_upstream(video)))
+        return latents, StageCondition()
 
     def sample_shape(self) -> tuple[int, int, int, int]:
         """Latent C x T x h x w of one sample."""
@@ -148,7 +156,14 @@ class LatentSRStage(DiffusionStage):
         if init is not None:
             latents_init = self.encode_video(init)
             shape = tuple(latents_init.shape[1:])
-        latents = super().generate(prompts, seeds, init=latents_init, shape=shape, **kwargs)
+        if self.residual:
+            if latents_init is None:
+                raise ValueError("a residual latent SR stage refines a given video: pass init (use upscale)")
+            # Start from the input itself (a zero residual) and add its latents back before decoding.
+            residual = super().generate(prompts, seeds, init=torch.zeros_like(latents_init), shape=shape, **kwargs)
+            latents = residual + latents_init
+        else:
+            latents = super().generate(prompts, seeds, init=latents_init, shape=shape, **kwargs)
         return latents if return_latents else self.decode_latents(latents)
 
     @torch.no_grad()

@@ -163,7 +163,7 @@ class PixelSRStage(DiffusionStage):
             hr = self.random_crop(hr, self.train_crop)
         b, size = hr.shape[0], tuple(hr.shape[-2:])
         up = self.upsample_condition(self.downsample(hr), size)
-        target = hr - up if self.residual else hr
+        target = hr - self.baseline(self.downsample(hr)) if self.residual else hr
         if self.training:
             levels = torch.randint(0, self.max_aug_level + 1, (b,), device=hr.device)
             noise = torch.randn_like(up)
@@ -245,6 +245,8 @@ class PixelSRStage(DiffusionStage):
         spans = self.windows(t)
         derived = [window_seeds(s, 1 + len(spans)) for s in seeds]
         up = self.upsample_condition(low_res.to(self.device), size)
+        # Where sampling starts from (strength < 1) and, with ``residual``, what is added back: the baseline.
+        base = self.baseline(low_res.to(self.device)) if self.residual else up
         aug_noise = seeded_noise(up.shape[1:], [d[0] for d in derived], self.device)
         levels = torch.full((b,), level, dtype=torch.long, device=self.device)
         cond = self.augment(up, levels, aug_noise)
@@ -257,10 +259,10 @@ class PixelSRStage(DiffusionStage):
                 if k > 0:
                     window_cond[:, :, 0] = out[:, :, s]  # the previous window's clean output of the shared frame
                 res = self._generate_windows(
-                    prompts, [d[1 + k] for d in derived], window_cond, levels, emb, mask, sampling, up[:, :, s:e]
+                    prompts, [d[1 + k] for d in derived], window_cond, levels, emb, mask, sampling, base[:, :, s:e]
                 )
                 if self.residual:
-                    res = res + up[:, :, s:e]
+                    res = res + base[:, :, s:e]
                 lo = 0 if k == 0 else 1  # the shared frame keeps the previous window's output
                 out[:, :, s + lo : e] = res[:, :, lo:]
             return out
@@ -279,11 +281,11 @@ class PixelSRStage(DiffusionStage):
                 emb[idx],
                 mask[idx],
                 sampling,
-                torch.stack([up[i, :, s:e] for i, _, s, e in items]),
+                torch.stack([base[i, :, s:e] for i, _, s, e in items]),
             )
             for (i, _, s, e), r in zip(items, res):
                 out[i, :, s:e] = r
-        return out + up if self.residual else out
+        return out + base if self.residual else out
 
     def _generate_windows(
         self,
@@ -294,10 +296,10 @@ class PixelSRStage(DiffusionStage):
         emb: torch.Tensor,
         mask: torch.Tensor,
         sampling: dict,
-        up: torch.Tensor,
+        base: torch.Tensor,
     ) -> torch.Tensor:
-        """Denoise a batch of windows (conditions W x C x t x H x W, clean upsampled low-res ``up``),
-        ``window_batch_size`` at a time; with a sampling strength < 1 each starts from its upsampled low-res."""
+        """Denoise a batch of windows (conditions W x C x t x H x W), ``window_batch_size`` at a time; with a
+        sampling strength < 1 each starts from ``base`` (its upsampled low-res; with ``residual``: zero)."""
         return self.generate_windows(
             prompts,
             seeds,
@@ -305,7 +307,7 @@ class PixelSRStage(DiffusionStage):
             (self.sample_channels, *cond.shape[2:]),
             (emb, mask),
             self.window_batch_size,
-            init=torch.zeros_like(up) if self.residual else up,
+            init=torch.zeros_like(base) if self.residual else base,
             **dict(sampling),
         )
 
