@@ -26,7 +26,7 @@ from show1_lightning.runtime import (
     validate_train_config,
     wandb_run_id,
 )
-from show1_lightning.stages.loading import check_checkpoint_pickle
+from show1_lightning.stages.loading import build_stage, check_checkpoint_pickle
 
 log = logging.getLogger("train")
 register_resolvers()
@@ -53,9 +53,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     log.info("output dir: %s", cfg.paths.output_dir)
     datamodule = hydra.utils.instantiate(cfg.data)
-    stage = hydra.utils.instantiate(cfg.stage, _convert_="all")
+    stage = build_stage(cfg.stage)  # keeps its resolved config: checkpoints and exports rebuild it from there
     validate_built_stage(stage)  # sizes against the UNet's downsampling, before any step
-    stage.stage_config = OmegaConf.to_container(cfg.stage, resolve=True)
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -186,9 +186,27 @@ def _validate_sampling(cfg: DictConfig) -> None:
                 "stage.strength",
                 f"strength {strength} x stage.sampling.num_steps {n} leaves no denoising step",
             )
+    # Conditional stages refining their baseline (sampling.strength < 1): every step count must leave a step.
+    s_strength = sampling.get("strength")
+    if s_strength is not None:
+        _check(
+            isinstance(s_strength, (int, float)) and not isinstance(s_strength, bool) and 0.0 < s_strength <= 1.0,
+            "stage.sampling.strength",
+            f"must be in (0, 1], got {s_strength!r}",
+        )
     callbacks = _sampling_callbacks(cfg)
     for name, node in callbacks.items():
         _check_steps_guidance(node.get("num_steps"), node.get("guidance_scale"), f"callbacks.{name}")
+    if s_strength is not None:
+        for key, n in [("stage.sampling", sampling.get("num_steps"))] + [
+            (f"callbacks.{k}", v.get("num_steps")) for k, v in callbacks.items()
+        ]:
+            if n is not None:
+                _check(
+                    int(n * s_strength) >= 1,
+                    f"{key}.num_steps",
+                    f"{n} steps x stage.sampling.strength {s_strength} leaves no denoising step",
+                )
     if cfg.get("text_encoder") is None:
         for name in callbacks:
             raise ConfigError(

@@ -129,3 +129,14 @@ def test_load_stage_export_builds_no_ema(tmp_path: Path) -> None:
         assert torch.equal(loaded.unet.state_dict()[k], v)
     with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
         load_stage(tmp_path / "unet")
+
+
+def test_strength_leaving_no_step_fails_at_start_up(compose_train, tmp_path: Path) -> None:
+    """A callback sampling 2 steps at strength 0.25 would fail after training: refused before any step."""
+    from show1_lightning.runtime import ConfigError, validate_train_config
+
+    cfg = compose_train(tmp_path, "experiment=toy_interpolation", "callbacks.samples.num_steps=2", tiny=False)
+    with pytest.raises(ConfigError, match=r"callbacks.samples.num_steps"):
+        validate_train_config(cfg)
+    ok = compose_train(tmp_path, "experiment=toy_interpolation", "callbacks.samples.num_steps=4", tiny=False)
+    validate_train_config(ok)

@@ -199,7 +199,7 @@ def test_toy_experiment_trains_through_hydra(compose_train, tmp_path: Path) -> N
         "data.epoch_length=2",
         "data.val_batches=1",
         "callbacks.model_checkpoint.every_n_train_steps=1",
-        "callbacks.samples.num_steps=2",
+        "callbacks.samples.num_steps=4",  # strength 0.25: one denoising step
         "callbacks.samples.num_val_clips=2",
         tiny=False,
     )

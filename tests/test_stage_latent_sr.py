@@ -28,6 +28,13 @@ TINY_STAGE = [
     "model.block_out_channels=[16,32]",
     "model.down_block_types=[DownBlock3D,CrossAttnDownBlock3D]",
     "model.up_block_types=[CrossAttnUpBlock3D,UpBlock3D]",
+    # Show-1's expert semantics (the toy experiment refines a latent residual at strength 0.25 instead;
+    # test_residual_latent_target covers that).
+    "stage.residual=false",
+    "stage.strength=0.8",
+    "stage.t_max=900",
+    "stage.noise_scheduler.prediction_type=epsilon",
+    "stage.zero_init_output=false",
 ]
 
 
@@ -46,7 +53,9 @@ def _stage(*overrides: str) -> LatentSRStage:
 
 @pytest.fixture(scope="module")
 def stage() -> LatentSRStage:
-    return _stage("stage.height=32", "stage.width=48", "stage.num_frames=2")
+    return _stage(
+        "stage.height=32", "stage.width=48", "stage.input_height=16", "stage.input_width=24", "stage.num_frames=2"
+    )
 
 
 def _batch(b: int = 2, t: int = 2, h: int = 32, w: int = 48, seed: int = 0) -> dict:
@@ -117,6 +126,31 @@ def test_training_timesteps_stay_in_the_expert_range(stage: LatentSRStage) -> No
     assert ts.numel() == 80
     assert int(ts.max()) <= 900 and int(ts.min()) >= 0
     assert int(ts.max()) > 700  # the range is used, not just its bottom
+
+
+def test_residual_latent_target_and_upscale_start_at_the_baseline() -> None:
+    """The toy recipe: target = latents(clip) - latents(its resized input); zero-initialised x0 prediction, so the
+    untrained stage's upscale() is exactly its baseline (the VAE round trip of the resized input)."""
+    st = _stage(
+        "stage.height=32",
+        "stage.width=48",
+        "stage.input_height=16",
+        "stage.input_width=24",
+        "stage.num_frames=2",
+        "stage.residual=true",
+        "stage.strength=0.25",
+        "stage.noise_scheduler.prediction_type=sample",
+        "stage.zero_init_output=true",
+    ).eval()
+    batch = _batch()
+    x0, _ = st.training_inputs(batch)
+    base = st.vae.encode(st.resize_to_output(st.make_upstream(batch["video"])))
+    assert_close_rel(x0, st.vae.encode(batch["video"]) - base)
+    low = st.make_upstream(batch["video"])
+    out = st.run(low, batch["caption"], [0, 1], num_steps=4)
+    assert_close_rel(out, st.baseline(low))
+    with pytest.raises(ValueError, match="refines a given video"):
+        st.generate(batch["caption"], [0, 1], num_steps=4)
 
 
 def test_full_range_stage_exceeds_900() -> None:
@@ -241,9 +275,10 @@ def test_toy_experiment_trains_through_hydra(tmp_path: Path) -> None:
     assert ckpt["global_step"] == 2
     assert not any("vae" in k for k in ckpt["state_dict"])  # the VAE is rebuilt from its config
     st = load_stage_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
-    assert isinstance(st, LatentSRStage) and st.sample_shape() == (4, 2, 20, 32)
-    out = st.upscale(torch.zeros(1, 3, 2, 80, 128), ["a red circle moving left"], [0], num_steps=2)
-    assert out.shape == (1, 3, 2, 160, 256)
+    # 64 x 96 output, the tiny (f=8) VAE of this test: 8 x 12 latents
+    assert isinstance(st, LatentSRStage) and st.sample_shape() == (4, 2, 8, 12)
+    out = st.upscale(torch.zeros(1, 3, 2, 32, 48), ["a red circle moving left"], [0], num_steps=8)
+    assert out.shape == (1, 3, 2, 64, 96)
 
 
 @pytest.mark.slow

@@ -32,6 +32,7 @@ __all__ = [
     "instantiate_stage_config",
     "load_stage_from_checkpoint",
     "load_stage",
+    "build_stage",
 ]
 
 #: Every ``_target_`` a stored stage config may name: the stages, their UNets, text encoders, VAEs, the noise
@@ -180,3 +181,16 @@ def load_stage(source: str | Path, map_location: str | torch.device = "cpu") -> 
     stage.unet.load_state_dict(load_file(str(weights), device=str(map_location)))
     stage.stage_config = config
     return stage.eval()
+
+
+def build_stage(config: Any) -> DiffusionStage:
+    """A new stage from its config (a Hydra node or a plain mapping), which it keeps as ``stage_config``: the
+    resolved config that checkpoints and exports store, so the stage can be rebuilt from them."""
+    from omegaconf import OmegaConf
+
+    resolved = OmegaConf.to_container(config, resolve=True) if OmegaConf.is_config(config) else dict(config)
+    stage = hydra.utils.instantiate(resolved, _convert_="all")
+    if not isinstance(stage, DiffusionStage):
+        raise TypeError(f"the stage config built a {type(stage).__name__}, not a DiffusionStage")
+    stage.stage_config = resolved
+    return stage
