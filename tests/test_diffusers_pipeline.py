@@ -32,7 +32,7 @@ SMALL = {
     "keyframe": ("stage.height=8", "stage.width=16", "stage.num_frames=2"),
     "latent_sr": ("vae@stage.vae=tiny", "stage.height=32", "stage.width=64"),
 }
-TWO_STEPS = {name: {"num_steps": 2} for name in TOY}
+TWO_STEPS = {name: {"num_steps": 4} for name in TOY}  # 4 x strength 0.25 = 1 step for the refiners
 PROMPTS = ["a red circle moving left"]
 
 
@@ -94,7 +94,7 @@ def test_export_load_and_run_equals_the_cascade(stage_exports, tmp_path, monkeyp
 
     reference = Show1Cascade(**stage_exports, device="cpu", sampling=TWO_STEPS)(PROMPTS, [3]).video
     pipe = Show1Pipeline.from_pretrained(out)
-    got = pipe(PROMPTS, num_inference_steps=2, seed=3, output_type="raw")
+    got = pipe(PROMPTS, num_inference_steps=4, seed=3, output_type="raw")
     assert got.seeds == [3] and got.frames.shape == (1, 3, 5, 32, 64)
     assert torch.equal(got.frames, reference)
 
@@ -115,20 +115,20 @@ def test_save_pretrained_generator_and_diffusion_pipeline_loading(stage_exports,
 
     out = pipe(
         ["a blue square moving up", "a red circle moving left"],
-        num_inference_steps=2,
+        num_inference_steps=4,
         generator=torch.Generator().manual_seed(7),
         output_type="pt",
     )
     assert out.frames.shape == (2, 5, 3, 8, 16) and len(set(out.seeds)) == 2
     by_seed = again(
         ["a blue square moving up", "a red circle moving left"],
-        num_inference_steps=2,
+        num_inference_steps=4,
         seed=out.seeds,
         output_type="pt",
     )
     assert torch.equal(out.frames, by_seed.frames)  # the generator only picks the seeds
     reference = Show1Cascade(**two, device="cpu", sampling=TWO_STEPS)(["a blue square moving up"], out.seeds[:1]).video
-    frames = again("a blue square moving up", num_inference_steps=2, seed=out.seeds[0]).frames  # np: B x T x H x W x 3
+    frames = again("a blue square moving up", num_inference_steps=4, seed=out.seeds[0]).frames  # np: B x T x H x W x 3
     expected = ((reference.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).numpy()
     assert isinstance(frames, np.ndarray) and frames.shape == (1, 5, 8, 16, 3)
     np.testing.assert_array_equal(frames, expected)
@@ -136,7 +136,7 @@ def test_save_pretrained_generator_and_diffusion_pipeline_loading(stage_exports,
     mp4 = _generate_py(two, "a blue square moving up", out.seeds[0], tmp_path / "gen")
     ours = write_mp4(tmp_path / "ours.mp4", to_uint8_frames(reference[0]))  # == the pipeline's video (above)
     assert ours.read_bytes() == mp4.read_bytes()
-    other = again("a blue square moving up", num_inference_steps=2, seed=out.seeds[0] + 1, output_type="pt")
+    other = again("a blue square moving up", num_inference_steps=4, seed=out.seeds[0] + 1, output_type="pt")
     assert not torch.equal(other.frames[0], out.frames[0])
 
     # DiffusionPipeline resolves the class through the folder's pipeline.py (one import of this package).
@@ -147,7 +147,7 @@ def test_save_pretrained_generator_and_diffusion_pipeline_loading(stage_exports,
 
     generic = DiffusionPipeline.from_pretrained(tmp_path / "b", custom_pipeline="pipeline", trust_remote_code=True)
     assert type(generic) is Show1Pipeline
-    got = generic("a blue square moving up", num_inference_steps=2, seed=out.seeds[0], output_type="raw").frames
+    got = generic("a blue square moving up", num_inference_steps=4, seed=out.seeds[0], output_type="raw").frames
     assert torch.equal(got, reference)
 
 
@@ -165,7 +165,7 @@ def _generate_py(stages: dict[str, Path], prompt: str, seed: int, out: Path) -> 
         "logger.wandb=false",
         "save_intermediates=false",
         *[f"stages.{n}={stages[n] if n in stages else 'null'}" for n in TOY],
-        *[f"+sampling.{n}.num_steps=2" for n in stages],
+        *[f"+sampling.{n}.num_steps=4" for n in stages],
     ]
     try:
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
