@@ -117,7 +117,7 @@ def small_stages(toy_data_dir, tmp_path_factory):
         "keyframe": build("toy", "stage.height=20", "stage.width=32"),  # the interpolation stage's size
         "keyframe_small": build("toy", "stage.height=8", "stage.width=16"),  # another size
         "keyframe_one": build("toy", "stage.num_frames=1", "stage.height=20", "stage.width=32"),
-        "interpolation": build("toy_interpolation"),
+        "interpolation": build("toy_interpolation", "stage.height=20", "stage.width=32"),
     }
 
 

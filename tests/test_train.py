@@ -63,7 +63,7 @@ def test_resume_continues_from_last_ckpt(compose_train, tmp_path):
     "override, key",
     [
         ("stage.caption_dropout=1.5", "stage.caption_dropout"),
-        ("stage.noise_scheduler.prediction_type=sample", "stage.noise_scheduler.prediction_type"),
+        ("stage.noise_scheduler.prediction_type=x0", "stage.noise_scheduler.prediction_type"),
         ("stage.t_max=1000", "stage.t_min/t_max"),
         ("data.batch_size=0", "data.batch_size"),
         ("trainer.precision=fp8", "trainer.precision"),
