@@ -303,4 +303,4 @@ def test_toy_experiment_with_fitted_toy_vae(tmp_path: Path) -> None:
         cfg.callbacks = {}  # the experiment's model_checkpoint tweak has no base node under callbacks=none
     metrics = train.train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
-    assert (data_dir / "toy_vae_160x256" / "DONE.json").exists()
+    assert (data_dir / "toy_vae_64x96" / "DONE.json").exists()  # the toy latent SR output size
