@@ -180,3 +180,18 @@ def test_ensure_toy_vae_fits_once_then_reuses_cache(tmp_path: Path) -> None:
     assert reconstruction_psnr(fitted, toy, 80, 128) > reconstruction_psnr(random, toy, 80, 128) + 3.0
     ensure_toy_vae(root, toy, **{**kw, "steps": 81})
     assert json.loads((path / "DONE.json").read_text())["params"]["steps"] == 81
+
+
+def test_ensure_toy_vae_does_not_reuse_a_fit_stopped_early(toy_data_dir: Path, tmp_path: Path) -> None:
+    """time_limit_s stops a fit early: that VAE is used once but not cached as the recipe's result."""
+    root = tmp_path / "toy_vae"
+    kw = dict(height=16, width=24, tiny=TINY, steps=3, num_clips=8, frames_per_clip=1, crop=16)
+    ensure_toy_vae(root, toy_data_dir / "toy", time_limit_s=0.0, **kw)  # stops after its first step
+    first = json.loads((root / "DONE.json").read_text())
+    assert first["stats"]["steps"] == 1
+    ensure_toy_vae(root, toy_data_dir / "toy", time_limit_s=None, **kw)  # refitted, now complete
+    second = json.loads((root / "DONE.json").read_text())
+    assert second["stats"]["steps"] == 3
+    stamp = (root / "DONE.json").stat().st_mtime_ns
+    ensure_toy_vae(root, toy_data_dir / "toy", time_limit_s=None, **kw)  # complete: reused
+    assert (root / "DONE.json").stat().st_mtime_ns == stamp

@@ -407,9 +407,12 @@ def ensure_toy_vae(
         if not marker.exists():
             return False
         try:
-            return json.loads(marker.read_text()).get("params") == params
+            done = json.loads(marker.read_text())
         except (OSError, json.JSONDecodeError):
             return False
+        # A fit its time limit stopped early is not the recipe's VAE: fitted again (with a warning) next time
+        # rather than silently reused.
+        return done.get("params") == params and done.get("stats", {}).get("steps", steps) >= steps
 
     if ready():
         return root
@@ -434,6 +437,13 @@ def ensure_toy_vae(
                 shutil.rmtree(root)
             os.replace(tmp, root)
             log.info("toy VAE ready: %s", stats)
+            if stats["steps"] < steps:
+                log.warning(
+                    "toy VAE fit stopped after %d of %d steps (time_limit_s): used for this run, fitted again next "
+                    "time; raise vae.fit_on_toy.time_limit_s on a slow machine",
+                    stats["steps"],
+                    steps,
+                )
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return root
