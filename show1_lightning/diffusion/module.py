@@ -180,6 +180,9 @@ class DiffusionStage(L.LightningModule):
     #: False for a stage that makes video from text alone (the keyframe stage).
     takes_upstream: bool = True
 
+    #: what the stage's upstream video is, for error messages ("keyframes", "a low-res video", ...).
+    upstream_name: str = "an upstream video"
+
     def run(
         self,
         upstream: torch.Tensor | None,
@@ -190,6 +193,14 @@ class DiffusionStage(L.LightningModule):
     ) -> torch.Tensor:
         """This stage's output video (B x 3 x T x H x W in [-1, 1]) for ``upstream`` (None: text only),
         sample i seeded by ``seeds[i]``; ``sampling`` overrides the configured sampling values."""
+        if self.takes_upstream and upstream is None:
+            raise ValueError(f"{type(self).__name__} needs {self.upstream_name} (upstream)")
+        if not self.takes_upstream and upstream is not None:
+            raise ValueError(f"{type(self).__name__} makes video from text alone: upstream must be None")
+        return self._run(upstream, list(prompts), list(seeds), text=text, **sampling)
+
+    def _run(self, upstream: torch.Tensor | None, prompts: list[str], seeds: list[int], **kwargs: Any) -> torch.Tensor:
+        """The stage's own sampling call behind :meth:`run` (arguments already checked)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement run()")
 
     def make_upstream(self, video: torch.Tensor) -> torch.Tensor | None:

@@ -37,6 +37,7 @@ class InterpolationStage(DiffusionStage):
         **kwargs: the shared diffusion settings (see ``DiffusionStage``).
     """
 
+    upstream_name = "keyframes"
     condition_channels = 4  # blend of the two given frames (3) + mask (1)
 
     def __init__(
@@ -170,18 +171,8 @@ class InterpolationStage(DiffusionStage):
         return self.stitch(keyframes, windows)
 
     # ------------------------------------------------------------------ the stage interface
-    def run(
-        self,
-        upstream: torch.Tensor | None,
-        prompts: Sequence[str],
-        seeds: Sequence[int],
-        text: tuple[torch.Tensor, torch.Tensor] | None = None,
-        **sampling: Any,
-    ) -> torch.Tensor:
-        """Keyframes (B x C x N x H x W) -> the stitched video (:meth:`interpolate`)."""
-        if upstream is None:
-            raise ValueError("the interpolation stage needs keyframes (upstream)")
-        return self.interpolate(upstream, list(prompts), list(seeds), text=text, **sampling)
+    def _run(self, upstream: torch.Tensor | None, prompts: list[str], seeds: list[int], **kwargs: Any) -> torch.Tensor:
+        return self.interpolate(upstream, prompts, seeds, **kwargs)
 
     def make_upstream(self, video: torch.Tensor) -> torch.Tensor:
         """Every (insert_frames + 1)-th frame of a clip of (N-1)(k+1)+1 frames: the keyframes it was made from."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -27,15 +26,5 @@ class KeyframeStage(DiffusionStage):
     def sample_shape(self) -> tuple[int, int, int, int]:
         return (self.sample_channels, self.num_frames, self.height, self.width)
 
-    def run(
-        self,
-        upstream: torch.Tensor | None,
-        prompts: Sequence[str],
-        seeds: Sequence[int],
-        text: tuple[torch.Tensor, torch.Tensor] | None = None,
-        **sampling: Any,
-    ) -> torch.Tensor:
-        """Keyframes from text alone (``upstream`` must be None)."""
-        if upstream is not None:
-            raise ValueError("the keyframe stage makes video from text alone: upstream must be None")
-        return self.generate(list(prompts), list(seeds), text=text, **sampling)
+    def _run(self, upstream: torch.Tensor | None, prompts: list[str], seeds: list[int], **kwargs: Any) -> torch.Tensor:
+        return self.generate(prompts, seeds, **kwargs)

@@ -54,6 +54,8 @@ class LatentSRStage(DiffusionStage):
             VAE's latent channels (4).
     """
 
+    upstream_name = "a video to upscale"
+
     def __init__(
         self,
         vae: VideoVAE,
@@ -206,18 +208,8 @@ class LatentSRStage(DiffusionStage):
         )
 
     # ------------------------------------------------------------------ the stage interface
-    def run(
-        self,
-        upstream: torch.Tensor | None,
-        prompts: Sequence[str],
-        seeds: Sequence[int],
-        text: tuple[torch.Tensor, torch.Tensor] | None = None,
-        **sampling: Any,
-    ) -> torch.Tensor:
-        """Low-res video -> the output-size video (:meth:`upscale`)."""
-        if upstream is None:
-            raise ValueError("the latent SR stage needs a video to upscale (upstream)")
-        return self.upscale(upstream, list(prompts), list(seeds), text=text, **sampling)
+    def _run(self, upstream: torch.Tensor | None, prompts: list[str], seeds: list[int], **kwargs: Any) -> torch.Tensor:
+        return self.upscale(upstream, prompts, seeds, **kwargs)
 
     def make_upstream(self, video: torch.Tensor) -> torch.Tensor:
         """The clip at the stage's input size (antialiased resize), as the pixel SR stage would hand it on."""

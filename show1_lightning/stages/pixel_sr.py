@@ -56,6 +56,7 @@ class PixelSRStage(DiffusionStage):
         **kwargs: the shared diffusion settings (see ``DiffusionStage``).
     """
 
+    upstream_name = "a low-res video"
     condition_channels = 3  # noise-augmented upsampled low-res frames
 
     def __init__(
@@ -312,18 +313,8 @@ class PixelSRStage(DiffusionStage):
         )
 
     # ------------------------------------------------------------------ the stage interface
-    def run(
-        self,
-        upstream: torch.Tensor | None,
-        prompts: Sequence[str],
-        seeds: Sequence[int],
-        text: tuple[torch.Tensor, torch.Tensor] | None = None,
-        **sampling: Any,
-    ) -> torch.Tensor:
-        """Low-res video -> high-res video (:meth:`upsample`)."""
-        if upstream is None:
-            raise ValueError("the pixel SR stage needs a low-res video (upstream)")
-        return self.upsample(upstream, list(prompts), list(seeds), text=text, **sampling)
+    def _run(self, upstream: torch.Tensor | None, prompts: list[str], seeds: list[int], **kwargs: Any) -> torch.Tensor:
+        return self.upsample(upstream, prompts, seeds, **kwargs)
 
     def make_upstream(self, video: torch.Tensor) -> torch.Tensor:
         """The antialiased ``scale_factor``-times-smaller copy (what the stage is trained to invert)."""
