@@ -1,4 +1,4 @@
-"""The distributed, resumable evaluation loop and the report writer.
+"""The distributed, resumable evaluation loop: generate the missing videos, score them, hand over to the report.
 
 Flow of :func:`run_evaluation` (every process runs it; torchrun / srun start the processes):
 
@@ -13,18 +13,16 @@ Flow of :func:`run_evaluation` (every process runs it; torchrun / srun start the
    outside autocast. FVD real statistics come from the benchmark's real clips (cached on disk).
 4. Rank 0 writes ``report.json`` (every number and every protocol choice), ``report.md`` (beside the
    paper's numbers) and logs the same to wandb.
+
+Process group, sharding and seeds: :mod:`evaluation.distributed`; the report: :mod:`evaluation.report`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import json
 import logging
-import os
-import socket
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,139 +31,22 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from evaluation.benchmarks import Benchmark, ClipSpec, cut_clip
-from evaluation.dist_guard import RankGuard
+from evaluation.distributed import (  # noqa: F401 (shard_indices, sample_seed: the runner's public rules)
+    DistContext,
+    all_true,
+    broadcast_bool,
+    init_distributed,
+    sample_seed,
+    shard_indices,
+)
 from evaluation.fingerprint import check_or_write_fingerprint, claim_output_dir, generator_fingerprint
 from evaluation.generators import VideoGenerator, video_filename, write_manifest
+from evaluation.report import ADHERENCE_METRICS, build_report, write_report
 from show1_lightning.data.video_io import decode_video, to_uint8_frames, write_mp4
-from show1_lightning.fileio import atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
-METRIC_NAMES = ("is", "fvd", "clipsim", "color_adherence", "motion_adherence")
-ADHERENCE_METRICS = ("color_adherence", "motion_adherence")  # benchmark=toy: evaluation.toy_benchmark
-SEEDS_RULE = "seed(i) = base_seed + i for global sample index i; rank r of W takes i = r, r+W, ..."
-
-
-# ---------------------------------------------------------------------------- distributed
-
-
-@dataclass
-class DistContext:
-    """Where this process sits in the job."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    initialized_here: bool = False
-    guard: RankGuard | None = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def phase(self, name: str) -> contextlib.AbstractContextManager:
-        """Rank-local work ending in a sync point; a rank that raises in it stops every rank (``dist_guard``)."""
-        return self.guard.phase(name) if self.guard is not None else contextlib.nullcontext()
-
-    def close(self) -> None:
-        if self.guard is not None:
-            self.guard.close()
-
-
-def _env_int(name: str) -> int | None:
-    v = os.environ.get(name)
-    return int(v) if v not in (None, "") else None
-
-
-def init_distributed(
-    device: str = "auto",
-    backend: str | None = None,
-    timeout_s: float | None = None,
-    peer_timeout_s: float = 300.0,
-    sync_timeout_s: float | None = None,
-) -> DistContext:
-    """Join the process group described by torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or SLURM
-    (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; MASTER_ADDR must be exported) environment variables.
-
-    One process: no process group. Backend: nccl on GPU, gloo on CPU (unless given). ``timeout_s``: the
-    process group's collective timeout (None: torch's default); ``peer_timeout_s`` / ``sync_timeout_s``: see
-    :class:`evaluation.dist_guard.RankGuard` (every collective of the runner follows one of its sync points).
-    """
-    world = _env_int("WORLD_SIZE")
-    if world is not None:
-        rank, local = _env_int("RANK") or 0, _env_int("LOCAL_RANK") or 0
-    elif (_env_int("SLURM_NTASKS") or 1) > 1:
-        world, rank, local = _env_int("SLURM_NTASKS"), _env_int("SLURM_PROCID") or 0, _env_int("SLURM_LOCALID") or 0
-        if "MASTER_ADDR" not in os.environ:
-            raise RuntimeError(
-                "SLURM multi-task evaluation needs MASTER_ADDR, e.g. "
-                "export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1)"
-            )
-        os.environ.setdefault("MASTER_PORT", "29500")
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
-    else:
-        world, rank, local = 1, 0, 0
-    if device == "auto":
-        dev = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device(f"cuda:{local}")
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    ctx = DistContext(rank=rank, world_size=world, local_rank=local, device=dev)
-    if world > 1 and not (dist.is_available() and dist.is_initialized()):
-        kwargs = {} if timeout_s is None else {"timeout": _dt.timedelta(seconds=float(timeout_s))}
-        dist.init_process_group(
-            backend=backend or ("nccl" if dev.type == "cuda" else "gloo"), rank=rank, world_size=world, **kwargs
-        )
-        ctx.initialized_here = True
-    elif world > 1:
-        ctx.rank, ctx.world_size = dist.get_rank(), dist.get_world_size()
-    if ctx.world_size > 1:
-        from torch.distributed.distributed_c10d import _get_default_store
-
-        ctx.guard = RankGuard(
-            _get_default_store(),
-            ctx.rank,
-            ctx.world_size,
-            peer_timeout_s=peer_timeout_s,
-            sync_timeout_s=sync_timeout_s,
-        )
-    return ctx
-
-
-def shard_indices(num_samples: int, rank: int, world_size: int) -> list[int]:
-    """Global indices owned by ``rank``: ``rank, rank + world_size, ...`` (no padding)."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside world size {world_size}")
-    return list(range(rank, num_samples, world_size))
-
-
-def sample_seed(base_seed: int, index: int) -> int:
-    """Seed of global sample ``index`` (independent of the number of processes)."""
-    return int(base_seed) + int(index)
-
-
-def _all_true(ctx: DistContext, flag: bool) -> bool:
-    if ctx.world_size == 1:
-        return flag
-    t = torch.tensor([0 if flag else 1], dtype=torch.long, device=ctx.device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return int(t.item()) == 0
-
-
-def _broadcast_bool(ctx: DistContext, flag: bool) -> bool:
-    if ctx.world_size == 1:
-        return flag
-    obj = [flag]
-    dist.broadcast_object_list(obj, src=0)
-    return bool(obj[0])
+METRIC_NAMES = ("is", "fvd", "clipsim", *ADHERENCE_METRICS)
 
 
 # ---------------------------------------------------------------------------- generation
@@ -244,7 +125,7 @@ def _fvd_real_stats(
 
     protocol = {**benchmark.real_protocol(), "fvd": fvd.protocol()}
     path = real_stats_cache_path(cache_dir, benchmark.name, protocol) if cache_dir else None
-    cached = _broadcast_bool(ctx, bool(path is not None and path.is_file()))
+    cached = broadcast_bool(ctx, bool(path is not None and path.is_file()))
     if cached:
         fvd.load_real_stats(path, protocol)
         return {"source": "cache", "path": str(path)}
@@ -314,104 +195,7 @@ def score(
     return values, details
 
 
-# ---------------------------------------------------------------------------- report
-
-
-def weight_files(node: Any) -> dict[str, str]:
-    """sha256 of every existing file named in a (resolved) metric config."""
-    found: dict[str, str] = {}
-
-    def walk(x: Any) -> None:
-        if isinstance(x, Mapping):
-            for v in x.values():
-                walk(v)
-        elif isinstance(x, (list, tuple)):
-            for v in x:
-                walk(v)
-        elif isinstance(x, str) and len(x) < 4096 and os.path.isfile(x):
-            found[str(Path(x).resolve())] = sha256_file(x)
-
-    walk(node)
-    return found
-
-
-def _metric_protocol(name: str, metric: Any, cfg_node: Any) -> dict[str, Any]:
-    if name == "is":
-        return {
-            "classifier": type(metric.classifier).__name__,
-            "num_splits": metric.num_splits,
-            "repeats": metric.repeats,
-            "eps": metric.eps,
-            "std": "population std over repeats x splits",
-            "input": "16 frames; C3D preprocessing: BGR*128, bilinear align_corners=True to 112, +128-mean crop",
-        }
-    if name == "fvd":
-        return (
-            {**metric.protocol(), **metric.generated_protocol()}
-            if hasattr(metric, "generated_protocol")
-            else metric.protocol()
-        )
-    if name in ADHERENCE_METRICS:
-        return metric.describe()
-    if name == "clipsim" and metric.scale == "clipscore":
-        return {
-            "scale": "clipscore",
-            "scale_note": "torchmetrics CLIPScore arithmetic; clipsim on the 0-1 scale, "
-            "clipsim_x100 is torchmetrics' number",
-            "clip": metric.clip.description,
-            "preprocessing": "the model folder's CLIPProcessor (images: uint8 frames; text: padding, ids cut at 77)",
-            "frames": "every frame of every video scored with its caption; max(mean over all frames, 0)",
-        }
-    if name == "clipsim":
-        return {
-            "scale": metric.scale,
-            "clip": metric.clip.description,
-            "preprocessing": "bicubic antialiased short-side resize, centre crop, CLIP mean/std; 77 tokens",
-            "frames": "all frames of each generated video, mean over frames then videos",
-        }
-    return {}
-
-
-def _log_wandb(cfg: DictConfig, report: Mapping[str, Any], md_path: Path) -> None:
-    wcfg = cfg.logger
-    os.environ.setdefault("WANDB_MODE", str(wcfg.get("mode", "offline")))
-    import wandb
-
-    run = wandb.init(
-        project=wcfg.get("project", "show1-eval"),
-        name=wcfg.get("name"),
-        id=wcfg.get("id"),
-        group=report["run"].get("wandb_group"),
-        dir=str(Path(cfg.output_dir)),
-        config=OmegaConf.to_container(cfg, resolve=True),
-        job_type="evaluation",
-        resume="allow",
-    )
-    try:
-        bench = report["benchmark"]["name"]
-        run.log({f"{bench}/{k}": v for k, v in report["metrics"].items()})
-        for k, v in report["metrics"].items():
-            run.summary[f"{bench}/{k}"] = v
-        run.log({"report": wandb.Html(f"<pre>{md_path.read_text()}</pre>")})
-        artifact = wandb.Artifact(f"eval-report-{bench}", type="evaluation")
-        artifact.add_file(str(md_path.with_suffix(".json")))
-        run.log_artifact(artifact)
-    finally:
-        run.finish()
-
-
 # ---------------------------------------------------------------------------- entry
-
-
-def _sweep_entries(cfg: DictConfig) -> dict[str, Any]:
-    """Report entries of a Hydra multirun job (its overrides, number, wandb group); the group alone otherwise."""
-    from evaluation.sweep import hydra_job, wandb_group
-
-    job = hydra_job()
-    out: dict[str, Any] = {"wandb_group": wandb_group(OmegaConf.select(cfg, "logger.group"), job)}
-    if job is not None:
-        out.update(hydra_job_num=job["num"], hydra_overrides=job["overrides"], sweep_dir=job["sweep_dir"])
-    return out
 
 
 def _check_existing_manifest(video_dir: Path, prompts: Sequence[str], base_seed: int) -> None:
@@ -522,7 +306,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any] | None:
             if callable(getattr(generator, "describe", None)):
                 gen_info.update(generator.describe())
             del generator  # free its memory before the metric networks load
-        if not _all_true(ctx, complete):
+        if not all_true(ctx, complete):
             log.warning("rank %d: stopped after %d new videos (stop_after); re-run to resume", ctx.rank, made)
             return None
         counts = torch.tensor([made, existing], dtype=torch.long, device=ctx.device)
@@ -554,68 +338,25 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any] | None:
         report: dict[str, Any] = {}
         with ctx.phase("report"):
             if ctx.is_main:
-                from evaluation.protocols import markdown_report as protocol_markdown
-                from evaluation.protocols import protocol_report, video_encoding
-
-                metric_cfgs = {
-                    m: OmegaConf.to_container(cfg.eval_metrics[metric_keys[m]], resolve=True) for m in names
-                }
-                counts_clips = details.pop("counts", {})
-                report = {
-                    "benchmark": {"name": benchmark.name},
-                    "metrics_run": names,
-                    "metrics": values,
-                    "protocol": {
-                        "num_samples": n,
-                        "seeds_rule": SEEDS_RULE,
-                        "base_seed": base_seed,
-                        "precision": str(cfg.precision),
-                        "generated_clip": clip.describe(),
-                        "benchmark": benchmark.protocol(),
-                        **{m: _metric_protocol(m, metrics[m], metric_cfgs[m]) for m in names},
-                        **details,
-                    },
-                    "metric_configs": metric_cfgs,
-                    "weights": weight_files(metric_cfgs),
-                    "generator": {
-                        **gen_info,
-                        "config": OmegaConf.to_container(cfg.generator, resolve=True),
-                        "fingerprint": fingerprint.get("fingerprint"),
-                        "weights": fingerprint.get("weights"),
-                    },
-                    "paper": OmegaConf.to_container(cfg.benchmark.paper, resolve=True),
-                    "eval_protocol": protocol_report(
-                        cfg,
-                        benchmark,
-                        metrics,
-                        clip,
-                        n,
-                        OmegaConf.to_container(cfg.benchmark.paper, resolve=True),
-                        OmegaConf.select(cfg, "benchmark.paper_protocols", default=None),
-                    ),
-                    "counts": {"generated_samples": n, **counts_clips},
-                    "generated_videos": video_encoding(video_dir, list(range(n)), writer_defaults=int(counts[0]) > 0),
-                    "run": {
-                        "world_size": ctx.world_size,
-                        "device": str(ctx.device),
-                        "host": socket.gethostname(),
-                        "started": started,
-                        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                        "generated_this_run": int(counts[0]),
-                        "found_on_disk": int(counts[1]),
-                        "output_dir": str(out_dir.resolve()),
-                        "generator_record": fingerprint.get("status"),
-                        **_sweep_entries(cfg),
-                    },
-                }
-                # temp file + rename: a kill leaves the previous report or the new one, never half of one
-                json_path = atomic_write_text(
-                    out_dir / "report.json", json.dumps(report, indent=2, default=str) + "\n"
+                report = build_report(
+                    cfg,
+                    benchmark,
+                    names,
+                    metrics,
+                    metric_keys,
+                    values,
+                    details,
+                    clip,
+                    n,
+                    base_seed,
+                    fingerprint,
+                    gen_info,
+                    ctx,
+                    started,
+                    made=int(counts[0]),
+                    existing=int(counts[1]),
                 )
-                md_path = atomic_write_text(out_dir / "report.md", protocol_markdown(report))
-                log.info("report written to %s", json_path)
-                if cfg.logger.get("wandb", False):
-                    _log_wandb(cfg, report, md_path)
+                write_report(cfg, report)
         return report
     finally:
         claim.close()

@@ -192,19 +192,19 @@ def _kill_on_write_to(name: str):
 
 @pytest.mark.parametrize("name", ["report.json", "report.md"])
 def test_a_kill_while_writing_the_report_keeps_the_previous_one(env, tmp_path, name, monkeypatch):
-    import evaluation.runner as runner
+    import evaluation.report as report_mod  # the report assembly calls weight_files
 
     out = tmp_path / "r"
     run_evaluation(_compose(env, out))
     before = (out / name).read_text()
     assert before.strip()
-    weight_files = runner.weight_files
+    weight_files = report_mod.weight_files
 
     def arm_then_weight_files(*args, **kwargs):  # called while the report is assembled, just before writing
         sys.setprofile(_kill_on_write_to(name))
         return weight_files(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "weight_files", arm_then_weight_files)
+    monkeypatch.setattr(report_mod, "weight_files", arm_then_weight_files)
     try:
         with pytest.raises(_Killed):
             run_evaluation(_compose(env, out))
@@ -281,13 +281,13 @@ def _dist_worker(rank: int, world: int, port: int, env: dict, out: str, res_dir:
     )
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     if "report" in extra:  # rank 0 (the store's host) fails while it assembles the report
-        import evaluation.runner as runner
+        import evaluation.report as report_mod  # the report assembly calls weight_files
 
         def broken(*a, **k):
             raise OSError("disk full")
 
         if rank == 0:
-            runner.weight_files = broken
+            report_mod.weight_files = broken
         extra = [e for e in extra if e != "report"]
     t0 = time.monotonic()
     try:
