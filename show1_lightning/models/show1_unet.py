@@ -8,8 +8,11 @@
 - :class:`Show1SR2UNet3DConditionModel`: show-1-sr2, the zeroscope / ModelScope layout (diffusers' stock
   ``UNet3DConditionModel``), with the input temporal transformer ``transformer_in`` optional.
 - :func:`build_show1_unet`: the Hydra factory (released config name or path, optional folder of released weights).
-- Released-pipeline behaviours that change numbers, as explicit helpers: :func:`released_train_mode_dropout`
-  (sampling with dropout on) (learned-variance channels are dropped by ``show1_lightning.diffusion.objectives.split_learned_variance``).
+- :func:`released_train_mode_dropout`: the released pipeline samples with the temporal convolutions' dropout on,
+  which changes the numbers; this helper reproduces it explicitly.
+
+The learned-variance output channels (show-1-base, -interpolation) are split off by
+``show1_lightning.diffusion.objectives.split_learned_variance``.
 
 All models take and return videos as ``(batch, channels, frames, height, width)``.
 """
