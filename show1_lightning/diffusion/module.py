@@ -29,6 +29,7 @@ from show1_lightning.diffusion.objectives import (
     training_target,
 )
 from show1_lightning.diffusion.sampling import denoise, make_sampler, seeded_noise
+from show1_lightning.models.checkpointing import enable_gradient_checkpointing
 from show1_lightning.models.show1_unet import released_train_mode_dropout
 
 
@@ -144,12 +145,8 @@ class DiffusionStage(L.LightningModule):
                 if conv_out.bias is not None:
                     conv_out.bias.zero_()
         if gradient_checkpointing:
-            if not getattr(unet, "_supports_gradient_checkpointing", False):
-                raise ValueError(
-                    f"stage.gradient_checkpointing=true but {type(unet).__name__} does not support gradient "
-                    "checkpointing (diffusers' stock UNet3D blocks have none); set stage.gradient_checkpointing=false"
-                )
-            unet.enable_gradient_checkpointing()
+            # the class's own checkpointing, or per-layer checkpointing of diffusers' stock 3D blocks
+            enable_gradient_checkpointing(unet)
         forward_params = inspect.signature(unet.forward).parameters
         self._unet_takes_mask = "encoder_attention_mask" in forward_params
         ema = dict(ema or {})

@@ -441,7 +441,18 @@ class Show1SR2UNet3DConditionModel(UNet3DConditionModel):
     - ``forward`` also accepts ``encoder_attention_mask`` (ignored, with a one-time warning: the ModelScope lineage
       never masks its CLIP text tokens, and the stock blocks have no cross-attention mask input) and
       ``class_labels`` (must be ``None``).
+    - gradient checkpointing (``enable_gradient_checkpointing()``), which the stock class lacks: every layer of the
+      stock 3D blocks runs under ``torch.utils.checkpoint`` (:mod:`show1_lightning.models.checkpointing`).
     """
+
+    _supports_gradient_checkpointing = True
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func: Any = None) -> None:
+        # diffusers' default would set flags the stock 3D blocks never read (and switch on the transformers' own
+        # inner checkpointing): checkpoint the blocks' layers instead.
+        from show1_lightning.models.checkpointing import set_stock_3d_checkpointing
+
+        set_stock_3d_checkpointing(self, enable)
 
     @register_to_config
     def __init__(
