@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from show1_lightning.models.vae import VideoVAE, ensure_toy_vae, reconstruction_psnr
+from show1_lightning.models.toy_vae import ensure_toy_vae, reconstruction_psnr
+from show1_lightning.models.vae import VideoVAE
 
 
 def main(argv: list[str] | None = None) -> int:

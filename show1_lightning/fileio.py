@@ -1,4 +1,4 @@
-"""File helpers shared by training, data tooling and evaluation: atomic writes, file locks, hashing.
+"""File helpers shared by training, data tooling and evaluation: atomic writes, file locks, hashing, build-once caches.
 
 A kill at any moment must leave either the old file or the new one, never half of one: every report, marker,
 metadata or export file is written to a temporary sibling and moved into place with ``os.replace`` (atomic on
@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +125,43 @@ def temp_sibling_dir(dst: str | Path) -> Path:
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the finished folder gets the usual permissions
     return tmp
+
+
+DONE_MARKER = "DONE.json"
+
+
+def build_once(root: str | Path, is_current: Callable[[Any], bool], build: Callable[[], Any]) -> Any:
+    """A folder built once and reused: ``<root>/DONE.json`` says what was built; build again when it is stale.
+
+    ``is_current(marker)`` judges the parsed content of ``DONE.json`` (e.g. "the recipe's parameters match");
+    when it is missing, unreadable or not current, ``build()`` fills ``root`` (it may replace the folder, e.g.
+    with :func:`replace_dir`) and returns the marker content, which is written last, atomically. A stale marker
+    is deleted before building, so a build killed half-way is never taken as done. Several processes (DDP ranks)
+    may call this at once: an exclusive lock on the sibling file ``.<root name>.lock`` serialises them, and the
+    ones that waited find the marker.
+
+    Returns:
+        The marker content (found or just written).
+    """
+    root = Path(root)
+    marker = root / DONE_MARKER
+
+    def current() -> tuple[bool, Any]:
+        try:
+            content = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            return False, None
+        return bool(is_current(content)), content
+
+    ok, content = current()
+    if ok:
+        return content
+    with file_lock(root.parent / f".{root.name}.lock"):  # other processes wait here, then find the marker
+        ok, content = current()
+        if ok:
+            return content
+        with contextlib.suppress(FileNotFoundError):
+            marker.unlink()  # stale: invalidated before the data is touched
+        content = build()
+        atomic_write_json(marker, content)
+    return content

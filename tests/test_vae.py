@@ -1,4 +1,4 @@
-"""Tests of the chunked video VAE wrapper (show1_lightning.models.vae)."""
+"""Tests of the chunked video VAE wrapper (show1_lightning.models.vae) and the toy VAE (models.toy_vae)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,8 @@ import pytest
 import torch
 from numerics import assert_close_rel, assert_differ_rel
 
-from show1_lightning.models.vae import (
-    VideoVAE,
-    build_video_vae,
-    ensure_toy_vae,
-    fit_vae,
-    reconstruction_psnr,
-    tiny_autoencoder,
-)
+from show1_lightning.models.toy_vae import ensure_toy_vae, fit_vae, reconstruction_psnr
+from show1_lightning.models.vae import VideoVAE, build_video_vae, tiny_autoencoder
 
 torch.set_num_threads(1)
 

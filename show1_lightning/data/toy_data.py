@@ -14,8 +14,6 @@ in the direction their prompt names.
 from __future__ import annotations
 
 import concurrent.futures
-import fcntl
-import json
 import multiprocessing
 import os
 import re
@@ -29,6 +27,7 @@ import torch
 
 from show1_lightning.data.shards import VideoShardWriter
 from show1_lightning.data.video_io import encode_mp4
+from show1_lightning.fileio import DONE_MARKER, build_once
 
 __all__ = [
     "TOY_COLORS",
@@ -261,8 +260,8 @@ def ensure_toy_dataset(
     Layout: ``<root>/train/{00000..}.tar`` and ``<root>/val/{NNNNN}.tar`` (validation shard numbers
     continue after the training ones, so every sample key is unique), each with stats files, plus
     ``<root>/DONE.json`` recording the generator version and sizes. Safe to call from several
-    processes at once (DDP ranks): an exclusive file lock serialises them, the data is built in a
-    temporary folder and moved into place, and the marker is written last.
+    processes at once (DDP ranks): :func:`show1_lightning.fileio.build_once` serialises them, the data is
+    built in a temporary folder and moved into place, and the marker is written last.
 
     Returns:
         ``{"train": [shard paths], "val": [shard paths]}``.
@@ -279,25 +278,13 @@ def ensure_toy_dataset(
         "frames": TOY_FRAMES,
         "fps": TOY_FPS,
     }
-    marker = root / "DONE.json"
+    marker = root / DONE_MARKER
 
-    def ready() -> bool:
-        try:
-            return json.loads(marker.read_text()) == params
-        except (OSError, ValueError):
-            return False
+    def build() -> dict:
+        _build(root, params)
+        return params
 
-    if not ready():
-        with open(root / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # other processes wait here, then find the marker
-            try:
-                if not ready():
-                    _build(root, params)
-                    tmp = marker.with_name("DONE.json.tmp")
-                    tmp.write_text(json.dumps(params))
-                    os.replace(tmp, marker)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    build_once(root, lambda done: done == params, build)
     out = {"train": _shard_paths(root / "train"), "val": _shard_paths(root / "val")}
     if not out["train"] or (num_val > 0 and not out["val"]):
         raise RuntimeError(f"toy dataset under {root} is incomplete; delete {marker} to regenerate")
@@ -306,8 +293,6 @@ def ensure_toy_dataset(
 
 def _build(root: Path, params: dict) -> None:
     t0 = time.time()
-    if (root / "DONE.json").exists():
-        (root / "DONE.json").unlink()  # stale version: invalidate before touching the data
     build = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
     try:
         n_train_shards = -(-params["num_train"] // params["samples_per_shard"])
