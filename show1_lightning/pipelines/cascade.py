@@ -2,12 +2,13 @@
 
 Only one stage's networks sit on the accelerator at a time: a stage is moved there, run on the
 batch, and moved back to the CPU before the next stage starts. Each stage's wall time and peak
-memory are recorded.
+memory are recorded (:func:`peak_memory_window`: what the peak covers depends on the device).
 """
 
 from __future__ import annotations
 
 import resource
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,21 +26,68 @@ __all__ = ["STAGE_ORDER", "Show1Cascade", "load_stage", "check_cascade", "format
 STAGE_ORDER = ("keyframe", "interpolation", "pixel_sr", "latent_sr")
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak allocated memory of the device since the last reset (CUDA), else the process's peak RSS."""
+# What a StageReport's peak_bytes measures (``peak_kind``).
+PEAK_CUDA = "cuda allocated"  # torch's CUDA allocator, peak since the stage started
+PEAK_RSS_STAGE = "process RSS"  # the process's resident set, peak since the stage started (Linux)
+PEAK_RSS_SO_FAR = "process RSS, peak so far"  # the process's resident-set high-water mark since it started
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def peak_memory_window(device: torch.device) -> str:
+    """Start a new peak-memory window for ``device`` and return what the next :func:`peak_memory_bytes` covers.
+
+    CUDA: the allocator's peak is reset (:data:`PEAK_CUDA`). CPU: ``getrusage``'s ``ru_maxrss`` only ever grows,
+    so it cannot give a later stage's peak; on Linux writing ``5`` to ``/proc/self/clear_refs`` resets the process's
+    resident-set high-water mark (``VmHWM``) to its current size (:data:`PEAK_RSS_STAGE`). Where that is not
+    possible, the reading is the process's peak so far and says so (:data:`PEAK_RSS_SO_FAR`).
+    """
     if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return PEAK_CUDA
+    try:
+        _CLEAR_REFS.write_text("5")
+        if _vm_hwm_bytes() is not None:
+            return PEAK_RSS_STAGE
+    except OSError:  # not Linux, or /proc read-only
+        pass
+    return PEAK_RSS_SO_FAR
+
+
+def _vm_hwm_bytes() -> int | None:
+    """``VmHWM`` of /proc/self/status in bytes (the resident-set high-water mark), None where unavailable."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
+    return None
+
+
+def peak_memory_bytes(device: torch.device, kind: str) -> int:
+    """The peak memory of the window :func:`peak_memory_window` opened (``kind``: what it returned)."""
+    if kind == PEAK_CUDA:
         return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    if kind == PEAK_RSS_STAGE:
+        hwm = _vm_hwm_bytes()
+        if hwm is not None:
+            return hwm
+    # ru_maxrss: kilobytes on Linux, bytes on macOS
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
 
 
 @dataclass
 class StageReport:
-    """Time and peak memory of one stage over one batch."""
+    """Time and peak memory of one stage over one batch; ``peak_kind`` says what ``peak_bytes`` measures
+    (:data:`PEAK_CUDA`, :data:`PEAK_RSS_STAGE` or :data:`PEAK_RSS_SO_FAR`)."""
 
     name: str
     seconds: float
     peak_bytes: int
     output_shape: tuple[int, ...]
+    peak_kind: str = PEAK_CUDA
 
 
 @dataclass
@@ -67,6 +115,8 @@ class Show1Cascade:
             what cannot run (channels, frame counts, sizes the UNets cannot downsample) is always refused.
         baseline_stages: stages that hand on their non-learned baseline (``stage.baseline``: linear blend,
             bicubic) instead of sampling: e.g. all but the keyframe stage give the naive cascade of the toy loop.
+        lora: per stage, LoRA folders added to its UNet with a scale, e.g.
+            ``{"keyframe": [{"path": "logs/.../export", "scale": 0.8}]}`` (``diffusion.lora.apply_loras``).
     """
 
     def __init__(
@@ -83,8 +133,16 @@ class Show1Cascade:
         if_ii_l: str | Path | None = None,
         strict_sizes: bool = False,
         baseline_stages: Sequence[str] = (),
+        lora: dict[str, Sequence[Any]] | None = None,
     ) -> None:
+        from show1_lightning.diffusion.lora import apply_loras
         from show1_lightning.pipelines.released import ReleasedCascade, load_cascade_stage, resolve_t5
+
+        if OmegaConf.is_config(lora):
+            lora = OmegaConf.to_container(lora, resolve=True)
+        self.lora = {k: list(v) for k, v in (lora or {}).items() if v}
+        if set(self.lora) - set(STAGE_ORDER):
+            raise ValueError(f"LoRA for unknown stages: {sorted(set(self.lora) - set(STAGE_ORDER))}")
 
         given = {"keyframe": keyframe, "interpolation": interpolation, "pixel_sr": pixel_sr, "latent_sr": latent_sr}
         self.stages: dict[str, DiffusionStage] = {}
@@ -93,6 +151,7 @@ class Show1Cascade:
             if src is None:
                 continue
             stage = src if isinstance(src, DiffusionStage) else load_cascade_stage(name, src, resolve_t5(given, t5))
+            apply_loras(stage.unet, self.lora.get(name))
             self.stages[name] = stage.to("cpu").eval()
         if OmegaConf.is_config(behaviour):
             behaviour = OmegaConf.to_container(behaviour, resolve=True)
@@ -150,8 +209,8 @@ class Show1Cascade:
         for name, stage in self.stages.items():
             stage.to(self.device)
             if self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(self.device)
                 torch.cuda.synchronize(self.device)
+            peak_kind = peak_memory_window(self.device)
             t0 = time.perf_counter()
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                 x = self._run(name, prompts, seeds, x)
@@ -159,7 +218,8 @@ class Show1Cascade:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             seconds = time.perf_counter() - t0
-            result.reports.append(StageReport(name, seconds, peak_memory_bytes(self.device), tuple(x.shape)))
+            peak = peak_memory_bytes(self.device, peak_kind)
+            result.reports.append(StageReport(name, seconds, peak, tuple(x.shape), peak_kind))
             result.intermediates[name] = x.cpu()
             stage.to("cpu")  # one stage on the accelerator at a time
             if self.device.type == "cuda":
@@ -262,8 +322,9 @@ def check_cascade(stages: dict[str, DiffusionStage], sampling_of: Any, strict_si
 
 
 def format_reports(reports: Sequence[StageReport]) -> str:
-    """A small text table of per-stage time and peak memory."""
-    lines = [f"{'stage':<14} {'seconds':>9} {'peak memory':>12}  output (B, C, T, H, W)"]
+    """A small text table of per-stage time and peak memory, with what the peak measures."""
+    lines = [f"{'stage':<14} {'seconds':>9} {'peak memory':>12}  {'output (B, C, T, H, W)':<24} peak of"]
     for r in reports:
-        lines.append(f"{r.name:<14} {r.seconds:>9.2f} {r.peak_bytes / 2**30:>9.2f} GiB  {r.output_shape}")
+        shape = str(r.output_shape)
+        lines.append(f"{r.name:<14} {r.seconds:>9.2f} {r.peak_bytes / 2**30:>8.2f} GiB  {shape:<24} {r.peak_kind}")
     return "\n".join(lines)
