@@ -21,6 +21,14 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 
 from show1_lightning.diffusion.guidance import drop_captions
+from show1_lightning.diffusion.lora import (
+    TRAIN_ADAPTER,
+    LoraSpec,
+    add_lora,
+    base_checksum,
+    checksum_matches,
+    is_lora_key,
+)
 from show1_lightning.diffusion.objectives import (
     diffusion_loss,
     min_snr_weights,
@@ -84,6 +92,9 @@ class DiffusionStage(L.LightningModule):
         zero_init_output: zero the UNet's output convolution at construction (a checkpoint loaded afterwards
             replaces it). With ``prediction_type: sample`` and a residual target, the untrained stage then returns
             exactly its baseline and training moves it from there (as ControlNet's zero convolutions).
+        lora: ``{rank, alpha, dropout, target_modules, init_from}`` (``show1_lightning.diffusion.lora.LoraSpec``;
+            None or rank 0: off): the UNet starts from ``init_from``, is frozen, and only a peft LoRA adapter trains;
+            optimizer, EMA, checkpoint and export hold only the adapter.
     """
 
     #: channels a stage concatenates to the noisy sample (interpolation: 4, pixel SR: 3).
@@ -107,6 +118,7 @@ class DiffusionStage(L.LightningModule):
         snr_gamma: float | None = None,
         snr_floor: float | None = None,
         zero_init_output: bool = False,
+        lora: dict | None = None,
     ) -> None:
         super().__init__()
         if snr_floor is not None and not snr_gamma:
@@ -144,6 +156,10 @@ class DiffusionStage(L.LightningModule):
                 conv_out.weight.zero_()
                 if conv_out.bias is not None:
                     conv_out.bias.zero_()
+        # After zero_init_output: the LoRA base weights (lora.init_from) replace the fresh UNet's.
+        self.lora_spec = LoraSpec.from_config(lora)
+        if self.lora_spec is not None:
+            add_lora(unet, self.lora_spec)
         if gradient_checkpointing:
             # the class's own checkpointing, or per-layer checkpointing of diffusers' stock 3D blocks
             enable_gradient_checkpointing(unet)
@@ -152,7 +168,7 @@ class DiffusionStage(L.LightningModule):
         ema = dict(ema or {})
         self.ema: EMAModel | None = None
         if ema.pop("enabled", True):
-            self.ema = EMAModel(self.unet.parameters(), **ema)
+            self.ema = EMAModel(self.ema_parameters(), **ema)
         # Skipped-sample totals over all ranks (identical on every rank), by reason. Plain attributes, not a
         # registered buffer: DDP broadcasts buffers from rank 0 before every forward, which overwrote each
         # rank's own count with rank 0's (the logged sum was about world_size x rank 0's count).
@@ -397,7 +413,7 @@ class DiffusionStage(L.LightningModule):
         # Here, not in on_train_batch_end: callbacks (ModelCheckpoint) run before the module's batch-end
         # hook, and a checkpoint must hold the EMA of the step it records.
         if self.ema is not None:
-            self.ema.step(self.unet.parameters())
+            self.ema.step(self.ema_parameters())
 
     def on_fit_start(self) -> None:
         if self.ema is not None:
@@ -415,7 +431,17 @@ class DiffusionStage(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------ checkpoints
+    def ema_parameters(self) -> list[nn.Parameter]:
+        """The parameters the EMA averages (and the optimizer trains): the UNet's, or only its LoRA adapter's."""
+        if self.lora_spec is None:
+            return list(self.unet.parameters())
+        return [p for n, p in self.unet.named_parameters() if is_lora_key(n) and f".{TRAIN_ADAPTER}." in n]
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.lora_spec is not None:  # only the adapter; the base is referenced (lora.init_from + checksum)
+            state = checkpoint.get("state_dict", {})
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if is_lora_key(k)}
+            checkpoint["lora_base"] = {"init_from": self.lora_spec.init_from, "checksum": base_checksum(self.unet)}
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
         if self.stage_config is not None:
@@ -423,6 +449,16 @@ class DiffusionStage(L.LightningModule):
         checkpoint["skip_totals"] = dict(self.skip_totals)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.lora_spec is not None and "state_dict" in checkpoint:
+            # A LoRA checkpoint holds the adapter only: the base comes from lora.init_from (loaded at construction),
+            # so the strict state-dict load that follows gets the base from this module and the adapter stored.
+            stored = (checkpoint.get("lora_base") or {}).get("checksum")
+            if stored and not checksum_matches(stored, base_checksum(self.unet)):
+                import warnings
+
+                warnings.warn(f"this LoRA checkpoint was trained on another base than {self.lora_spec.init_from}")
+            base = {k: v for k, v in self.state_dict().items() if not is_lora_key(k)}
+            checkpoint["state_dict"] = {**base, **checkpoint["state_dict"]}
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
         # Checkpoints before the skip accounting fix kept a (DDP-overwritten) buffer in the state_dict.
@@ -439,12 +475,13 @@ class DiffusionStage(L.LightningModule):
             yield
             return
         self.ema.to(self.device)
-        self.ema.store(self.unet.parameters())
-        self.ema.copy_to(self.unet.parameters())
+        params = self.ema_parameters()
+        self.ema.store(params)
+        self.ema.copy_to(params)
         try:
             yield
         finally:
-            self.ema.restore(self.unet.parameters())
+            self.ema.restore(params)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()

@@ -24,6 +24,7 @@ class CascadeGenerator:
         name: identifier in reports (default: ``cascade:<stages>``).
         device, precision, sampling, behaviour, t5, if_ii_l, strict_sizes, baseline_stages: see ``Show1Cascade``
             (``baseline_stages=[interpolation, pixel_sr, latent_sr]``: the naive cascade, conf/generator/naive.yaml).
+        lora: per stage, LoRA folders on top of its weights, ``{keyframe: [{path: ..., scale: 0.8}]}`` (``Show1Cascade``).
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class CascadeGenerator:
         if_ii_l: str | Path | None = None,
         strict_sizes: bool = False,
         baseline_stages: Sequence[str] = (),
+        lora: dict[str, Sequence[Any]] | None = None,
     ) -> None:
         self.sources = {
             "keyframe": keyframe,
@@ -62,6 +64,7 @@ class CascadeGenerator:
             if_ii_l=if_ii_l,
             strict_sizes=strict_sizes,
             baseline_stages=baseline_stages,
+            lora=lora,
         )
         self.fps = float(fps)
         self.name = name or "cascade:" + "+".join(
@@ -82,6 +85,7 @@ class CascadeGenerator:
             "behaviour": self.cascade.released.describe(),
             "size_notes": self.cascade.size_notes,
             "baseline_stages": list(self.cascade.baseline_stages),
+            "lora": {k: [e if isinstance(e, str) else dict(e) for e in v] for k, v in self.cascade.lora.items()},
         }
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:

@@ -14,13 +14,14 @@ Checkpoints and export folders are untrusted input: a ``torch.load`` pickle can 
 from __future__ import annotations
 
 import pickle
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
 
+from show1_lightning.diffusion.lora import LORA_WEIGHT_NAME
 from show1_lightning.diffusion.module import DiffusionStage
 
 __all__ = [
@@ -157,15 +158,31 @@ def load_stage_from_checkpoint(path: str | Path, map_location: str | torch.devic
     return stage.eval()
 
 
-def load_stage(source: str | Path, map_location: str | torch.device = "cpu") -> DiffusionStage:
+def load_stage(
+    source: str | Path,
+    map_location: str | torch.device = "cpu",
+    lora: Sequence[Mapping[str, Any] | str] | None = None,
+) -> DiffusionStage:
     """A stage from a Lightning checkpoint (``*.ckpt`` written by train.py) or from an export folder
-    (``stage.json`` + ``unet/`` in the diffusers layout, written at the end of fit by ExportEMACallback).
+    (``stage.json`` + ``unet/`` in the diffusers layout, written at the end of fit by ExportEMACallback), or from
+    a LoRA export (``stage.json`` + ``pytorch_lora_weights.safetensors``: its base, ``lora.init_from``, with the
+    adapter on top). ``lora``: further LoRA folders applied on top, ``[{path, scale}]``
+    (``show1_lightning.diffusion.lora.apply_loras``).
 
     An export holds the EMA weights already, so its stage is built without an EMA copy.
     """
-    source = Path(source)
+    from show1_lightning.diffusion.lora import apply_loras
+
+    stage = _load_stage(Path(source), map_location)
+    apply_loras(stage.unet, lora)
+    return stage
+
+
+def _load_stage(source: Path, map_location: str | torch.device) -> DiffusionStage:
     if source.is_file():
         return load_stage_from_checkpoint(source, map_location)
+    if (source / "stage.json").is_file() and (source / LORA_WEIGHT_NAME).is_file():
+        return _load_lora_export(source)
     spec = source / "stage.json"
     weights = source / "unet" / "diffusion_pytorch_model.safetensors"
     if not spec.exists() or not weights.exists():
@@ -179,6 +196,26 @@ def load_stage(source: str | Path, map_location: str | torch.device = "cpu") -> 
     build = {**config, "ema": {**dict(config.get("ema") or {}), "enabled": False}}
     stage = instantiate_stage_config(build, spec)  # refuses _target_s outside the allow-list
     stage.unet.load_state_dict(load_file(str(weights), device=str(map_location)))
+    stage.stage_config = config
+    return stage.eval()
+
+
+def _load_lora_export(source: Path) -> DiffusionStage:
+    """A LoRA export: the stage of its ``stage.json`` without EMA and adapter, its base weights
+    (``lora.init_from``), then the exported adapter (``"default"``, scale 1)."""
+    import json
+
+    from show1_lightning.diffusion.lora import TRAIN_ADAPTER, apply_lora, load_base_weights
+
+    spec = source / "stage.json"
+    config = json.loads(spec.read_text())
+    check_stage_config(config, spec)
+    init_from = (config.get("lora") or {}).get("init_from")
+    build = {**config, "ema": {**dict(config.get("ema") or {}), "enabled": False}, "lora": None}
+    stage = instantiate_stage_config(build, spec)
+    if init_from:
+        load_base_weights(stage.unet, init_from)
+    apply_lora(stage.unet, source / LORA_WEIGHT_NAME, 1.0, adapter_name=TRAIN_ADAPTER)
     stage.stage_config = config
     return stage.eval()
 
