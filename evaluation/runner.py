@@ -43,6 +43,7 @@ from evaluation.fingerprint import check_or_write_fingerprint, claim_output_dir,
 from evaluation.generators import VideoGenerator, video_filename, write_manifest
 from evaluation.report import ADHERENCE_METRICS, build_report, write_report
 from show1_lightning.data.video_io import decode_video, to_uint8_frames, write_mp4
+from show1_lightning.precision import autocast
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +56,6 @@ METRIC_NAMES = ("is", "fvd", "clipsim", *ADHERENCE_METRICS)
 def _batches(items: Sequence[int], size: int) -> Iterator[list[int]]:
     for s in range(0, len(items), size):
         yield list(items[s : s + size])
-
-
-def _autocast(ctx: DistContext, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        return torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16)
-    if precision in ("fp32", "32"):
-        return contextlib.nullcontext()
-    raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
 
 
 def generate_missing(
@@ -91,7 +84,7 @@ def generate_missing(
     made = 0
     for batch in _batches(todo_now, batch_size):
         seeds = [sample_seed(base_seed, i) for i in batch]
-        with torch.no_grad(), _autocast(ctx, precision):
+        with torch.no_grad(), autocast(ctx.device.type, precision):
             videos = generator.generate([prompts[i] for i in batch], seeds)
         if videos.ndim != 5 or videos.shape[0] != len(batch) or videos.shape[1] != 3:
             raise ValueError(

@@ -58,7 +58,8 @@ def inference_precision(name: str | int) -> str:
 
     Accepts every float32 spelling (``32``, ``"fp32"``, ``"float32"``, ``"32-true"``) and every bfloat16 one.
     """
-    dtype = to_dtype(str(name)) if str(name) in DTYPES else None
+    key = str(name).removeprefix("torch.")
+    dtype = DTYPES.get(key)
     if dtype == torch.float32:
         return "32"
     if dtype == torch.bfloat16:

@@ -17,6 +17,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from show1_lightning.precision import LIGHTNING_PRECISIONS
+
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +131,7 @@ def validate_train_config(cfg: DictConfig) -> None:
         _check(vci > 0, "trainer.val_check_interval", f"must be positive, got {vci}")
     prec = str(tr.precision)
     _check(
-        prec in {"32", "32-true", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true"},
+        prec in LIGHTNING_PRECISIONS,
         "trainer.precision",
         f"unknown precision {prec!r}",
     )

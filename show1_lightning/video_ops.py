@@ -44,3 +44,24 @@ def resize_frames(
         kwargs = {"antialias": True, "align_corners": False} if shrink else {"align_corners": align_corners}
     out = F.interpolate(frames, size=tuple(size), mode=mode, **kwargs)
     return unfold_frames(out, b, t).to(video.dtype)
+
+
+def resize_cover_crop(video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize every frame to cover ``size`` (H, W) at its aspect ratio, then centre-crop to it; clamp to [-1, 1].
+
+    The one preprocessing rule of training clips (:mod:`show1_lightning.data.shards`) and evaluation clips
+    (:mod:`evaluation.benchmarks`, ``cover_antialias``): bilinear, antialiased when shrinking, as
+    :func:`resize_frames`. ``video``: float ``C x T x H x W`` or ``B x C x T x H x W`` in [-1, 1].
+    """
+    if video.ndim not in (4, 5):
+        raise ValueError(f"expected C x T x H x W or B x C x T x H x W, got {tuple(video.shape)}")
+    out_h, out_w = int(size[0]), int(size[1])
+    h, w = video.shape[-2:]
+    if (h, w) == (out_h, out_w):
+        return video
+    scale = max(out_h / h, out_w / w)
+    new_h, new_w = max(out_h, round(h * scale)), max(out_w, round(w * scale))
+    x = resize_frames(video if video.ndim == 5 else video[None], (new_h, new_w), mode="bilinear")
+    top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
+    x = x[..., top : top + out_h, left : left + out_w].clamp(-1.0, 1.0).contiguous()
+    return x if video.ndim == 5 else x[0]

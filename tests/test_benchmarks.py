@@ -10,15 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.benchmarks import (
-    ClipSpec,
-    MSRVTTBenchmark,
-    UCF101Benchmark,
-    camel_to_words,
-    cut_clip,
-    proportional_counts,
-)
+from evaluation.benchmarks import ClipSpec, cut_clip
 from evaluation.generators import FolderGenerator, VideoGenerator, video_filename
+from evaluation.msrvtt_benchmark import MSRVTTBenchmark
+from evaluation.ucf101_benchmark import UCF101Benchmark, camel_to_words, proportional_counts
 from show1_lightning.data.video_io import decode_video
 
 

@@ -17,10 +17,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
-from evaluation.benchmarks import UCF101Benchmark, resize_short_side_crop_tats
+from evaluation.benchmarks import resize_short_side_crop_tats
 from evaluation.fvd import FVD
 from evaluation.protocols import comparability, deviations, overridden, pristine_protocol
 from evaluation.runner import run_evaluation, sample_seed
+from evaluation.ucf101_benchmark import UCF101Benchmark
 from show1_lightning.data.video_io import decode_video
 
 REPO = Path(__file__).resolve().parents[1]

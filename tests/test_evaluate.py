@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from evaluation.benchmarks import MSRVTTBenchmark
 from evaluation.clipsim import CLIPSim
 from evaluation.fvd import FVD
 from evaluation.inception_score import InceptionScore
+from evaluation.msrvtt_benchmark import MSRVTTBenchmark
 from evaluation.runner import run_evaluation, sample_seed, shard_indices
 
 REPO = Path(__file__).resolve().parents[1]

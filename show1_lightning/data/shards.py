@@ -24,13 +24,13 @@ from typing import Any
 import av
 import numpy as np
 import torch
-import torch.nn.functional as F
 import webdataset as wds
 from omegaconf import OmegaConf
 
 from show1_lightning.data.frame_sampling import ClipTooShortError, FrameSelection, sample_frame_indices
 from show1_lightning.data.video_io import VideoDecodeError
 from show1_lightning.fileio import atomic_write_json
+from show1_lightning.video_ops import resize_cover_crop
 
 __all__ = [
     "VideoShardWriter",
@@ -486,24 +486,9 @@ def decode_sampled_clip(
 
 
 def resize_center_crop(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Resize (antialiased bilinear) so the clip covers ``height x width``, then centre-crop.
-
-    Args:
-        video: float ``C x T x H x W`` (any range; [-1, 1] inside the framework).
-    Returns:
-        float ``C x T x height x width``, clamped to the input's range when it is [-1, 1].
-    """
-    c, t, h, w = video.shape
-    if (h, w) == (height, width):
-        return video
-    scale = max(height / h, width / w)
-    nh, nw = max(height, round(h * scale)), max(width, round(w * scale))
-    x = video.permute(1, 0, 2, 3)  # T x C x H x W: frames as the batch
-    if (nh, nw) != (h, w):
-        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=(nh < h or nw < w))
-    top, left = (nh - height) // 2, (nw - width) // 2
-    x = x[:, :, top : top + height, left : left + width]
-    return x.permute(1, 0, 2, 3).clamp(-1.0, 1.0).contiguous()
+    """Resize float ``C x T x H x W`` to cover ``height x width`` and centre-crop: the one rule of
+    :func:`show1_lightning.video_ops.resize_cover_crop` (training and evaluation preprocess alike)."""
+    return resize_cover_crop(video, (height, width))
 
 
 # Re-exported so that callers catching sample errors need one import.
