@@ -27,6 +27,8 @@ from torch import nn
 from torchmetrics import Metric
 from torchvision.transforms.v2 import functional as TF
 
+from show1_lightning.plain import plain
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SCALES = ("raw", "torchmetrics")
@@ -64,11 +66,11 @@ def load_clip(
 
     if model_cfg is not None:
         torch.manual_seed(seed)
-        model = open_clip.CLIP(**_plain(model_cfg))
+        model = open_clip.CLIP(**plain(model_cfg))
         ctx = int(model.context_length)
         tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=ctx)
         image_size = _image_size(model_cfg["vision_cfg"].get("image_size", 224))
-        desc = {"model": "custom (test-only, random init)", "model_cfg": _plain(model_cfg), "seed": seed}
+        desc = {"model": "custom (test-only, random init)", "model_cfg": plain(model_cfg), "seed": seed}
     else:
         if checkpoint is None:
             raise ValueError("CLIPSIM needs a CLIP checkpoint path (clip.checkpoint); see docs/evaluation.md")
@@ -90,20 +92,6 @@ def _image_size(size: int | Sequence[int]) -> int:
     if size[0] != size[1]:
         raise ValueError(f"non-square CLIP image size {size} is not supported")
     return int(size[0])
-
-
-def _plain(cfg: Any) -> Any:
-    """OmegaConf containers -> plain dicts/lists (open_clip's dataclasses want plain values)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(cfg, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(cfg, dict):
-        return {k: _plain(v) for k, v in cfg.items()}
-    return cfg
 
 
 def clip_preprocess(

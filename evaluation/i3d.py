@@ -20,7 +20,6 @@ the only difference. A TATS state dict (``i3d_pretrained_400.pt``, its key names
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import io
 import os
@@ -33,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from show1_lightning.fileio import sha256_file
 
 BN_EPS = 1e-3  # Sonnet v1 BatchNorm default (the converted cd-fvd I3D wrongly uses 1e-5)
 # Network variant -> batch-norm eps. "tats": nn.BatchNorm3d(eps=1e-5) in TATS tats/fvd/pytorch_i3d.py:81.
@@ -454,14 +455,6 @@ def from_tats_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def converted_state_dict(
     weights_path: str | Path | None = None, cache_dir: str | Path | None = None
 ) -> tuple[dict[str, Tensor], str]:
@@ -482,10 +475,10 @@ def converted_state_dict(
         # A file we converted carries its source checkpoint's sha256: same weights, same id.
         with safe_open(str(path), framework="pt") as f:
             source_sha = (f.metadata() or {}).get("source_sha256")
-        return load_file(str(path)), source_sha or _sha256(path)
+        return load_file(str(path)), source_sha or sha256_file(path)
     if path.suffix in (".pt", ".pth"):
-        return from_tats_state_dict(torch.load(str(path), map_location="cpu", weights_only=True)), _sha256(path)
-    sha = _sha256(path)
+        return from_tats_state_dict(torch.load(str(path), map_location="cpu", weights_only=True)), sha256_file(path)
+    sha = sha256_file(path)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cached = cache / "i3d" / f"i3d-kinetics-400-{sha[:16]}.safetensors"
     if cached.is_file():
