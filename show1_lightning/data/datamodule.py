@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 __all__ = ["VideoDataModule", "SkipCounter", "SKIP_REASONS", "FatalDataError", "resolve_rank"]
 
 ShardSpec = str | Path | Sequence[str | Path] | None
+# Tensors of a training batch read from a latent cache (latent_cache.LATENT_BATCH_KEYS).
+_LATENT_KEYS = ("latents", "cond_latents", "latents_logvar", "cond_latents_logvar")
 
 #: Why a sample was skipped; batches carry ``skip_reasons`` counts in this order and the stage logs
 #: ``data/skipped/<reason>``.
@@ -299,6 +301,7 @@ class _ClipMaker:
             "key": key,
             "stride": clip.stride,
             "fps": clip.source_fps / clip.stride,
+            "start": clip.indices[0],
         }
         if self.text_cache is not None:
             try:
@@ -341,6 +344,9 @@ def _collate(items: list[dict[str, Any]], skipped: tuple[int, list[int]]) -> dic
     if "text_emb" in items[0]:
         batch["text_emb"] = torch.stack([it["text_emb"] for it in items]).float()
         batch["text_mask"] = torch.stack([it["text_mask"] for it in items]).bool()
+    for name in _LATENT_KEYS:  # batches of a latent cache (show1_lightning.data.latent_cache)
+        if name in items[0]:
+            batch[name] = torch.stack([it[name] for it in items]).float()
     return batch
 
 
@@ -506,6 +512,10 @@ class VideoDataModule(L.LightningDataModule):
         text_encoder_identity: the identity (``TextEncoder.identity``, printed by the precompute) of the
             encoder the cache must come from. None: the trainer's stage's text encoder; with neither, a
             text cache is refused (the check is never off by default).
+        latent_cache_dir: folder written by ``data/precompute_latents.py`` (latent SR stage only): the
+            training stream reads VAE latents (``latents``, ``cond_latents``) from it instead of decoding and
+            encoding video; validation still reads the video shards. Checked at setup against the stage's
+            VAE, sizes and this module's frame sampling (``latent_cache.LatentCache``).
         toy_root: folder of the bundled toy dataset (generated on first use).
         min_side: samples whose smaller side is below this are skipped (0: keep all).
         max_source_pixels / max_source_frames / max_sample_mb: samples whose frames have more pixels,
@@ -546,11 +556,13 @@ class VideoDataModule(L.LightningDataModule):
         max_source_pixels: int | None = 3840 * 2160,
         max_source_frames: int | None = 36_000,
         max_sample_mb: float | None = 1024,
+        latent_cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         # Plain values (not ListConfig/DictConfig/Path): the hyper-parameters go into every checkpoint.
         train_shards, val_shards = _plain(train_shards), _plain(val_shards)
         text_cache_dir, toy_root = _plain(text_cache_dir), _plain(toy_root)
+        latent_cache_dir = _plain(latent_cache_dir)
         for name, value in (
             ("num_frames", num_frames),
             ("height", height),
@@ -589,6 +601,9 @@ class VideoDataModule(L.LightningDataModule):
         self._train_urls: list[str] | None = None
         self._val_urls: list[str] | None = None
         self._text_cache = None
+        self.latent_cache_dir = latent_cache_dir
+        self._latent_cache = None
+        self._latent_train_urls: list[str] | None = None
 
     # -- setup -----------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -628,6 +643,11 @@ class VideoDataModule(L.LightningDataModule):
                     "or train with the text encoder that made it"
                 )
             self._text_cache = TextEmbeddingCache(self.text_cache_dir, expected_identity=expected)
+        if self.latent_cache_dir is not None:
+            from show1_lightning.data.latent_cache import open_for_training
+
+            self._latent_cache = open_for_training(self, self.latent_cache_dir)
+            self._latent_train_urls = self._latent_cache.shard_urls(self._train_urls)
 
     def _expected_text_identity(self) -> str | None:
         """``text_encoder_identity``, else the identity of the trainer's stage's text encoder."""
@@ -712,8 +732,10 @@ class VideoDataModule(L.LightningDataModule):
             log.info("training stream of rank %d seeded for a resume at global step %d", rank, start)
         counter = SkipCounter(self.max_consecutive_skips)
         worker_seed = _WorkerSeed(rank, start)
+        maker = self._maker() if self._latent_cache is None else self._latent_cache.maker(self._text_cache)
+        urls = self._train_urls if self._latent_cache is None else self._latent_train_urls
         stage = _ShuffleDecodeBatch(
-            self._maker(),
+            maker,
             self.batch_size,
             self.shuffle_buffer,
             self.seed,
@@ -723,7 +745,7 @@ class VideoDataModule(L.LightningDataModule):
             shuffle_buffer_bytes=self.shuffle_buffer_bytes,
         )
         pipeline = wds.DataPipeline(
-            wds.ResampledShards(self._train_urls, seed=self.seed, worker_seed=worker_seed, deterministic=True),
+            wds.ResampledShards(urls, seed=self.seed, worker_seed=worker_seed, deterministic=True),
             wds.tarfile_to_samples(handler=counter.handler),
             stage,
         )

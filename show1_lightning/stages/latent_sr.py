@@ -111,7 +111,16 @@ class LatentSRStage(DiffusionStage):
 
     # ------------------------------------------------------------------ stage hooks
     def training_inputs(self, batch: dict) -> tuple[torch.Tensor, StageCondition]:
-        """Target = the latents of the clip at the output resolution; no extra conditioning."""
+        """Target = the latents of the clip at the output resolution; no extra conditioning.
+
+        A batch from a latent cache (``data.latent_cache_dir``, :mod:`show1_lightning.data.latent_cache`) brings
+        those latents (and those of the resized input, for ``residual``) instead of pixels: nothing is encoded.
+        """
+        if "latents" in batch:
+            latents = self._cached_latents(batch, "latents")
+            if self.residual:
+                latents = latents - self._cached_latents(batch, "cond_latents")
+            return latents, StageCondition()
         video = batch["video"]
         if video.shape[-2:] != (self.height, self.width):
             raise ValueError(
@@ -122,6 +131,22 @@ class LatentSRStage(DiffusionStage):
         if self.residual:
             latents = latents - self.encode_video(self.resize_to_output(self.make_upstream(video)))
         return latents, StageCondition()
+
+    def _cached_latents(self, batch: dict, name: str) -> torch.Tensor:
+        """Cached posterior means (B x C x T x h x w); with a VAE that samples its posterior, a fresh draw
+        ``mean + exp(logvar / 2) * noise`` per step, as encoding on the fly would give."""
+        latents = batch[name].to(self.device, torch.float32)
+        if latents.shape[-2:] != (self.latent_height, self.latent_width):
+            raise ValueError(
+                f"cached latents are {latents.shape[-1]}x{latents.shape[-2]} (w x h) but the stage's are "
+                f"{self.latent_width}x{self.latent_height}: the latent cache was made for another size"
+            )
+        if self.vae.sample_posterior:
+            if f"{name}_logvar" not in batch:
+                raise ValueError("the VAE samples its posterior but the cached batch has no log-variances")
+            std = torch.exp(0.5 * batch[f"{name}_logvar"].to(self.device, torch.float32))
+            latents = latents + std * torch.randn_like(latents)
+        return latents
 
     def sample_shape(self) -> tuple[int, int, int, int]:
         """Latent C x T x h x w of one sample."""
