@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from evaluation.dist_guard import RankGuard
+from show1_lightning.ranks import launcher_ranks
 
 SEEDS_RULE = "seed(i) = base_seed + i for global sample index i; rank r of W takes i = r, r+W, ..."
 
@@ -47,11 +48,6 @@ class DistContext:
             self.guard.close()
 
 
-def _env_int(name: str) -> int | None:
-    v = os.environ.get(name)
-    return int(v) if v not in (None, "") else None
-
-
 def init_distributed(
     device: str = "auto",
     backend: str | None = None,
@@ -66,11 +62,9 @@ def init_distributed(
     process group's collective timeout (None: torch's default); ``peer_timeout_s`` / ``sync_timeout_s``: see
     :class:`evaluation.dist_guard.RankGuard` (every collective of the runner follows one of its sync points).
     """
-    world = _env_int("WORLD_SIZE")
-    if world is not None:
-        rank, local = _env_int("RANK") or 0, _env_int("LOCAL_RANK") or 0
-    elif (_env_int("SLURM_NTASKS") or 1) > 1:
-        world, rank, local = _env_int("SLURM_NTASKS"), _env_int("SLURM_PROCID") or 0, _env_int("SLURM_LOCALID") or 0
+    ranks = launcher_ranks(slurm=True)
+    world, rank, local = (ranks.world_size, ranks.rank, ranks.local_rank) if ranks is not None else (1, 0, 0)
+    if ranks is not None and ranks.source == "slurm":
         if "MASTER_ADDR" not in os.environ:
             raise RuntimeError(
                 "SLURM multi-task evaluation needs MASTER_ADDR, e.g. "
@@ -78,8 +72,6 @@ def init_distributed(
             )
         os.environ.setdefault("MASTER_PORT", "29500")
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
-    else:
-        world, rank, local = 1, 0, 0
     if device == "auto":
         dev = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
     else:

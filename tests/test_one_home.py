@@ -116,3 +116,28 @@ def test_show1_lightning_never_imports_evaluation() -> None:
                 names = [node.module]
             offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] == "evaluation"]
     assert not offenders
+
+
+def test_launcher_ranks_one_rule_for_training_and_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun's variables win; SLURM's count only where asked (evaluation) and for multi-task steps; the data
+    module and the evaluation's process group read the same values."""
+    from evaluation.distributed import init_distributed
+    from show1_lightning.data.datamodule import resolve_rank
+    from show1_lightning.ranks import launcher_ranks
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"):
+        monkeypatch.delenv(name, raising=False)
+    assert launcher_ranks() is None and resolve_rank() == (0, 1)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert launcher_ranks() == (3, 4, 1, "slurm")
+    assert launcher_ranks(slurm=False) is None and resolve_rank() == (0, 1)  # no process group: one process
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    assert launcher_ranks() == (0, 1, 0, "torchrun") == launcher_ranks(slurm=False)
+    ctx = init_distributed(device="cpu")
+    try:
+        assert (ctx.rank, ctx.world_size) == resolve_rank() == (0, 1)
+    finally:
+        ctx.close()

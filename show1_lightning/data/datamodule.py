@@ -38,12 +38,13 @@ from typing import Any
 import lightning as L
 import torch
 import webdataset as wds
-from omegaconf import OmegaConf
 from torch.utils.data import IterableDataset, get_worker_info
 
 from show1_lightning.data.frame_sampling import ClipTooShortError
 from show1_lightning.data.shards import decode_sampled_clip, expand_shard_spec, resize_center_crop, sample_caption
 from show1_lightning.data.video_io import VideoDecodeError, to_float_video
+from show1_lightning.plain import plain
+from show1_lightning.ranks import launcher_ranks
 
 log = logging.getLogger(__name__)
 
@@ -67,19 +68,6 @@ SKIP_REASONS: tuple[str, ...] = (
     "tar",  # unreadable tar member or shard
     "error",  # any other exception while making the clip
 )
-
-
-def _plain(value: Any) -> Any:
-    """OmegaConf containers (Hydra passes ListConfig/DictConfig when instantiating without ``_convert_``)
-    and paths as plain Python values: they are hyper-parameters stored in checkpoints, which
-    ``torch.load(weights_only=True)`` reads only when they hold plain types."""
-    if OmegaConf.is_config(value):
-        return OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 class FatalDataError(RuntimeError):
@@ -108,13 +96,15 @@ def _worker() -> tuple[int, int]:
 
 
 def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """(rank, world_size): the given values, else env ``RANK``/``WORLD_SIZE``, else torch.distributed."""
+    """(rank, world_size): the given values, else torchrun's env ``RANK``/``WORLD_SIZE`` (``show1_lightning.ranks``),
+    else torch.distributed, else (0, 1)."""
     if rank is not None and world_size is not None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         return int(rank), int(world_size)
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    ranks = launcher_ranks(slurm=False)
+    if ranks is not None and "RANK" in os.environ:
+        return ranks.rank, ranks.world_size
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
@@ -560,9 +550,9 @@ class VideoDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         # Plain values (not ListConfig/DictConfig/Path): the hyper-parameters go into every checkpoint.
-        train_shards, val_shards = _plain(train_shards), _plain(val_shards)
-        text_cache_dir, toy_root = _plain(text_cache_dir), _plain(toy_root)
-        latent_cache_dir = _plain(latent_cache_dir)
+        train_shards, val_shards = plain(train_shards), plain(val_shards)
+        text_cache_dir, toy_root = plain(text_cache_dir), plain(toy_root)
+        latent_cache_dir = plain(latent_cache_dir)
         for name, value in (
             ("num_frames", num_frames),
             ("height", height),
