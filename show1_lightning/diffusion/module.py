@@ -37,6 +37,7 @@ from show1_lightning.diffusion.objectives import (
     training_target,
 )
 from show1_lightning.diffusion.sampling import denoise, make_sampler, seeded_noise
+from show1_lightning.diffusion.sharding import clip_sharded_grad_norm, stage_ema_state_dict, sync_stage_ema
 from show1_lightning.models.checkpointing import enable_gradient_checkpointing
 from show1_lightning.models.show1_unet import released_train_mode_dropout
 
@@ -413,10 +414,22 @@ class DiffusionStage(L.LightningModule):
         # Here, not in on_train_batch_end: callbacks (ModelCheckpoint) run before the module's batch-end
         # hook, and a checkpoint must hold the EMA of the step it records.
         if self.ema is not None:
+            sync_stage_ema(self)  # FSDP: the EMA lives on this rank's parameter slices (re-laid out after a resume)
             self.ema.step(self.ema_parameters())
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # FSDP: norm clipping over the sharded gradients (Lightning's own refuses FSDP); otherwise Lightning's.
+        if not clip_sharded_grad_norm(self, gradient_clip_val, gradient_clip_algorithm):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_fit_start(self) -> None:
         if self.ema is not None:
+            sync_stage_ema(self)  # FSDP: slice the EMA before moving it, never the full copy to the device
             self.ema.to(self.device)
 
     def configure_optimizers(self) -> dict:
@@ -443,7 +456,7 @@ class DiffusionStage(L.LightningModule):
             checkpoint["state_dict"] = {k: v for k, v in state.items() if is_lora_key(k)}
             checkpoint["lora_base"] = {"init_from": self.lora_spec.init_from, "checksum": base_checksum(self.unet)}
         if self.ema is not None:
-            checkpoint["ema"] = self.ema.state_dict()
+            checkpoint["ema"] = stage_ema_state_dict(self)  # full tensors, gathered when sharded
         if self.stage_config is not None:
             checkpoint["stage_config"] = self.stage_config
         checkpoint["skip_totals"] = dict(self.skip_totals)
@@ -474,6 +487,7 @@ class DiffusionStage(L.LightningModule):
         if not enabled or self.ema is None:
             yield
             return
+        sync_stage_ema(self)
         self.ema.to(self.device)
         params = self.ema_parameters()
         self.ema.store(params)
