@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from show1_lightning.precision import to_dtype
+
 __all__ = ["TextEncoder"]
 
 _KINDS = ("t5", "clip")
@@ -66,7 +68,7 @@ class TextEncoder(nn.Module):
         self.kind, self.max_length = kind, int(max_length)
         self.use_attention_mask = (kind == "t5") if use_attention_mask is None else bool(use_attention_mask)
         if isinstance(torch_dtype, str):
-            torch_dtype = getattr(torch, torch_dtype)
+            torch_dtype = to_dtype(torch_dtype, what="text_encoder.torch_dtype")
         if pretrained_path is not None:
             self.model, self.tokenizer = self._load(kind, Path(pretrained_path), torch_dtype)
             self.source = os.path.normpath(os.path.abspath(pretrained_path))

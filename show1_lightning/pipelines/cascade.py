@@ -19,6 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from show1_lightning.diffusion.module import DiffusionStage
+from show1_lightning.precision import inference_precision
 from show1_lightning.stages.loading import load_stage
 
 __all__ = ["STAGE_ORDER", "Show1Cascade", "load_stage", "check_cascade", "format_reports"]
@@ -163,9 +164,7 @@ class Show1Cascade:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        if precision not in ("32", "bf16"):
-            raise ValueError(f"precision must be '32' or 'bf16', got {precision!r}")
-        self.precision = precision
+        self.precision = inference_precision(precision)  # any spelling of float32 / bf16; others refused
         if OmegaConf.is_config(sampling):  # straight from Hydra (instantiate without _convert_)
             sampling = OmegaConf.to_container(sampling, resolve=True)
         self.sampling = {k: dict(v) for k, v in (sampling or {}).items()}

@@ -44,6 +44,7 @@ from show1_lightning.diffusion.module import DiffusionStage
 from show1_lightning.models.text_encoder import TextEncoder
 from show1_lightning.models.vae import VideoVAE
 from show1_lightning.pipelines.cascade import STAGE_ORDER, Show1Cascade
+from show1_lightning.precision import to_dtype
 from show1_lightning.stages.loading import check_stage_config
 
 __all__ = [
@@ -284,7 +285,7 @@ class Show1Pipeline(DiffusionPipeline):
         model = getattr(self, t["component"])
         tokenizer = getattr(self, t["component"].replace("text_encoder", "tokenizer"))
         if t.get("torch_dtype"):
-            model = model.to(getattr(torch, str(t["torch_dtype"]).removeprefix("torch.")))
+            model = model.to(to_dtype(str(t["torch_dtype"]), what="text encoder torch_dtype"))
         te = _LoadedTextEncoder(
             model, tokenizer, t["kind"], t["max_length"], t["use_attention_mask"], t["source"], t.get("torch_dtype")
         )
