@@ -17,6 +17,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from show1_lightning.diffusion.objectives import PREDICTION_TYPES, timestep_range
 from show1_lightning.precision import LIGHTNING_PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -108,17 +109,15 @@ def validate_train_config(cfg: DictConfig) -> None:
     )
     ns = st.noise_scheduler
     _check(
-        ns.prediction_type in ("epsilon", "v_prediction", "sample"),
+        ns.prediction_type in PREDICTION_TYPES,
         "stage.noise_scheduler.prediction_type",
-        f"must be 'epsilon', 'v_prediction' or 'sample', got {ns.prediction_type!r}",
+        f"must be one of {PREDICTION_TYPES}, got {ns.prediction_type!r}",
     )
-    n = int(ns.num_train_timesteps)
-    t_max = n - 1 if st.t_max is None else int(st.t_max)
-    _check(
-        0 <= int(st.t_min) <= t_max < n,
-        "stage.t_min/t_max",
-        f"need 0 <= t_min <= t_max < {n}, got t_min={st.t_min}, t_max={st.t_max}",
-    )
+    # The stage constructor runs the same check; here it fails before the models are built, naming the keys.
+    try:
+        timestep_range(int(st.t_min), st.t_max, int(ns.num_train_timesteps))
+    except ValueError as exc:
+        raise ConfigError(f"config error at 'stage.t_min/t_max': {exc}") from exc
     _check(float(st.optimizer.lr) > 0, "stage.optimizer.lr", f"must be positive, got {st.optimizer.lr}")
     _check(int(data.batch_size) > 0, "data.batch_size", f"must be positive, got {data.batch_size}")
     _check(int(data.num_workers) >= 0, "data.num_workers", f"must be >= 0, got {data.num_workers}")

@@ -34,6 +34,7 @@ from show1_lightning.diffusion.objectives import (
     min_snr_weights,
     sample_timesteps,
     split_learned_variance,
+    timestep_range,
     training_target,
 )
 from show1_lightning.diffusion.sampling import denoise, make_sampler, seeded_noise
@@ -133,10 +134,7 @@ class DiffusionStage(L.LightningModule):
         self.sample_channels = sample_channels
         self.caption_dropout = caption_dropout
         n_train = noise_scheduler.config.num_train_timesteps
-        self.t_min = t_min
-        self.t_max = n_train - 1 if t_max is None else t_max
-        if not 0 <= self.t_min <= self.t_max < n_train:
-            raise ValueError(f"training timestep range [{t_min}, {t_max}] must lie in [0, {n_train - 1}]")
+        self.t_min, self.t_max = timestep_range(t_min, t_max, n_train)
         self.lr_scheduler_cfg = dict(lr_scheduler or {"name": "constant_with_warmup", "num_warmup_steps": 0})
         self.sampling_cfg = dict(sampling or {})
         self.null_text_cache_dir = null_text_cache_dir

@@ -9,6 +9,18 @@ from diffusers import DDPMScheduler
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
+def timestep_range(t_min: int, t_max: int | None, num_train_timesteps: int) -> tuple[int, int]:
+    """The closed range of training timesteps, ``t_max`` None meaning the last one; the one check of it (stage
+    constructors and the start-up config check both call this)."""
+    t_max = num_train_timesteps - 1 if t_max is None else int(t_max)
+    if not 0 <= int(t_min) <= t_max < num_train_timesteps:
+        raise ValueError(
+            f"training timestep range [{t_min}, {t_max}] must lie in [0, {num_train_timesteps - 1}] "
+            "(need 0 <= t_min <= t_max < num_train_timesteps)"
+        )
+    return int(t_min), t_max
+
+
 def sample_timesteps(
     batch_size: int,
     t_min: int,
