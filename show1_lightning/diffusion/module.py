@@ -20,6 +20,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch import nn
 
+from show1_lightning.diffusion.compile import compile_in_place, compile_options
 from show1_lightning.diffusion.guidance import drop_captions
 from show1_lightning.diffusion.lora import (
     TRAIN_ADAPTER,
@@ -97,6 +98,8 @@ class DiffusionStage(L.LightningModule):
         lora: ``{rank, alpha, dropout, target_modules, init_from}`` (``show1_lightning.diffusion.lora.LoraSpec``;
             None or rank 0: off): the UNet starts from ``init_from``, is frozen, and only a peft LoRA adapter trains;
             optimizer, EMA, checkpoint and export hold only the adapter.
+        compile: ``torch.compile`` the UNet in place (``configure_model``, and before sampling outside a Trainer):
+            false, true, or torch.compile arguments (``show1_lightning.diffusion.compile``); state_dict keys unchanged.
     """
 
     #: channels a stage concatenates to the noisy sample (interpolation: 4, pixel SR: 3).
@@ -121,11 +124,14 @@ class DiffusionStage(L.LightningModule):
         snr_floor: float | None = None,
         zero_init_output: bool = False,
         lora: dict | None = None,
+        compile: bool | dict | None = False,
     ) -> None:
         super().__init__()
         if snr_floor is not None and not snr_gamma:
             raise ValueError("stage.snr_floor needs stage.snr_gamma (the floor bounds Min-SNR weights)")
         self.snr_gamma, self.snr_floor = snr_gamma, snr_floor
+        compile_options(compile)  # refuse a bad value now, not at the first step
+        self.compile_spec = compile
         self.unet = unet
         self.noise_scheduler = noise_scheduler
         self.optimizer_factory = optimizer
@@ -425,6 +431,10 @@ class DiffusionStage(L.LightningModule):
         if not clip_sharded_grad_norm(self, gradient_clip_val, gradient_clip_algorithm):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def configure_model(self) -> None:
+        """Lightning hook (fit/validate/test/predict): compile the UNet in place when ``compile`` is set."""
+        compile_in_place(self.unet, self.compile_spec)
+
     def on_fit_start(self) -> None:
         if self.ema is not None:
             sync_stage_ema(self)  # FSDP: slice the EMA before moving it, never the full copy to the device
@@ -576,6 +586,7 @@ class DiffusionStage(L.LightningModule):
         null_emb, null_mask = self.negative_text(negative_prompt)
         cond = cond or StageCondition()
         noise = seeded_noise(shape, seeds, self.device)
+        compile_in_place(self.unet, self.compile_spec)  # sampling outside a Trainer (cascade, generate.py)
         was_training = self.unet.training
         self.unet.eval()
         try:

@@ -40,6 +40,7 @@ from torch import nn
 from show1_lightning.models.show1_unet_blocks import (
     BlockConfig,
     UNetMidBlock3DSimpleCrossAttn,
+    fuse_attention_pooling,
     get_down_block,
     get_up_block,
 )
@@ -231,6 +232,7 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin):
         if addition_embed_type == "text":
             text_dim = encoder_hid_dim if encoder_hid_dim is not None else cross_attention_dim
             self.add_embedding = TextTimeEmbedding(text_dim, time_embed_dim, num_heads=addition_embed_type_num_heads)
+            fuse_attention_pooling(self.add_embedding)  # its pooling through SDPA, not einsum + softmax
         elif addition_embed_type is not None:
             raise ValueError(f"addition_embed_type {addition_embed_type!r} unsupported (Show-1: 'text' or null)")
         else:

@@ -21,12 +21,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import AttentionPooling
 from diffusers.models.resnet import ResnetBlock2D, TemporalConvLayer
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
 from torch import nn
 
 __all__ = [
     "AddedKVAttnProcessor",
+    "FusedAttentionPooling",
     "BlockConfig",
     "ResnetDownsampleBlock3D",
     "SimpleCrossAttnDownBlock3D",
@@ -38,6 +40,36 @@ __all__ = [
     "get_down_block",
     "get_up_block",
 ]
+
+
+class FusedAttentionPooling(AttentionPooling):
+    """diffusers' ``AttentionPooling`` (the pooled-text embedding of ``TextTimeEmbedding``) through
+    ``F.scaled_dot_product_attention`` instead of einsum + softmax; same parameters and maths.
+
+    The class token (mean token + positional embedding) attends to itself and the text tokens; SDPA's default
+    scale ``1/sqrt(head_dim)`` is the product of diffusers' two ``head_dim ** -0.25`` factors.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bs, _, width = x.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (bs, n, width) -> (bs, heads, n, head_dim)
+            return t.view(bs, -1, self.num_heads, self.dim_per_head).transpose(1, 2)
+
+        class_token = x.mean(dim=1, keepdim=True) + self.positional_embedding.to(x.dtype)
+        x = torch.cat([class_token, x], dim=1)
+        out = F.scaled_dot_product_attention(
+            heads(self.q_proj(class_token)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        )
+        return out.transpose(1, 2).reshape(bs, width)
+
+
+def fuse_attention_pooling(module: nn.Module) -> nn.Module:
+    """Swap every ``AttentionPooling`` inside ``module`` for :class:`FusedAttentionPooling` (parameters kept)."""
+    for child in module.modules():
+        if type(child) is AttentionPooling:
+            child.__class__ = FusedAttentionPooling
+    return module
 
 
 class AddedKVAttnProcessor:
