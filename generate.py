@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -19,6 +20,7 @@ from show1_lightning.data.video_io import to_uint8_frames, write_mp4
 from show1_lightning.fileio import atomic_write_text
 from show1_lightning.pipelines.cascade import Show1Cascade, format_reports
 from show1_lightning.runtime import finish_wandb, register_resolvers
+from show1_lightning.wandb_mode import wandb_mode
 
 log = logging.getLogger("generate")
 register_resolvers()
@@ -43,18 +45,7 @@ def generate(cfg: DictConfig) -> list[Path]:
     )
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run = None
-    if cfg.logger.wandb:
-        import wandb
-
-        run = wandb.init(
-            project=cfg.logger.project,
-            name=cfg.run_name,
-            dir=str(out),
-            job_type="generate",
-            mode=None if "WANDB_MODE" in __import__("os").environ else "offline",
-            config=OmegaConf.to_container(cfg, resolve=True),
-        )
+    run = start_wandb_run(cfg, out)
     paths, timings = [], []
     for start in range(0, len(prompts), cfg.batch_size):
         bp, bs = prompts[start : start + cfg.batch_size], seeds[start : start + cfg.batch_size]
@@ -78,6 +69,23 @@ def generate(cfg: DictConfig) -> list[Path]:
         run.log({"videos": [wandb.Video(str(p), caption=prompts[k], format="mp4") for k, p in enumerate(paths)]})
     log.info("wrote %d videos to %s", len(paths), out)
     return paths
+
+
+def start_wandb_run(cfg: DictConfig, out: Path) -> Any:
+    """The wandb run of this generation (None with ``logger.wandb=false``): offline unless ``WANDB_MODE`` says
+    otherwise, as in train.py and evaluate.py (``show1_lightning.wandb_mode``)."""
+    if not cfg.logger.wandb:
+        return None
+    import wandb
+
+    return wandb.init(
+        project=cfg.logger.project,
+        name=cfg.run_name,
+        dir=str(out),
+        job_type="generate",
+        mode=wandb_mode(),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
 
 
 # An absolute config path: the same configs when run as a script or as a console script (show1-*).

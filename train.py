@@ -12,6 +12,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from show1_lightning.runtime import (
@@ -27,6 +28,7 @@ from show1_lightning.runtime import (
     wandb_run_id,
 )
 from show1_lightning.stages.loading import build_stage, check_checkpoint_pickle
+from show1_lightning.wandb_mode import wandb_mode
 
 log = logging.getLogger("train")
 register_resolvers()
@@ -56,7 +58,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     stage = build_stage(cfg.stage)  # keeps its resolved config: checkpoints and exports rebuild it from there
     validate_built_stage(stage)  # sizes against the UNet's downsampling, before any step
     callbacks = instantiate_group(cfg.get("callbacks"))
-    loggers = instantiate_group(cfg.get("logger"))
+    loggers = build_loggers(cfg)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -75,6 +77,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("final metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
         log.info("outputs in %s", cfg.paths.output_dir)
     return metrics
+
+
+def build_loggers(cfg: DictConfig) -> list[Logger]:
+    """The run's loggers (``cfg.logger``). wandb logs offline unless ``WANDB_MODE`` says otherwise, as in
+    generate.py and evaluate.py (``show1_lightning.wandb_mode``)."""
+    wandb_mode()
+    return instantiate_group(cfg.get("logger"))
 
 
 # An absolute config path: the same configs when run as a script or as a console script (show1-*).
