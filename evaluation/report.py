@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from evaluation.benchmarks import Benchmark, ClipSpec
 from evaluation.distributed import SEEDS_RULE, DistContext
 from show1_lightning.fileio import atomic_write_text, sha256_file
+from show1_lightning.wandb_mode import wandb_mode
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def weight_files(node: Any) -> dict[str, str]:
     return found
 
 
-def _metric_protocol(name: str, metric: Any, cfg_node: Any) -> dict[str, Any]:
+def _metric_protocol(name: str, metric: Any, cfg_node: Any, clip: ClipSpec) -> dict[str, Any]:
     if name == "is":
         return {
             "classifier": type(metric.classifier).__name__,
@@ -52,7 +53,8 @@ def _metric_protocol(name: str, metric: Any, cfg_node: Any) -> dict[str, Any]:
             "repeats": metric.repeats,
             "eps": metric.eps,
             "std": "population std over repeats x splits",
-            "input": "16 frames; C3D preprocessing: BGR*128, bilinear align_corners=True to 112, +128-mean crop",
+            "input": f"{clip.frames} frames (eval_protocol.clip_frames); C3D preprocessing: BGR*128, "
+            "bilinear align_corners=True to 112, +128-mean crop",
         }
     if name == "fvd":
         return (
@@ -83,10 +85,10 @@ def _metric_protocol(name: str, metric: Any, cfg_node: Any) -> dict[str, Any]:
 
 def _log_wandb(cfg: DictConfig, report: Mapping[str, Any], md_path: Path) -> None:
     wcfg = cfg.logger
-    os.environ.setdefault("WANDB_MODE", str(wcfg.get("mode", "offline")))
     import wandb
 
     run = wandb.init(
+        mode=wandb_mode(),  # offline unless WANDB_MODE says otherwise, as in train.py and generate.py
         project=wcfg.get("project", "show1-eval"),
         name=wcfg.get("name"),
         id=wcfg.get("id"),
@@ -161,7 +163,7 @@ def build_report(
             "precision": str(cfg.precision),
             "generated_clip": clip.describe(),
             "benchmark": benchmark.protocol(),
-            **{m: _metric_protocol(m, metrics[m], metric_cfgs[m]) for m in names},
+            **{m: _metric_protocol(m, metrics[m], metric_cfgs[m], clip) for m in names},
             **details,
         },
         "metric_configs": metric_cfgs,
