@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import shutil
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,7 +243,10 @@ def add_lora(unet: nn.Module, spec: LoraSpec, adapter_name: str = TRAIN_ADAPTER)
     if spec.init_from:
         load_base_weights(unet, spec.init_from)
     unet.requires_grad_(False)
-    inject_adapter_in_model(spec.peft_config(), unet, adapter_name)
+    try:
+        inject_adapter_in_model(spec.peft_config(), unet, adapter_name)
+    except ValueError as exc:  # peft: no module matched
+        raise ValueError(f"stage.lora.target_modules={list(spec.target_modules)}: {exc}") from exc
     params = [p for n, p in unet.named_parameters() if is_lora_key(n) and f".{adapter_name}." in n]
     for n, p in unet.named_parameters():
         p.requires_grad_(is_lora_key(n) and f".{adapter_name}." in n)
@@ -386,7 +390,9 @@ def apply_lora(unet: nn.Module, path: str | Path, scale: float = 1.0, adapter_na
     expected = ours.get("base_checksum")
     if expected and not checksum_matches(expected, base_checksum(unet)):
         log.warning("LoRA %s was trained on another base (%s) than the one it is applied to", path, ours.get("base"))
-    inject_adapter_in_model(config, unet, adapter_name)
+    with warnings.catch_warnings():  # peft warns that a second adapter is added: several adapters are the point
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(config, unet, adapter_name)
     result = set_peft_model_state_dict(unet, weights, adapter_name=adapter_name)
     missing = [k for k in getattr(result, "missing_keys", []) if is_lora_key(k) and f".{adapter_name}." in k]
     if result.unexpected_keys or missing:
