@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,9 @@ def test_default_dataset_layout_and_cache(toy_data_dir: Path) -> None:
 
 def test_cache_invalidated_by_generator_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = ensure_toy_dataset(tmp_path, num_train=4, num_val=2, samples_per_shard=2)
+    # A stamp no write can leave (2001): "rebuilt or not" then does not depend on the timestamp resolution.
+    old = 1_000_000_000 * 10**9
+    os.utime(first["train"][0], ns=(old, old))
     mtime = Path(first["train"][0]).stat().st_mtime_ns
     ensure_toy_dataset(tmp_path, num_train=4, num_val=2, samples_per_shard=2)
     assert Path(first["train"][0]).stat().st_mtime_ns == mtime  # not rebuilt

@@ -33,7 +33,13 @@ class ToyColorAdherence(L.Callback):
     whether each sample's dominant colour is the prompted one (chance level: 1 / number of colours) and whether
     its shape moves the prompted way (``motion_adherence``, chance 0.25). Prints and logs
     ``toy/color_adherence_<when>`` and ``toy/motion_adherence_<when>`` (``when``: before, after); the colour values
-    are also kept in ``self.results`` for the entry point to report, both in ``trainer.callback_metrics``."""
+    are also kept in ``self.results`` for the entry point to report, both in ``trainer.callback_metrics``.
+
+    Runs planned shorter than ``min_steps`` optimizer steps (``trainer.max_steps``, e.g. a ``trainer.max_steps=2``
+    debug run) are not scored: a few steps leave the network at its initialisation, so both scores would be the
+    untrained model's (chance) while sampling every prompt twice costs most of such a run's time. A line says so;
+    ``+callbacks.toy_adherence.min_steps=0`` scores them anyway. The default toy run (600 steps) is always scored.
+    """
 
     def __init__(
         self,
@@ -42,12 +48,18 @@ class ToyColorAdherence(L.Callback):
         num_steps: int | None = None,
         guidance_scale: float | None = None,
         prompts: Sequence[str] | None = None,
+        min_steps: int = 100,
     ) -> None:
         self.prompts = list(prompts) if prompts else toy_eval_prompts(per_color)
         self.seeds = [seed + i for i in range(len(self.prompts))]
         self.num_steps = num_steps
         self.guidance_scale = guidance_scale
+        self.min_steps = int(min_steps)
         self.results: dict[str, float] = {}
+
+    def skipped(self, trainer: L.Trainer) -> bool:
+        """Whether this run is too short to score (``trainer.max_steps`` < ``min_steps``; -1: no step limit)."""
+        return 0 <= trainer.max_steps < self.min_steps
 
     @rank_zero_only
     def score(self, trainer: L.Trainer, pl_module: L.LightningModule, when: str) -> float:
@@ -72,7 +84,17 @@ class ToyColorAdherence(L.Callback):
         return value
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        if self.skipped(trainer):
+            if trainer.is_global_zero:
+                print(
+                    f"[toy] adherence not scored: a {trainer.max_steps}-step run is shorter than "
+                    f"min_steps={self.min_steps} (its samples would be the untrained model's); "
+                    "+callbacks.toy_adherence.min_steps=0 scores it",
+                    flush=True,
+                )
+            return
         self.score(trainer, pl_module, "before")
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        self.score(trainer, pl_module, "after")
+        if not self.skipped(trainer):
+            self.score(trainer, pl_module, "after")
