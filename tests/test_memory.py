@@ -119,6 +119,18 @@ def test_stock_unet3d_checkpointing_through_the_stage_switch():
     assert set(unet.state_dict()) == set(UNet3DConditionModel.from_config(unet.config).state_dict())
 
 
+def test_stage_switch_checkpoints_a_stock_unet3d(compose_train, tmp_path):
+    """`stage.gradient_checkpointing=true` on a stage whose UNet is diffusers' stock UNet3DConditionModel (formerly
+    refused): the stage builds and its UNet's block layers are checkpointed."""
+    import hydra
+
+    cfg = compose_train(tmp_path, "model=unet3d_tiny", "stage.gradient_checkpointing=true")
+    stage = hydra.utils.instantiate(cfg.stage, _convert_="all")
+    assert type(stage.unet) is UNet3DConditionModel and is_checkpointed(stage.unet)
+    cfg = compose_train(tmp_path, "model=unet3d_tiny")
+    assert not is_checkpointed(hydra.utils.instantiate(cfg.stage, _convert_="all").unet)
+
+
 def test_checkpointing_refuses_a_unet_without_blocks():
     with pytest.raises(ValueError, match="stage.gradient_checkpointing"):
         enable_gradient_checkpointing(torch.nn.Linear(2, 2))
