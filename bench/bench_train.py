@@ -2,9 +2,11 @@
 
 Same model, same batch, same optimizer, measured side by side in one run:
 
-    python bench/bench_train.py [--experiment toy] [--steps 6] [--warmup 2] [--threads 2]
+    python bench/bench_train.py [--experiment toy] [--steps 6] [--warmup 2] [--threads 2] [--compile [BACKEND]]
 
-Prints a table of seconds per optimizer step (median over ``--steps`` after ``--warmup``).
+Prints a table of seconds per optimizer step (median over ``--steps`` after ``--warmup``). ``--compile`` adds the
+same loops with ``stage.compile`` (torch.compile of the UNet in place; the warmup steps include compilation) and
+the final losses of eager vs compiled runs from the same seed (equal to float tolerance).
 """
 
 from __future__ import annotations
@@ -71,9 +73,16 @@ def one_batch(cfg) -> dict:
     return next(iter(dm.train_dataloader()))
 
 
-def lightning_steps(cfg, batch: dict, precision: str, n: int) -> list[float]:
+def make_stage(cfg, compile_spec: dict | None):
+    """The experiment's stage, its UNet compiled in place when ``compile_spec`` is given."""
     L.seed_everything(0)
     stage = hydra.utils.instantiate(cfg.stage, _convert_="all")
+    stage.compile_spec = compile_spec or False
+    return stage
+
+
+def lightning_steps(cfg, batch: dict, precision: str, n: int, compile_spec: dict | None = None) -> list[float]:
+    stage = make_stage(cfg, compile_spec)  # compiled by Lightning's configure_model hook
     timer = StepTimer()
     trainer = L.Trainer(
         accelerator="cpu",
@@ -90,13 +99,18 @@ def lightning_steps(cfg, batch: dict, precision: str, n: int) -> list[float]:
         limit_val_batches=0,
     )
     trainer.fit(stage, train_dataloaders=DataLoader(RepeatBatch(batch, n), batch_size=None))
+    LOSSES[("Lightning stage", precision, bool(compile_spec))] = float(trainer.callback_metrics["train/loss"])
     return timer.times
 
 
-def plain_steps(cfg, batch: dict, precision: str, n: int) -> list[float]:
+#: final training loss per (loop, precision, compiled): eager and compiled runs must agree.
+LOSSES: dict[tuple[str, str, bool], float] = {}
+
+
+def plain_steps(cfg, batch: dict, precision: str, n: int, compile_spec: dict | None = None) -> list[float]:
     """The same work without Lightning: loss, backward, clipping, AdamW, EMA."""
-    L.seed_everything(0)
-    stage = hydra.utils.instantiate(cfg.stage, _convert_="all")
+    stage = make_stage(cfg, compile_spec)
+    stage.configure_model()
     stage.train()
     optimizer = stage.optimizer_factory(params=[p for p in stage.unet.parameters() if p.requires_grad])
     times = []
@@ -110,6 +124,7 @@ def plain_steps(cfg, batch: dict, precision: str, n: int) -> list[float]:
         optimizer.zero_grad(set_to_none=True)
         stage.ema.step(stage.unet.parameters())
         times.append(time.perf_counter() - t0)
+    LOSSES[("plain PyTorch loop", precision, bool(compile_spec))] = float(loss)
     return times
 
 
@@ -119,6 +134,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument(
+        "--compile", nargs="?", const="inductor", default=None, help="also time stage.compile (torch.compile backend)"
+    )
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -126,25 +144,37 @@ def main() -> None:
     batch = one_batch(cfg)
     n = args.steps + args.warmup
     rows = []
+    specs = [None] + ([{"backend": args.compile}] if args.compile else [])
     for precision in ("32-true", "bf16-mixed"):
         for name, fn in (("plain PyTorch loop", plain_steps), ("Lightning stage", lightning_steps)):
-            times = fn(cfg, batch, precision, n)[args.warmup :]
-            rows.append((name, precision, statistics.median(times), min(times)))
+            for spec in specs:  # eager and compiled one after the other: the same machine load
+                torch._dynamo.reset()
+                times = fn(cfg, batch, precision, n, spec)[args.warmup :]
+                label = name + (" +compile" if spec else "")
+                rows.append((label, precision, statistics.median(times), min(times)))
     clips = batch["video"].shape[0]
     shape = "x".join(str(s) for s in batch["video"].shape[1:])
     print(
         f"\nexperiment={args.experiment}  batch={clips} clips of {shape}  threads={args.threads}  "
         f"torch {torch.__version__}"
     )
-    print(f"{'loop':<20} {'precision':<11} {'s/step (median)':>16} {'s/step (min)':>13} {'clips/s':>8}")
-    base = {p: t for (name, p, t, _) in rows if name.startswith("plain")}
+    print(f"{'loop':<29} {'precision':<11} {'s/step (median)':>16} {'s/step (min)':>13} {'clips/s':>8}")
+    base = {p: t for (name, p, t, _) in rows if name == "plain PyTorch loop"}
     for name, p, med, mn in rows:
-        rel = f"  ({med / base[p]:.2f}x plain)" if not name.startswith("plain") else ""
-        print(f"{name:<20} {p:<11} {med:>16.3f} {mn:>13.3f} {clips / med:>8.2f}{rel}")
+        rel = f"  ({med / base[p]:.2f}x plain)" if name != "plain PyTorch loop" else ""
+        print(f"{name:<29} {p:<11} {med:>16.3f} {mn:>13.3f} {clips / med:>8.2f}{rel}")
     f32 = {name: t for (name, p, t, _) in rows if p == "32-true"}
     for name, p, med, _ in rows:
         if p == "bf16-mixed":
             print(f"bf16-mixed vs float32, {name}: {f32[name] / med:.2f}x speed-up")
+    if args.compile:
+        for (name, p, compiled), loss in LOSSES.items():
+            if compiled:
+                eager = LOSSES[(name, p, False)]
+                print(
+                    f"final loss {name} {p}: eager {eager:.6f} compiled {loss:.6f} "
+                    f"(|diff| {abs(eager - loss):.1e}; tolerance 1e-3 x loss)"
+                )
 
 
 if __name__ == "__main__":
