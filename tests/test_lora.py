@@ -142,10 +142,14 @@ def test_export_loads_with_diffusers_peft_loader(lora_stage, base_export: Path, 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 3, 2, 8, 16, generator=g)
     emb, mask = ours.encode_text(["a red circle"])
+    kw = {"encoder_hidden_states": emb, "encoder_attention_mask": mask}
     with torch.no_grad():
-        a = ours.unet(x, torch.tensor([500]), encoder_hidden_states=emb, encoder_attention_mask=mask).sample
-        b = theirs(x, torch.tensor([500]), encoder_hidden_states=emb, encoder_attention_mask=mask).sample
-    assert torch.equal(a, b)
+        a = ours.unet(x, torch.tensor([500]), **kw).sample
+        b = theirs(x, torch.tensor([500]), **kw).sample
+        plain = load_stage(base_export).unet(x, torch.tensor([500]), **kw).sample
+    # the same up to float rounding (the two models are built by different loaders); the adapter does act
+    assert_close_rel(b, a)
+    assert_differ_rel(a, plain)
 
 
 def test_training_checkpoint_holds_only_the_adapter_and_resumes(compose_train, base_export: Path, tmp_path: Path):
