@@ -591,7 +591,6 @@ def _model_class_for(config: dict) -> type[ModelMixin]:
 def build_show1_unet(
     config: str | os.PathLike | dict,
     pretrained_path: str | os.PathLike | None = None,
-    gradient_checkpointing: bool = False,
     torch_dtype: torch.dtype | None = None,
     **overrides: Any,
 ) -> nn.Module:
@@ -604,10 +603,12 @@ def build_show1_unet(
         pretrained_path: optional folder of released weights: a model repo (``<folder>/unet/config.json``) or the
             UNet folder itself. When given, its own ``config.json`` defines the architecture and ``config`` only
             picks the class; loading fails on any missing or unexpected key.
-        gradient_checkpointing: enable activation checkpointing.
         torch_dtype: optional dtype for loaded weights.
         overrides: config keys to override when building from ``config`` (ignored keys raise).
     """
+    # Gradient checkpointing is the stage's switch (stage.gradient_checkpointing). Configs stored before that carry a
+    # model-level flag too: a training-time setting that does not change the model built, dropped so they still load.
+    overrides.pop("gradient_checkpointing", None)
     cfg = load_released_config(config)
     if pretrained_path is not None:
         folder = Path(pretrained_path)
@@ -632,8 +633,6 @@ def build_show1_unet(
         model = cls.from_config({**cfg, **overrides})
         if torch_dtype is not None:
             model = model.to(torch_dtype)
-    if gradient_checkpointing:
-        model.enable_gradient_checkpointing()
     return model
 
 

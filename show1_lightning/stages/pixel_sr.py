@@ -105,8 +105,8 @@ class PixelSRStage(DiffusionStage):
         if unet_cfg is not None and getattr(unet_cfg, "class_embed_type", None) is None:
             raise ValueError(
                 f"PixelSRStage passes the augmentation level as class labels, but {type(self.unet).__name__} has no "
-                "class embedding: use a Show-1 UNet with class_embed_type 'timestep' (model=show1_sr1 or "
-                "unet3d_tiny_sr)"
+                "class embedding: use a Show-1 UNet with class_embed_type 'timestep' (model=show1 "
+                "model.config=show-1-sr1, or unet3d_tiny_sr)"
             )
         self.num_frames, self.height, self.width = num_frames, height, width
         self.scale_factor = scale_factor
