@@ -12,8 +12,10 @@ Pieces:
   ``(batch, heads, Lq, Lk)`` score and probability matrices are allocated and coexist at the softmax).
 - :func:`measure_forward`: FLOPs (``torch.utils.flop_counter``) and peak activation bytes of one forward pass
   without grad.
-- :func:`paper_stages`: every stage of the hybrid cascade and of an all-pixel cascade at the paper's sizes,
-  step counts and windowing (the official ``run_inference.py``), and :func:`estimate_stage` to cost one.
+- :func:`paper_schedule`: sizes, frame counts and step counts of the cascade, read from the paper experiments'
+  composed configs (``conf/experiment/paper_*.yaml``: the released sampling settings).
+- :func:`paper_stages`: every stage of the hybrid cascade and of an all-pixel cascade at those sizes, step counts
+  and windowing (the official ``run_inference.py``), and :func:`estimate_stage` to cost one.
 - :func:`real_peak_subprocess`: real tensors on the CPU in a fresh process (peak-RSS delta + the tracker on real
   tensors), used to validate the meta estimate at reduced widths.
 """
@@ -292,7 +294,7 @@ def reduced_unet_config(name: str, divisor: int) -> dict:
     sr2's input temporal transformer, 8 heads x ``attention_head_dim``, shrinks too) and sr1's
     ``time_embedding_dim``. ``norm_num_groups`` becomes the largest of 4/2/1 dividing every width (32 groups need
     >= 32 channels). Text widths (T5 4096, CLIP 1024) are kept: they are inputs. Build it with
-    :func:`build_unet` (which also shrinks the temporal convs' hard-wired 32 groups).
+    :func:`build_unet` (the temporal convs take the same ``norm_num_groups``).
     """
     cfg = load_released_config(name)
     if divisor == 1:
@@ -306,21 +308,9 @@ def reduced_unet_config(name: str, divisor: int) -> dict:
 
 
 def build_unet(config: dict) -> nn.Module:
-    """``build_show1_unet`` on a (possibly reduced) config; the pixel UNets' temporal convs, which always use
-    32 GroupNorm groups as released, get the config's ``norm_num_groups`` when that is smaller."""
-    from diffusers.models.resnet import TemporalConvLayer
-
-    from show1_lightning.models import show1_unet_blocks
-
-    groups = config.get("norm_num_groups", 32)
-    if groups >= 32:
-        return build_show1_unet(config)
-    original = show1_unet_blocks.TemporalConvLayer
-    show1_unet_blocks.TemporalConvLayer = functools.partial(TemporalConvLayer, norm_num_groups=groups)
-    try:
-        return build_show1_unet(config)
-    finally:
-        show1_unet_blocks.TemporalConvLayer = original
+    """``build_show1_unet`` on a (possibly reduced) config (its temporal convs use the config's
+    ``norm_num_groups``, so reduced widths need no patching)."""
+    return build_show1_unet(config)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -362,74 +352,173 @@ def _token_inputs(batch: int, length: int = 77) -> Callable[[torch.device, torch
     return lambda device, dtype: ((torch.zeros(batch, length, device=device, dtype=torch.long),), {})
 
 
-# Official sampling (showlab/Show-1 run_inference.py): CFG doubles the batch of every UNet call.
-KEYFRAME_STEPS, INTERP_STEPS, SR1_STEPS = 75, 75, 125
-SR2_STEPS, SR2_STRENGTH = 50, 0.8
-SR2_EXECUTED = int(SR2_STEPS * SR2_STRENGTH)  # 40
-FRAMES = 29
-INTERP_WINDOWS = 7  # one 5-frame window per pair of the 8 keyframes, run one after the other
-SR_WINDOW, SR_STRIDE = 8, 7
-SR_WINDOWS = len(range(0, FRAMES - SR_WINDOW + 1, SR_STRIDE))  # 4 windows: starts 0, 7, 14, 21
+#: The paper experiments whose composed configs give the cascade's sizes and sampling (one per stage).
+PAPER_EXPERIMENTS = {
+    "keyframe": "paper_keyframe",
+    "interpolation": "paper_interpolation",
+    "pixel_sr": "paper_pixel_sr",
+    "latent_sr": "paper_latent_sr",
+}
+#: The SD VAE's spatial downsampling (latent_sr's latents: output size / 8).
+VAE_FACTOR = 8
 
 
-def paper_stages(divisor: int = 1) -> dict[str, list[StageSpec]]:
+def paper_config(experiment: str, overrides: tuple[str, ...] = ()) -> Any:
+    """The composed training config of ``experiment`` (``python train.py experiment=<name> [overrides]``),
+    unresolved: only the keys read are resolved, so the data / weight paths it leaves to the environment are not
+    needed."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            return compose("train", overrides=[f"experiment={experiment}", *overrides])
+    finally:
+        GlobalHydra.instance().clear()
+
+
+@dataclasses.dataclass(frozen=True)
+class PaperSchedule:
+    """Sizes, frame counts and sampling of the released cascade, as the paper experiments configure them."""
+
+    keyframes: int  # keyframes generated (stage 1 num_frames)
+    key_height: int
+    key_width: int
+    keyframe_steps: int
+    insert_frames: int  # new frames between each pair of keyframes (stage 2)
+    interp_steps: int
+    sr1_height: int
+    sr1_width: int
+    sr1_steps: int
+    sr_window: int  # frames per pixel-SR window (released: stride window - 1, frame 0 from the previous window)
+    sr2_height: int
+    sr2_width: int
+    sr2_steps: int
+    sr2_strength: float
+    t5: tuple[int, int]  # (tokens, width) of the T5-XXL text states
+    clip: tuple[int, int]  # (tokens, width) of the OpenCLIP-H text states
+
+    @property
+    def frames(self) -> int:
+        """Frames of the final video: the keyframes with ``insert_frames`` new ones between each pair (8 -> 29)."""
+        return (self.keyframes - 1) * (self.insert_frames + 1) + 1
+
+    @property
+    def interp_windows(self) -> int:
+        """One window per pair of keyframes, run one after the other."""
+        return self.keyframes - 1
+
+    @property
+    def interp_window(self) -> int:
+        return self.insert_frames + 2
+
+    @property
+    def sr_windows(self) -> int:
+        """Overlapping windows of the released pixel SR (stride window - 1): 29 frames -> starts 0, 7, 14, 21."""
+        return len(range(0, self.frames - self.sr_window + 1, self.sr_window - 1))
+
+    @property
+    def sr2_executed(self) -> int:
+        """Denoising steps the latent expert runs from its strength start (50 x 0.8 = 40)."""
+        return int(self.sr2_steps * self.sr2_strength)
+
+
+@functools.cache
+def paper_schedule(overrides: tuple[tuple[str, str], ...] = ()) -> PaperSchedule:
+    """:class:`PaperSchedule` read from ``conf/experiment/paper_*.yaml`` (composed with their stage configs);
+    ``overrides``: (stage, Hydra override) pairs applied to that stage's experiment."""
+    cfg = {
+        stage: paper_config(name, tuple(o for s, o in overrides if s == stage))
+        for stage, name in PAPER_EXPERIMENTS.items()
+    }
+    key, interp, sr1, sr2 = (cfg[s].stage for s in ("keyframe", "interpolation", "pixel_sr", "latent_sr"))
+    return PaperSchedule(
+        keyframes=int(key.num_frames),
+        key_height=int(key.height),
+        key_width=int(key.width),
+        keyframe_steps=int(key.sampling.num_steps),
+        insert_frames=int(interp.insert_frames),
+        interp_steps=int(interp.sampling.num_steps),
+        sr1_height=int(sr1.height),
+        sr1_width=int(sr1.width),
+        sr1_steps=int(sr1.sampling.num_steps),
+        sr_window=int(sr1.window_frames),
+        sr2_height=int(sr2.height),
+        sr2_width=int(sr2.width),
+        sr2_steps=int(sr2.sampling.num_steps),
+        sr2_strength=float(sr2.strength),
+        t5=(int(cfg["keyframe"].text_encoder.max_length), int(cfg["keyframe"].text_dim)),
+        clip=(int(cfg["latent_sr"].text_encoder.max_length), int(cfg["latent_sr"].text_dim)),
+    )
+
+
+def paper_stages(divisor: int = 1, overrides: tuple[tuple[str, str], ...] = ()) -> dict[str, list[StageSpec]]:
     """The two cascades at the paper's sizes (``divisor`` > 1 shrinks every UNet width, for tests).
 
     ``"hybrid"`` = Show-1; ``"all_pixel"`` = the same first three stages followed by a pixel SR UNet (the
-    show-1-sr1 config, 6-channel input) from 256x160 to 576x320 directly, windowed like SR1.
+    show-1-sr1 config, 6-channel input) from 256x160 to 576x320 directly, windowed like SR1. Sizes, frames and
+    step counts: :func:`paper_schedule` (``overrides``: its per-stage config overrides); classifier-free guidance
+    doubles the batch of every UNet call.
     """
-    t5 = (77, 4096)
+    s = paper_schedule(overrides)
+    t5, frames = s.t5, s.frames
+    lat_h, lat_w = s.sr2_height // VAE_FACTOR, s.sr2_width // VAE_FACTOR
     unet = lambda name: lambda: build_unet(reduced_unet_config(name, divisor))  # noqa: E731
-    text_t5 = StageSpec("T5-XXL text encoder", build_t5_xxl_encoder, _token_inputs(2), 1, "prompt + negative, once")
+    text_t5 = StageSpec(
+        "T5-XXL text encoder", build_t5_xxl_encoder, _token_inputs(2, t5[0]), 1, "prompt + negative, once"
+    )
     keyframes = StageSpec(
         "keyframes (show-1-base)",
         unet("show-1-base"),
-        _unet_inputs(2, 3, 8, 40, 64, t5),
-        KEYFRAME_STEPS,
-        f"{KEYFRAME_STEPS} steps CFG, 8x64x40",
+        _unet_inputs(2, 3, s.keyframes, s.key_height, s.key_width, t5),
+        s.keyframe_steps,
+        f"{s.keyframe_steps} steps CFG, {s.keyframes}x{s.key_width}x{s.key_height}",
     )
     interp = StageSpec(
         "interpolation",
         unet("show-1-interpolation"),
-        _unet_inputs(2, 7, 5, 40, 64, t5),
-        INTERP_STEPS * INTERP_WINDOWS,
-        f"{INTERP_STEPS} steps CFG x {INTERP_WINDOWS} windows of 5 frames",
+        _unet_inputs(2, 7, s.interp_window, s.key_height, s.key_width, t5),
+        s.interp_steps * s.interp_windows,
+        f"{s.interp_steps} steps CFG x {s.interp_windows} windows of {s.interp_window} frames",
     )
     sr1 = StageSpec(
         "pixel SR1 (show-1-sr1)",
         unet("show-1-sr1"),
-        _unet_inputs(2, 6, SR_WINDOW, 160, 256, t5, noise_level=True),
-        SR1_STEPS * SR_WINDOWS,
-        f"{SR1_STEPS} steps CFG x {SR_WINDOWS} windows of {SR_WINDOW} frames, 256x160",
+        _unet_inputs(2, 6, s.sr_window, s.sr1_height, s.sr1_width, t5, noise_level=True),
+        s.sr1_steps * s.sr_windows,
+        f"{s.sr1_steps} steps CFG x {s.sr_windows} windows of {s.sr_window} frames, {s.sr1_width}x{s.sr1_height}",
     )
-    clip = StageSpec("OpenCLIP-H text encoder", build_openclip_h_text, _token_inputs(2), 1, "prompt + negative")
+    clip = StageSpec(
+        "OpenCLIP-H text encoder", build_openclip_h_text, _token_inputs(2, s.clip[0]), 1, "prompt + negative"
+    )
     vae_enc = StageSpec(
         "VAE encode",
         lambda: VAEEncode(build_vae()),
-        _image_inputs(1, 3, 320, 576),
-        FRAMES,
-        f"{FRAMES} frames one at a time, 576x320",
+        _image_inputs(1, 3, s.sr2_height, s.sr2_width),
+        frames,
+        f"{frames} frames one at a time, {s.sr2_width}x{s.sr2_height}",
     )
     sr2 = StageSpec(
         "latent SR2 (show-1-sr2)",
         unet("show-1-sr2"),
-        _unet_inputs(2, 4, FRAMES, 40, 72, (77, 1024)),
-        SR2_EXECUTED,
-        f"{SR2_STEPS} steps x strength {SR2_STRENGTH} = {SR2_EXECUTED} CFG, 29x72x40 latents",
+        _unet_inputs(2, 4, frames, lat_h, lat_w, s.clip),
+        s.sr2_executed,
+        f"{s.sr2_steps} steps x strength {s.sr2_strength} = {s.sr2_executed} CFG, {frames}x{lat_w}x{lat_h} latents",
     )
     vae_dec = StageSpec(
         "VAE decode",
         lambda: VAEDecode(build_vae()),
-        _image_inputs(1, 4, 40, 72),
-        FRAMES,
-        f"{FRAMES} frames one at a time",
+        _image_inputs(1, 4, lat_h, lat_w),
+        frames,
+        f"{frames} frames one at a time",
     )
     pixel_sr2 = StageSpec(
         "pixel SR2 (sr1 config)",
         unet("show-1-sr1"),
-        _unet_inputs(2, 6, SR_WINDOW, 320, 576, t5, noise_level=True),
-        SR1_STEPS * SR_WINDOWS,
-        f"{SR1_STEPS} steps CFG x {SR_WINDOWS} windows of {SR_WINDOW} frames, 576x320",
+        _unet_inputs(2, 6, s.sr_window, s.sr2_height, s.sr2_width, t5, noise_level=True),
+        s.sr1_steps * s.sr_windows,
+        f"{s.sr1_steps} steps CFG x {s.sr_windows} windows of {s.sr_window} frames, {s.sr2_width}x{s.sr2_height}",
     )
     return {
         "hybrid": [text_t5, keyframes, interp, sr1, clip, vae_enc, sr2, vae_dec],

@@ -7,6 +7,8 @@ import torch
 from efficiency_lib import (  # bench/ is on the test path (pyproject.toml)
     LiveBytesTracker,
     measure_forward,
+    paper_schedule,
+    paper_stages,
     predict_peak,
     real_peak,
     reduced_unet_config,
@@ -120,3 +122,16 @@ def test_quick_bench_prints_both_cascades(capsys):
         "mem eff",
     ):
         assert needle in out, needle
+
+
+def test_paper_schedule_is_read_from_the_paper_experiments():
+    """Frames and step counts come from conf/ (the released sampling there), and follow a change to it."""
+    s = paper_schedule()
+    assert (s.keyframes, s.frames, s.interp_windows, s.sr_windows) == (8, 29, 7, 4)
+    assert (s.keyframe_steps, s.interp_steps, s.sr1_steps, s.sr2_executed) == (75, 75, 125, 40)
+    changed = (("keyframe", "stage.num_frames=4"), ("pixel_sr", "stage.sampling.num_steps=10"))
+    s2 = paper_schedule(changed)
+    assert (s2.frames, s2.interp_windows, s2.sr1_steps) == (13, 3, 10)
+    forwards = {spec.name: spec.forwards for spec in paper_stages(8, changed)["hybrid"]}
+    assert forwards["interpolation"] == 75 * 3 and forwards["pixel SR1 (show-1-sr1)"] == 10 * s2.sr_windows
+    assert forwards["VAE encode"] == 13
