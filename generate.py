@@ -42,6 +42,7 @@ def generate(cfg: DictConfig) -> list[Path]:
         t5=cfg.get("t5"),
         if_ii_l=cfg.get("if_ii_l"),
         strict_sizes=bool(cfg.get("strict_sizes", False)),
+        lora=OmegaConf.to_container(cfg.lora, resolve=True) if cfg.get("lora") else None,
     )
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,12 +8,15 @@ import shutil
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 
 from show1_lightning.fileio import replace_dir, temp_sibling_dir
 
 
-def export_stage(pl_module: L.LightningModule, out_dir: str | Path, use_ema: bool = True) -> Path:
+def export_stage(
+    pl_module: L.LightningModule, out_dir: str | Path, use_ema: bool = True, unet: nn.Module | None = None
+) -> Path:
     """Save the stage's UNet (EMA weights when available) with ``save_pretrained`` into ``out_dir/unet``
     (``config.json`` + ``diffusion_pytorch_model.safetensors``), its noise schedule into
     ``out_dir/scheduler`` and, when known, the stage config as ``out_dir/stage.json`` (so the cascade can
@@ -21,15 +24,20 @@ def export_stage(pl_module: L.LightningModule, out_dir: str | Path, use_ema: boo
 
     The folder is built in a hidden temporary sibling and renamed into place (an existing export is swapped
     out, see ``fileio.replace_dir``): a kill leaves the previous export or the new one, never a mix or a
-    half-written weights file. Temporary siblings left by a killed export are removed first."""
+    half-written weights file. Temporary siblings left by a killed export are removed first.
+
+    A LoRA stage exports its adapter only (``diffusion.lora.export_lora_stage``). ``unet``: the full-weight UNet
+    to write (a sharded run gathers it first, see :class:`ExportEMACallback`); default: a copy of the stage's,
+    with the EMA weights when ``use_ema``."""
+    if getattr(pl_module, "lora_spec", None) is not None:
+        from show1_lightning.diffusion.lora import export_lora_stage
+
+        return export_lora_stage(pl_module, out_dir, use_ema)
     out_dir = Path(out_dir)
     for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*") if out_dir.parent.is_dir() else ():
         shutil.rmtree(stale, ignore_errors=True)
-    unet = copy.deepcopy(pl_module.unet).to("cpu")
-    if use_ema and getattr(pl_module, "ema", None) is not None:
-        ema = copy.deepcopy(pl_module.ema)
-        ema.to("cpu")
-        ema.copy_to(unet.parameters())
+    if unet is None:
+        unet = _unet_copy(pl_module, use_ema)
     tmp = temp_sibling_dir(out_dir)
     try:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
@@ -43,14 +51,31 @@ def export_stage(pl_module: L.LightningModule, out_dir: str | Path, use_ema: boo
     return out_dir
 
 
+def _unet_copy(pl_module: L.LightningModule, use_ema: bool) -> nn.Module:
+    """A CPU copy of an unsharded stage's UNet, with the EMA weights when ``use_ema`` and there is an EMA."""
+    unet = copy.deepcopy(pl_module.unet).to("cpu")
+    if use_ema and getattr(pl_module, "ema", None) is not None:
+        ema = copy.deepcopy(pl_module.ema)
+        ema.to("cpu")
+        ema.copy_to(unet.parameters())
+    return unet
+
+
 class ExportEMACallback(L.Callback):
-    """At the end of fit, global rank 0 writes the EMA UNet in the diffusers layout to ``dirpath``."""
+    """At the end of fit, global rank 0 writes the EMA UNet in the diffusers layout to ``dirpath``. Under FSDP
+    every rank first takes part in gathering the full weights (a collective), then rank 0 writes them."""
 
     def __init__(self, dirpath: str = "export", use_ema: bool = True) -> None:
         self.dirpath = dirpath
         self.use_ema = use_ema
 
-    @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        path = export_stage(pl_module, self.dirpath, self.use_ema)
+        from show1_lightning.diffusion.sharding import full_unet, is_sharded
+
+        unet = None
+        if is_sharded(pl_module) and getattr(pl_module, "lora_spec", None) is None:
+            unet = full_unet(pl_module, use_ema=self.use_ema)  # every rank: a collective
+        if not trainer.is_global_zero:
+            return
+        path = export_stage(pl_module, self.dirpath, self.use_ema, unet=unet)
         rank_zero_info(f"exported {'EMA ' if self.use_ema else ''}weights (diffusers layout) to {path}")

@@ -38,7 +38,7 @@ class ToyColorAdherence(L.Callback):
     Runs planned shorter than ``min_steps`` optimizer steps (``trainer.max_steps``, e.g. a ``trainer.max_steps=2``
     debug run) are not scored: a few steps leave the network at its initialisation, so both scores would be the
     untrained model's (chance) while sampling every prompt twice costs most of such a run's time. A line says so;
-    ``+callbacks.toy_adherence.min_steps=0`` scores them anyway. The default toy run (600 steps) is always scored.
+    ``callbacks.toy_adherence.min_steps=0`` scores them anyway. The default toy run (600 steps) is always scored.
     """
 
     def __init__(
@@ -89,7 +89,7 @@ class ToyColorAdherence(L.Callback):
                 print(
                     f"[toy] adherence not scored: a {trainer.max_steps}-step run is shorter than "
                     f"min_steps={self.min_steps} (its samples would be the untrained model's); "
-                    "+callbacks.toy_adherence.min_steps=0 scores it",
+                    "callbacks.toy_adherence.min_steps=0 scores it",
                     flush=True,
                 )
             return

@@ -27,7 +27,7 @@ import torch
 import webdataset as wds
 from omegaconf import OmegaConf
 
-from show1_lightning.data.frame_sampling import ClipTooShortError, FrameSelection, sample_frame_indices
+from show1_lightning.data.frame_sampling import FrameSelection, sample_frame_indices
 from show1_lightning.data.video_io import VideoDecodeError
 from show1_lightning.fileio import atomic_write_json
 from show1_lightning.video_ops import resize_cover_crop
@@ -489,7 +489,3 @@ def resize_center_crop(video: torch.Tensor, height: int, width: int) -> torch.Te
     """Resize float ``C x T x H x W`` to cover ``height x width`` and centre-crop: the one rule of
     :func:`show1_lightning.video_ops.resize_cover_crop` (training and evaluation preprocess alike)."""
     return resize_cover_crop(video, (height, width))
-
-
-# Re-exported so that callers catching sample errors need one import.
-SampleError = (VideoDecodeError, ClipTooShortError)

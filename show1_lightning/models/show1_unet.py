@@ -302,11 +302,6 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin):
             block_out_channels[0], out_channels, kernel_size=conv_out_kernel, padding=(conv_out_kernel - 1) // 2
         )
 
-    @classmethod
-    def from_config_file(cls, config: str | os.PathLike | dict, **overrides: Any) -> Show1UNet3DConditionModel:
-        """Build with random weights from a released config (name like ``"show-1-base"``, a JSON path or a dict)."""
-        return cls.from_config({**load_released_config(config), **overrides})
-
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -511,11 +506,6 @@ class Show1SR2UNet3DConditionModel(UNet3DConditionModel):
         if not use_transformer_in:
             self.transformer_in = _PassThroughTemporal()
         self._warned_mask = False
-
-    @classmethod
-    def from_config_file(cls, config: str | os.PathLike | dict, **overrides: Any) -> Show1SR2UNet3DConditionModel:
-        """Build with random weights from a released config (``"show-1-sr2"``, a JSON path or a dict)."""
-        return cls.from_config({**load_released_config(config), **overrides})
 
     def forward(
         self,
