@@ -176,16 +176,21 @@ def test_ensure_toy_vae_fits_once_then_reuses_cache(tmp_path: Path) -> None:
     assert json.loads((path / "DONE.json").read_text())["params"]["steps"] == 81
 
 
-def test_ensure_toy_vae_does_not_reuse_a_fit_stopped_early(toy_data_dir: Path, tmp_path: Path) -> None:
-    """time_limit_s stops a fit early: that VAE is used once but not cached as the recipe's result."""
+def test_ensure_toy_vae_keeps_a_fit_stopped_early_until_asked(toy_data_dir: Path, tmp_path: Path) -> None:
+    """time_limit_s stops a fit early: that VAE stays cached (stages trained on it need it as it is, and a slow
+    machine must not get a new VAE at every load) until refit_incomplete asks for a full fit."""
     root = tmp_path / "toy_vae"
     kw = dict(height=16, width=24, tiny=TINY, steps=3, num_clips=8, frames_per_clip=1, crop=16)
     ensure_toy_vae(root, toy_data_dir / "toy", time_limit_s=0.0, **kw)  # stops after its first step
     first = json.loads((root / "DONE.json").read_text())
     assert first["stats"]["steps"] == 1
-    ensure_toy_vae(root, toy_data_dir / "toy", time_limit_s=None, **kw)  # refitted, now complete
+    weights = (root / "diffusion_pytorch_model.safetensors").read_bytes()
+    ensure_toy_vae(root, toy_data_dir / "toy", time_limit_s=None, **kw)  # kept as it is
+    assert json.loads((root / "DONE.json").read_text()) == first
+    assert (root / "diffusion_pytorch_model.safetensors").read_bytes() == weights
+    ensure_toy_vae(root, toy_data_dir / "toy", time_limit_s=None, refit_incomplete=True, **kw)  # refitted
     second = json.loads((root / "DONE.json").read_text())
     assert second["stats"]["steps"] == 3
     stamp = (root / "DONE.json").stat().st_mtime_ns
-    ensure_toy_vae(root, toy_data_dir / "toy", time_limit_s=None, **kw)  # complete: reused
+    ensure_toy_vae(root, toy_data_dir / "toy", time_limit_s=None, refit_incomplete=True, **kw)  # complete: reused
     assert (root / "DONE.json").stat().st_mtime_ns == stamp

@@ -165,10 +165,16 @@ def ensure_toy_vae(
     seed: int = 0,
     time_limit_s: float | None = 240.0,
     sample_posterior: bool = True,
+    refit_incomplete: bool = False,
 ) -> Path:
     """The tiny VAE fitted on the toy clips (frames resized to ``height`` x ``width``), saved with
     ``save_pretrained`` in ``root``; fitted on first use, then read from the cache (``DONE.json`` records the
-    recipe: a change refits). Safe to call from several processes at once (:func:`show1_lightning.fileio.build_once`)."""
+    recipe: a change refits). Safe to call from several processes at once (:func:`show1_lightning.fileio.build_once`).
+
+    A fit ``time_limit_s`` stopped early is kept, with a warning at every use: stages trained on a cached VAE (their
+    latents, a latent cache's identity) need that VAE as it is, so it is never replaced behind their back (a slow
+    machine that hit the limit on every use would otherwise get a different VAE each time). ``refit_incomplete``
+    (or deleting ``root``) fits it again; retrain what was trained on it."""
     root = Path(root)
     tiny = dict(plain(tiny) or {})
     params = {
@@ -189,13 +195,22 @@ def ensure_toy_vae(
     params = json.loads(json.dumps(params))  # tuples -> lists: compares equal to what DONE.json holds
 
     def is_current(done: Any) -> bool:
-        # A fit its time limit stopped early is not the recipe's VAE: fitted again (with a warning) next time
-        # rather than silently reused.
-        return (
-            isinstance(done, dict)
-            and done.get("params") == params
-            and done.get("stats", {}).get("steps", steps) >= steps
+        if not (isinstance(done, dict) and done.get("params") == params):
+            return False
+        done_steps = done.get("stats", {}).get("steps", steps)
+        if done_steps >= steps:
+            return True
+        if refit_incomplete:
+            return False
+        log.warning(
+            "the toy VAE in %s was fitted for %d of %d steps (its time limit stopped it): used as it is, since "
+            "stages trained on it need this VAE; vae.fit_on_toy.refit_incomplete=true (or deleting the folder) "
+            "fits it again, then retrain the stages that use it",
+            root,
+            done_steps,
+            steps,
         )
+        return True
 
     def fit() -> dict[str, Any]:
         log.info("fitting the tiny toy VAE into %s (first use; cached afterwards)", root)
@@ -210,8 +225,9 @@ def ensure_toy_vae(
         log.info("toy VAE ready: %s", stats)
         if stats["steps"] < steps:
             log.warning(
-                "toy VAE fit stopped after %d of %d steps (time_limit_s): used for this run, fitted again next "
-                "time; raise vae.fit_on_toy.time_limit_s on a slow machine",
+                "toy VAE fit stopped after %d of %d steps (time_limit_s): cached as it is (kept for the stages "
+                "trained on it); raise vae.fit_on_toy.time_limit_s and set vae.fit_on_toy.refit_incomplete=true "
+                "to fit it fully",
                 stats["steps"],
                 steps,
             )
