@@ -168,7 +168,7 @@ def _checkpoint_unet_state(unet: nn.Module, ckpt: dict, source: Path) -> dict[st
 def load_base_weights(unet: nn.Module, source: str | Path) -> None:
     """Load the base weights ``source`` names (see :attr:`LoraSpec.init_from`) into ``unet`` (no adapter on it
     yet), strictly: every key must match."""
-    from show1_lightning.stages.loading import check_stage_config, safe_torch_load
+    from show1_lightning.diffusion.safe_loading import check_stage_config, safe_torch_load
 
     source = Path(source)
     if source.is_file():  # a stage checkpoint written by train.py
