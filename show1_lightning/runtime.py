@@ -138,6 +138,7 @@ def validate_train_config(cfg: DictConfig) -> None:
         _check(prec != "16-mixed", "trainer.precision", "16-mixed needs a GPU; use bf16-mixed on CPU")
     _validate_sampling(cfg)
     _validate_data_sizes(cfg)
+    _validate_sharded_callbacks(cfg)
 
 
 # Callbacks that call the stage's generate() during fit (their _target_ class names).
@@ -150,6 +151,21 @@ def _sampling_callbacks(cfg: DictConfig) -> dict[str, DictConfig]:
         if isinstance(node, DictConfig) and str(node.get("_target_", "")).rsplit(".", 1)[-1] in SAMPLING_CALLBACKS:
             out[str(name)] = node
     return out
+
+
+def _validate_sharded_callbacks(cfg: DictConfig) -> None:
+    """Under FSDP every forward is a collective of all ranks, so callbacks that sample on rank 0 only would hang
+    the run at their first sample: refuse them at start-up, naming them."""
+    strategy = (cfg.trainer.get("strategy") if isinstance(cfg.trainer.get("strategy"), DictConfig) else None) or {}
+    if "fsdp" not in str(strategy.get("_target_", "")).lower():
+        return
+    sampling = sorted(_sampling_callbacks(cfg))
+    _check(
+        not sampling,
+        "callbacks",
+        f"{', '.join(sampling)} sample on rank 0 only, which hangs under FSDP (every sharded forward needs all "
+        f"ranks): set {' '.join(f'callbacks.{n}=null' for n in sampling)} with trainer=fsdp",
+    )
 
 
 def _check_steps_guidance(num_steps: Any, guidance: Any, key: str) -> None:

@@ -193,3 +193,16 @@ def test_paper_keyframe_config_builds_the_released_structure_on_meta(compose_tra
         unet = hydra.utils.instantiate(cfg.model, _convert_="all")
     assert unet.config.in_channels == 3 and unet.config.out_channels == 6  # eps + learned variance
     assert unet.config.encoder_hid_dim == cfg.text_dim == 4096
+
+
+def test_fsdp_with_rank_zero_sampling_callbacks_fails_at_start(compose_train, tmp_path):
+    """Rank-0-only sampling would hang an FSDP run at its first sample: refused at start-up, naming the callbacks."""
+    from show1_lightning.runtime import ConfigError
+
+    cfg = compose_train(tmp_path, "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2")
+    with pytest.raises(ConfigError, match=r"callbacks\.samples=null"):
+        validate_train_config(cfg)
+    lean = compose_train(
+        tmp_path, "trainer=fsdp", "trainer.accelerator=cpu", "callbacks.samples=null", "callbacks.toy_adherence=null"
+    )
+    validate_train_config(lean)
