@@ -159,6 +159,15 @@ def resize_short_side_crop_tats(frames: np.ndarray, resolution: int) -> np.ndarr
     return ((x + 0.5) * 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 
 
+def existing_videos(paths: Sequence[Path], what: str) -> list[Path]:
+    """``paths`` when every one is a file, else ``FileNotFoundError`` counting the missing ones (``what``: the
+    dataset and list, for the message)."""
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{what}: {len(missing)} videos missing, e.g. {missing[0]}")
+    return list(paths)
+
+
 def count_frames(path: str | Path) -> int:
     """Number of video frames of a file (demuxed packets of its first video stream, no decoding)."""
     import av

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.benchmarks import Benchmark, ClipSpec, PromptItem
+from evaluation.benchmarks import Benchmark, ClipSpec, PromptItem, existing_videos
 
 
 class MSRVTTBenchmark(Benchmark):
@@ -104,10 +104,7 @@ class MSRVTTBenchmark(Benchmark):
     def reference_videos(self) -> list[Path]:
         if self._reference is None:
             paths = [self.video_dir / f"{v}.mp4" for v in self.video_ids]
-            missing = [p for p in paths if not p.is_file()]
-            if missing:
-                raise FileNotFoundError(f"MSR-VTT: {len(missing)} {self.split} videos missing, e.g. {missing[0]}")
-            self._reference = paths
+            self._reference = existing_videos(paths, f"MSR-VTT {self.split} split")
         return self._reference
 
     def _reference_description(self) -> str:

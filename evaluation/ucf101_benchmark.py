@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.benchmarks import Benchmark, ClipSpec, PromptItem
+from evaluation.benchmarks import Benchmark, ClipSpec, PromptItem, existing_videos
 
 
 def camel_to_words(name: str) -> str:
@@ -170,10 +170,7 @@ class UCF101Benchmark(Benchmark):
                 self.real_split
             ]
             paths = [self.video_root / r for r in rels]
-            missing = [p for p in paths if not p.is_file()]
-            if missing:
-                raise FileNotFoundError(f"UCF-101: {len(missing)} listed videos missing, e.g. {missing[0]}")
-            self._reference = paths
+            self._reference = existing_videos(paths, f"UCF-101 split {self.split} {self.real_split} list")
         return self._reference
 
     def _reference_description(self) -> str:

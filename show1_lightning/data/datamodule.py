@@ -219,7 +219,33 @@ def _bounded_shuffle(
         yield pick()
 
 
-class _ClipMaker:
+class SampleMaker:
+    """Raw sample -> training item (``__call__``, raising :class:`SampleSkipped` for a bad sample); ``make`` is the
+    one skip-and-count rule every maker (video clips, cached latents) shares."""
+
+    def __call__(self, sample: dict[str, Any], rng: random.Random | None, start: int | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def make(
+        self, sample: dict[str, Any], rng: random.Random | None, start: int | None, counter: SkipCounter
+    ) -> dict[str, Any] | None:
+        """The item, or None after counting why the sample was skipped (any exception but a fatal one)."""
+        key = sample.get("__key__", "?")
+        try:
+            item = self(sample, rng, start)
+        except SampleSkipped as exc:
+            counter.skipped(exc, key)
+            return None
+        except (FatalDataError, MemoryError):
+            raise
+        except Exception as exc:  # an unforeseen failure on this one sample: counted with its reason
+            counter.add("error", key, f"{type(exc).__name__}: {exc}")
+            return None
+        counter.ok()
+        return item
+
+
+class _ClipMaker(SampleMaker):
     """Raw webdataset sample -> dict with the clip tensor, caption, key, stride (and text embedding).
 
     Raises :class:`SampleSkipped` for anything wrong with the sample, :class:`FatalDataError` for a text
@@ -299,24 +325,6 @@ class _ClipMaker:
             except (KeyError, ValueError) as exc:  # missing shard or sample, stale or foreign cache
                 raise FatalDataError(exc.args[0] if exc.args else str(exc)) from exc
             item["text_emb"], item["text_mask"] = emb, mask
-        return item
-
-    def make(
-        self, sample: dict[str, Any], rng: random.Random | None, start: int | None, counter: SkipCounter
-    ) -> dict[str, Any] | None:
-        """The clip, or None after counting why the sample was skipped (any exception but a fatal one)."""
-        key = sample.get("__key__", "?")
-        try:
-            item = self(sample, rng, start)
-        except SampleSkipped as exc:
-            counter.skipped(exc, key)
-            return None
-        except (FatalDataError, MemoryError):
-            raise
-        except Exception as exc:  # an unforeseen failure on this one sample: counted with its reason
-            counter.add("error", key, f"{type(exc).__name__}: {exc}")
-            return None
-        counter.ok()
         return item
 
 

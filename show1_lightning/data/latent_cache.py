@@ -63,7 +63,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from show1_lightning.data.datamodule import FatalDataError, SampleSkipped, SkipCounter, _ClipMaker
+from show1_lightning.data.datamodule import FatalDataError, SampleMaker, SampleSkipped, SkipCounter, _ClipMaker
 from show1_lightning.data.shards import expand_shard_spec
 from show1_lightning.data.text_cache import cache_file_name, normalize_shard_url
 from show1_lightning.fileio import atomic_write_json
@@ -429,7 +429,7 @@ class LatentCache:
         return _LatentSampleMaker(self.meta["height"], self.meta["width"], text_cache, self.sample_posterior)
 
 
-class _LatentSampleMaker:
+class _LatentSampleMaker(SampleMaker):
     """Raw cache sample -> training item (one of its K clips drawn with the stream's rng).
 
     The same interface as the datamodule's clip maker (``make(sample, rng, start, counter)``). Items carry
@@ -470,24 +470,6 @@ class _LatentSampleMaker:
             except (KeyError, ValueError) as exc:
                 raise FatalDataError(exc.args[0] if exc.args else str(exc)) from exc
             item["text_emb"], item["text_mask"] = emb, mask
-        return item
-
-    def make(
-        self, sample: dict[str, Any], rng: random.Random | None, start: int | None, counter: SkipCounter
-    ) -> dict[str, Any] | None:
-        """The item, or None after counting why the sample was skipped."""
-        key = sample.get("__key__", "?")
-        try:
-            item = self(sample, rng, start)
-        except SampleSkipped as exc:
-            counter.skipped(exc, key)
-            return None
-        except (FatalDataError, MemoryError):
-            raise
-        except Exception as exc:
-            counter.add("error", key, f"{type(exc).__name__}: {exc}")
-            return None
-        counter.ok()
         return item
 
 
