@@ -93,6 +93,8 @@ def test_load_stage_from_checkpoint_refuses_a_code_running_pickle(tmp_path):
     assert not marker.exists()
 
 
+# The entry point's subprocess (~15 s): load_stage's refusal, which it calls, is tested in-process above.
+@pytest.mark.slow
 def test_generate_py_refuses_a_code_running_checkpoint(tmp_path):
     marker = tmp_path / "marker"
     ckpt = _crafted_checkpoint(tmp_path / "evil.ckpt", marker)
@@ -113,6 +115,8 @@ def test_generate_py_refuses_a_code_running_checkpoint(tmp_path):
     assert not marker.exists()
 
 
+# The entry point's subprocess (~15 s): load_stage's refusal, which it calls, is tested in-process above.
+@pytest.mark.slow
 def test_evaluate_py_cascade_generator_refuses_a_code_running_checkpoint(tmp_path):
     import fixtures_eval as fx
 

@@ -73,9 +73,11 @@ def test_toy_adherence_skips_debug_length_runs_only() -> None:
 
 def test_resume_continues_from_last_ckpt(compose_train, tmp_path):
     lean = ("callbacks.samples=null", "callbacks.toy_adherence=null", "callbacks.export=null")
-    train.train(compose_train(tmp_path, *lean))
+    # export_dir=null (the callback kept) exports nothing; it used to fail at the end of fit
+    train.train(compose_train(tmp_path, *lean[:2], "export_dir=null"))
     first = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert first["global_step"] == 2
+    assert not (tmp_path / "export").exists()
     cfg = compose_train(tmp_path, *lean, "trainer.max_steps=4")
     with_ckpt = train.train(cfg)
     resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)

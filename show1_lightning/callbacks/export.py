@@ -63,15 +63,19 @@ def _unet_copy(pl_module: L.LightningModule, use_ema: bool) -> nn.Module:
 
 class ExportEMACallback(L.Callback):
     """At the end of fit, global rank 0 writes the EMA UNet in the diffusers layout to ``dirpath``. Under FSDP
-    every rank first takes part in gathering the full weights (a collective), then rank 0 writes them."""
+    every rank first takes part in gathering the full weights (a collective), then rank 0 writes them.
+    ``dirpath`` None (``export_dir=null``) exports nothing: one line says so at the end of fit."""
 
-    def __init__(self, dirpath: str = "export", use_ema: bool = True) -> None:
+    def __init__(self, dirpath: str | None = "export", use_ema: bool = True) -> None:
         self.dirpath = dirpath
         self.use_ema = use_ema
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from show1_lightning.diffusion.sharding import full_unet, is_sharded
 
+        if self.dirpath is None:
+            rank_zero_info("export skipped: export_dir is null")
+            return
         unet = None
         if is_sharded(pl_module) and getattr(pl_module, "lora_spec", None) is None:
             unet = full_unet(pl_module, use_ema=self.use_ema)  # every rank: a collective
