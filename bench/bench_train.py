@@ -3,10 +3,17 @@
 Same model, same batch, same optimizer, measured side by side in one run:
 
     python bench/bench_train.py [--experiment toy] [--steps 6] [--warmup 2] [--threads 2] [--compile [BACKEND]]
+    python bench/bench_train.py --ab "model.attention_head_dim=16" [--rounds 2]
+
 
 Prints a table of seconds per optimizer step (median over ``--steps`` after ``--warmup``). ``--compile`` adds the
 same loops with ``stage.compile`` (torch.compile of the UNet in place; the warmup steps include compilation) and
 the final losses of eager vs compiled runs from the same seed (equal to float tolerance).
+
+``--ab OVERRIDES`` instead times the plain float32 loop of the experiment (A) and of the experiment with the given
+Hydra overrides (B, e.g. a cheaper model or batch), alternating A and B ``--rounds`` times in one process: shared
+CPUs drift by tens of percent within an hour, so only an interleaved ratio is a claim. Each side uses its own
+config's batch (``data.*`` overrides change it).
 """
 
 from __future__ import annotations
@@ -128,6 +135,29 @@ def plain_steps(cfg, batch: dict, precision: str, n: int, compile_spec: dict | N
     return times
 
 
+def ab_rounds(experiment: str, overrides: list[str], variant: list[str], rounds: int, n: int, warmup: int) -> None:
+    """Plain float32 loops of A (the experiment) and B (plus ``variant``), alternated ``rounds`` times; prints the
+    median s/step of every round and the ratio of B to A over all rounds."""
+    sides = {}
+    for name, extra in (("A", []), ("B", variant)):
+        cfg = build(experiment, [*overrides, *extra])
+        sides[name] = (cfg, one_batch(cfg))
+    medians: dict[str, list[float]] = {"A": [], "B": []}
+    for r in range(rounds):
+        for name, (cfg, batch) in sides.items():
+            times = plain_steps(cfg, batch, "32-true", n + warmup)[warmup:]
+            medians[name].append(statistics.median(times))
+            print(f"round {r + 1} {name}: {medians[name][-1]:.3f} s/step (median of {n})", flush=True)
+    a, b = statistics.median(medians["A"]), statistics.median(medians["B"])
+    print(f"\nexperiment={experiment}  A: (as configured)  B: {' '.join(variant)}  threads={torch.get_num_threads()}")
+    print(f"{'side':<5} {'s/step per round':<30} {'median':>8}")
+    for name in ("A", "B"):
+        print(
+            f"{name:<5} {' / '.join(f'{t:.3f}' for t in medians[name]):<30} {statistics.median(medians[name]):>8.3f}"
+        )
+    print(f"B / A step time: {b / a:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experiment", default="toy")
@@ -137,9 +167,14 @@ def main() -> None:
     ap.add_argument(
         "--compile", nargs="?", const="inductor", default=None, help="also time stage.compile (torch.compile backend)"
     )
+    ap.add_argument("--ab", default=None, help="B's extra Hydra overrides (space-separated): interleaved A/B timing")
+    ap.add_argument("--rounds", type=int, default=2, help="with --ab: alternations of A and B")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.ab is not None:
+        ab_rounds(args.experiment, args.overrides, args.ab.split(), args.rounds, args.steps, args.warmup)
+        return
     cfg = build(args.experiment, args.overrides)
     batch = one_batch(cfg)
     n = args.steps + args.warmup
