@@ -5,7 +5,6 @@ Same model, same batch, same optimizer, measured side by side in one run:
     python bench/bench_train.py [--experiment toy] [--steps 6] [--warmup 2] [--threads 2] [--compile [BACKEND]]
     python bench/bench_train.py --ab "model.attention_head_dim=16" [--rounds 2]
 
-
 Prints a table of seconds per optimizer step (median over ``--steps`` after ``--warmup``). ``--compile`` adds the
 same loops with ``stage.compile`` (torch.compile of the UNet in place; the warmup steps include compilation) and
 the final losses of eager vs compiled runs from the same seed (equal to float tolerance).
@@ -148,14 +147,12 @@ def ab_rounds(experiment: str, overrides: list[str], variant: list[str], rounds:
             times = plain_steps(cfg, batch, "32-true", n + warmup)[warmup:]
             medians[name].append(statistics.median(times))
             print(f"round {r + 1} {name}: {medians[name][-1]:.3f} s/step (median of {n})", flush=True)
-    a, b = statistics.median(medians["A"]), statistics.median(medians["B"])
+    overall = {name: statistics.median(times) for name, times in medians.items()}
     print(f"\nexperiment={experiment}  A: (as configured)  B: {' '.join(variant)}  threads={torch.get_num_threads()}")
     print(f"{'side':<5} {'s/step per round':<30} {'median':>8}")
-    for name in ("A", "B"):
-        print(
-            f"{name:<5} {' / '.join(f'{t:.3f}' for t in medians[name]):<30} {statistics.median(medians[name]):>8.3f}"
-        )
-    print(f"B / A step time: {b / a:.2f}x")
+    for name, times in medians.items():
+        print(f"{name:<5} {' / '.join(f'{t:.3f}' for t in times):<30} {overall[name]:>8.3f}")
+    print(f"B / A step time: {overall['B'] / overall['A']:.2f}x")
 
 
 def main() -> None:
