@@ -174,10 +174,10 @@ def main() -> int:
         return 2
 
     import torch
+    from i3d_parity import natural_clip, relative_l2  # the sibling script: scripts/ is sys.path[0] when run as one
 
     from evaluation.fvd import FVD
     from evaluation.i3d import converted_state_dict, load_i3d, to_tats_state_dict
-    from scripts.i3d_parity import natural_clip, relative_l2
 
     torch.set_num_threads(args.threads)
     clips = np.concatenate(
