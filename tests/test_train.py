@@ -56,7 +56,8 @@ def test_short_run_writes_checkpoint_samples_export_and_adherence(compose_train,
     assert video.shape == (1, 3, cfg.stage.num_frames, cfg.stage.height, cfg.stage.width)
     # "after" scores the final EMA weights' samples of the callback's prompts and seeds.
     seed = cfg.callbacks.toy_adherence.seed
-    videos = stage.generate(prompts, [seed + i for i in range(len(prompts))])
+    steps = cfg.callbacks.toy_adherence.num_steps  # fewer sampling steps than the stage's own (README)
+    videos = stage.generate(prompts, [seed + i for i in range(len(prompts))], num_steps=steps)
     assert metrics["toy/color_adherence_after"] == color_adherence(videos.float(), prompts)
 
 
@@ -69,6 +70,24 @@ def test_toy_adherence_skips_debug_length_runs_only() -> None:
     assert not default.skipped(trainer(100)) and not default.skipped(trainer(600))  # the toy run: scored
     assert not default.skipped(trainer(-1))  # no step limit
     assert not ToyColorAdherence(per_color=1, min_steps=0).skipped(trainer(2))
+
+
+def test_time_budget_stops_training_and_the_score_says_after_how_many_steps(compose_train, tmp_path, capsys):
+    # The default run's trainer.max_time: a CPU too slow for max_steps stops early; the printed score says so.
+    cfg = compose_train(
+        tmp_path,
+        "trainer.max_steps=100000",
+        "trainer.max_time=00:00:00:02",
+        "callbacks.toy_adherence.per_color=1",
+        "callbacks.toy_adherence.num_steps=1",
+        "callbacks.samples=null",
+        "callbacks.export=null",
+    )
+    assert cfg.trainer.max_time == "00:00:00:02"
+    train.train(cfg)
+    done = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+    assert 0 < done < 100000
+    assert f"colour adherence after training ({done} of 100000 steps: stopped early" in capsys.readouterr().out
 
 
 def test_resume_continues_from_last_ckpt(compose_train, tmp_path):

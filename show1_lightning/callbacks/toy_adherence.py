@@ -61,6 +61,16 @@ class ToyColorAdherence(L.Callback):
         """Whether this run is too short to score (``trainer.max_steps`` < ``min_steps``; -1: no step limit)."""
         return 0 <= trainer.max_steps < self.min_steps
 
+    @staticmethod
+    def steps_note(trainer: L.Trainer, when: str) -> str:
+        """After training: how many optimizer steps the score is for, and why fewer than planned (a time budget)."""
+        if when != "after":
+            return ""
+        done, planned = trainer.global_step, trainer.max_steps
+        if 0 <= planned and done < planned:
+            return f" ({done} of {planned} steps: stopped early, e.g. by trainer.max_time)"
+        return f" ({done} steps)"
+
     @rank_zero_only
     def score(self, trainer: L.Trainer, pl_module: L.LightningModule, when: str) -> float:
         """Generate the prompts, compute the adherence and report it under ``toy/color_adherence_<when>``."""
@@ -72,7 +82,8 @@ class ToyColorAdherence(L.Callback):
         self.results[when] = value
         chance = 1.0 / len(TOY_COLORS)
         print(
-            f"[toy] colour adherence {when} training: {value:.3f} ({len(self.prompts)} prompts, chance {chance:.3f}); "
+            f"[toy] colour adherence {when} training{self.steps_note(trainer, when)}: {value:.3f} "
+            f"({len(self.prompts)} prompts, chance {chance:.3f}); "
             f"motion adherence {motion:.3f} (chance {1.0 / len(TOY_MOTIONS):.3f})",
             flush=True,
         )
