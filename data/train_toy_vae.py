@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-clips", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-limit", type=float, default=300.0, help="stop fitting after this many seconds")
+    ap.add_argument(
+        "--sample-posterior",
+        action="store_true",
+        help="decode a posterior sample while fitting (conf/vae/toy.yaml: off, a plain autoencoder)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -64,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         num_clips=args.num_clips,
         seed=args.seed,
         time_limit_s=args.time_limit,
+        sample_posterior=args.sample_posterior,
     )
     stats = json.loads((root / "DONE.json").read_text())["stats"]
     psnr = reconstruction_psnr(VideoVAE.from_pretrained(root), args.toy_root, args.height, args.width)
