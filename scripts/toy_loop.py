@@ -159,9 +159,13 @@ def evaluate(
         ],
         out / "logs" / f"eval_{name}.log",
     )
-    report = json.loads((eval_dir / "report.json").read_text())
+    return report_metrics(json.loads((eval_dir / "report.json").read_text()))
+
+
+def report_metrics(report: dict[str, Any]) -> dict[str, float | None]:
+    """FVD and the two adherences from an evaluate.py ``report.json`` (``metrics``: name -> float); None if absent."""
     got = report["metrics"]
-    return {k: got[k]["value"] if k in got else None for k in ("fvd", "color_adherence", "motion_adherence")}
+    return {k: float(got[k]) if k in got else None for k in ("fvd", "color_adherence", "motion_adherence")}
 
 
 def _log_wandb(out: Path, group: str, name: str, values: dict[str, Any]) -> None:
