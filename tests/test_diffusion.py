@@ -160,3 +160,40 @@ def test_min_snr_weights_with_truncated_snr_floor():
     torch.testing.assert_close(w[:2], min_snr_weights(s, t, 5.0)[:2])
     with pytest.raises(ValueError, match="snr_floor"):
         min_snr_weights(s, t, 5.0, floor=6.0)
+
+
+def test_truncated_sampling_stops_at_last_timestep_and_returns_the_clean_estimate():
+    """A model trained on t >= 600 is only called there; the result is its x0 estimate at the last step."""
+    seen: list[int] = []
+    x0 = torch.full((1, 3, 2, 4, 4), 0.3)
+
+    def model(x, t, e, m):  # sample prediction: always the same clean estimate
+        seen.append(int(t[0]))
+        return x0.expand_as(x)
+
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="sample")
+    out = denoise(
+        model,
+        make_sampler(sched),
+        torch.randn_like(x0),
+        torch.zeros(1, 3, 2),
+        torch.ones(1, 3, dtype=torch.bool),
+        None,
+        None,
+        num_steps=5,
+        last_timestep=600,
+    )
+    assert seen == [999, 899, 800, 700, 600]
+    torch.testing.assert_close(out, x0)
+    with pytest.raises(ValueError, match="last_timestep"):
+        denoise(
+            model,
+            make_sampler(sched),
+            x0,
+            torch.zeros(1, 3, 2),
+            torch.ones(1, 3, dtype=torch.bool),
+            None,
+            None,
+            num_steps=5,
+            last_timestep=1000,
+        )

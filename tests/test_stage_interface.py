@@ -78,6 +78,23 @@ def test_pixel_sr_interface_residual_and_bicubic_baseline() -> None:
     assert_close_rel(out_res - out_plain, res.baseline(low))  # the baseline added back after sampling
 
 
+def test_residual_scale_multiplies_the_target_and_divides_the_sample() -> None:
+    one, ten = (
+        make_pixel_sr(residual=True, sampling=BOUNDED),
+        make_pixel_sr(residual=True, residual_scale=10.0, sampling=BOUNDED),
+    )
+    ten.unet.load_state_dict(one.unet.state_dict())
+    hr = clip(2, 3, 16, 32)
+    low = ten.make_upstream(hr)
+    target, _ = ten.training_inputs({"video": hr})
+    assert_close_rel(target, 10.0 * (hr - ten.baseline(low)))
+    # The same UNet and noise: what the unscaled stage adds to the baseline, the scaled one adds a tenth of.
+    base = ten.baseline(low)
+    assert_close_rel(ten.run(low, ["a", "b"], [1, 2]) - base, (one.run(low, ["a", "b"], [1, 2]) - base) / 10.0)
+    with pytest.raises(ValueError, match="residual_scale"):
+        make_pixel_sr(residual=True, residual_scale=0.0)
+
+
 def test_compare_to_baseline_scores_output_baseline_and_panels() -> None:
     st = make_interpolation()
     video = clip(2, 5, 8, 16)

@@ -98,6 +98,10 @@ class DiffusionStage(L.LightningModule):
         lora: ``{rank, alpha, dropout, target_modules, init_from}`` (``show1_lightning.diffusion.lora.LoraSpec``;
             None or rank 0: off): the UNet starts from ``init_from``, is frozen, and only a peft LoRA adapter trains;
             optimizer, EMA, checkpoint and export hold only the adapter.
+        residual_scale: for a stage that learns a residual over its baseline (``residual: true``), the factor the
+            residual is multiplied by before diffusion (and divided by after sampling). The residual of a good
+            baseline is small (toy pixel SR: rms 0.027) next to the diffusion noise (0.39 at t = 250), which then
+            hides it from the UNet; scaling it to about unit variance is the usual remedy (SRDiff, ResShift).
         compile: ``torch.compile`` the UNet in place (``configure_model``, and before sampling outside a Trainer):
             false, true, or torch.compile arguments (``show1_lightning.diffusion.compile``); state_dict keys unchanged.
     """
@@ -125,8 +129,12 @@ class DiffusionStage(L.LightningModule):
         zero_init_output: bool = False,
         lora: dict | None = None,
         compile: bool | dict | None = False,
+        residual_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        if not residual_scale > 0:
+            raise ValueError(f"stage.residual_scale must be > 0, got {residual_scale}")
+        self.residual_scale = float(residual_scale)
         if snr_floor is not None and not snr_gamma:
             raise ValueError("stage.snr_floor needs stage.snr_gamma (the floor bounds Min-SNR weights)")
         self.snr_gamma, self.snr_floor = snr_gamma, snr_floor
@@ -225,6 +233,14 @@ class DiffusionStage(L.LightningModule):
         """The input this stage gets in the cascade, made from a ground-truth clip at its output size
         (B x 3 x T x H x W); None for a stage that takes none."""
         return None
+
+    def to_residual(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """The diffused sample of a residual stage: ``(x - base) * residual_scale``."""
+        return (x - base.to(x.dtype)) * self.residual_scale
+
+    def from_residual(self, residual: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_residual`: ``residual / residual_scale + base``."""
+        return residual / self.residual_scale + base.to(residual.dtype)
 
     def baseline(self, upstream: torch.Tensor) -> torch.Tensor:
         """The non-learned output for ``upstream`` (what the stage must beat), B x 3 x T x H x W in [-1, 1]."""
@@ -605,6 +621,7 @@ class DiffusionStage(L.LightningModule):
                     init=init,
                     strength=strength,
                     progress=progress,
+                    last_timestep=self.t_min,  # a stage trained on t >= t_min stops there (truncated diffusion)
                 )
         finally:
             self.unet.train(was_training)

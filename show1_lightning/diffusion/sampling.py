@@ -5,6 +5,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -96,6 +97,7 @@ def denoise(
     init: torch.Tensor | None = None,
     strength: float = 1.0,
     progress: bool = False,
+    last_timestep: int = 0,
 ) -> torch.Tensor:
     """Run the reverse process and return the clean sample.
 
@@ -108,10 +110,20 @@ def denoise(
         guidance_scale: classifier-free guidance weight; 1 (or no null embedding) disables guidance.
         init, strength: start from ``init`` noised to the ``strength`` point of the schedule
             (SDEdit / img2img); ``strength`` 1 with ``init`` None is pure generation.
+        last_timestep: > 0 for a model trained on timesteps >= ``last_timestep`` only (truncated diffusion): the
+            ``num_steps`` timesteps are spaced evenly from the top of the schedule down to ``last_timestep``, and
+            the sample is the model's clean estimate there, so the model is never called outside its range.
     """
     check_sampling_args(num_steps, guidance_scale, strength, with_init=init is not None)
     device = noise.device
-    sampler.set_timesteps(num_steps, device=device)
+    if last_timestep > 0:
+        top = sampler.config.num_train_timesteps - 1
+        if not last_timestep <= top:
+            raise ValueError(f"last_timestep must be in [0, {top}], got {last_timestep}")
+        steps = np.unique(np.linspace(top, last_timestep, num_steps).round().astype(np.int64))[::-1]
+        sampler.set_timesteps(timesteps=steps.tolist(), device=device)
+    else:
+        sampler.set_timesteps(num_steps, device=device)
     timesteps = sampler.timesteps
     if init is not None:
         begin = start_index(num_steps, strength) * sampler.order

@@ -94,7 +94,7 @@ class InterpolationStage(DiffusionStage):
             )
         cond = self.window_condition(video[:, :, 0], video[:, :, -1])
         if self.residual:
-            return video - cond.concat[:, : video.shape[1]], cond
+            return self.to_residual(video, cond.concat[:, : video.shape[1]]), cond
         return video, cond
 
     def sample_shape(self) -> tuple[int, int, int, int]:
@@ -166,7 +166,7 @@ class InterpolationStage(DiffusionStage):
             **sampling,
         )
         if self.residual:
-            windows = windows + blend.to(windows.dtype)
+            windows = self.from_residual(windows, blend)
         windows = windows.reshape(b, pairs, c, self.num_frames, h, w)
         return self.stitch(keyframes, windows)
 

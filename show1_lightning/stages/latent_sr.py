@@ -119,7 +119,7 @@ class LatentSRStage(DiffusionStage):
         if "latents" in batch:
             latents = self._cached_latents(batch, "latents")
             if self.residual:
-                latents = latents - self._cached_latents(batch, "cond_latents")
+                latents = self.to_residual(latents, self._cached_latents(batch, "cond_latents"))
             return latents, StageCondition()
         video = batch["video"]
         if video.shape[-2:] != (self.height, self.width):
@@ -129,7 +129,7 @@ class LatentSRStage(DiffusionStage):
             )
         latents = self.encode_video(video)
         if self.residual:
-            latents = latents - self.encode_video(self.resize_to_output(self.make_upstream(video)))
+            latents = self.to_residual(latents, self.encode_video(self.resize_to_output(self.make_upstream(video))))
         return latents, StageCondition()
 
     def _cached_latents(self, batch: dict, name: str) -> torch.Tensor:
@@ -188,7 +188,7 @@ class LatentSRStage(DiffusionStage):
                 raise ValueError("a residual latent SR stage refines a given video: pass init (use upscale)")
             # Start from the input itself (a zero residual) and add its latents back before decoding.
             residual = super().generate(prompts, seeds, init=torch.zeros_like(latents_init), shape=shape, **kwargs)
-            latents = residual + latents_init
+            latents = self.from_residual(residual, latents_init)
         else:
             latents = super().generate(prompts, seeds, init=latents_init, shape=shape, **kwargs)
         return latents if return_latents else self.decode_latents(latents)

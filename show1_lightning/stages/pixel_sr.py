@@ -164,7 +164,7 @@ class PixelSRStage(DiffusionStage):
             hr = self.random_crop(hr, self.train_crop)
         b, size = hr.shape[0], tuple(hr.shape[-2:])
         up = self.upsample_condition(self.downsample(hr), size)
-        target = hr - self.baseline(self.downsample(hr)) if self.residual else hr
+        target = self.to_residual(hr, self.baseline(self.downsample(hr))) if self.residual else hr
         if self.training:
             levels = torch.randint(0, self.max_aug_level + 1, (b,), device=hr.device)
             noise = torch.randn_like(up)
@@ -263,7 +263,7 @@ class PixelSRStage(DiffusionStage):
                     prompts, [d[1 + k] for d in derived], window_cond, levels, emb, mask, sampling, base[:, :, s:e]
                 )
                 if self.residual:
-                    res = res + base[:, :, s:e]
+                    res = self.from_residual(res, base[:, :, s:e])
                 lo = 0 if k == 0 else 1  # the shared frame keeps the previous window's output
                 out[:, :, s + lo : e] = res[:, :, lo:]
             return out
@@ -286,7 +286,7 @@ class PixelSRStage(DiffusionStage):
             )
             for (i, _, s, e), r in zip(items, res):
                 out[i, :, s:e] = r
-        return out + base if self.residual else out
+        return self.from_residual(out, base) if self.residual else out
 
     def _generate_windows(
         self,
