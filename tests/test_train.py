@@ -90,6 +90,16 @@ def test_time_budget_stops_training_and_the_score_says_after_how_many_steps(comp
     assert f"colour adherence after training ({done} of 100000 steps: stopped early" in capsys.readouterr().out
 
 
+def test_last_ckpt_holds_the_final_step_when_training_ends_between_saves(compose_train, tmp_path):
+    # Lightning left last.ckpt at the last periodic save (step 2 here): a resume then redid the steps after it.
+    lean = ("callbacks.samples=null", "callbacks.toy_adherence=null", "callbacks.export=null")
+    train.train(
+        compose_train(tmp_path, *lean, "trainer.max_steps=3", "callbacks.model_checkpoint.every_n_train_steps=2")
+    )
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
+    assert (tmp_path / "checkpoints" / "step_0000002.ckpt").exists()
+
+
 def test_resume_continues_from_last_ckpt(compose_train, tmp_path):
     lean = ("callbacks.samples=null", "callbacks.toy_adherence=null", "callbacks.export=null")
     # export_dir=null (the callback kept) exports nothing; it used to fail at the end of fit

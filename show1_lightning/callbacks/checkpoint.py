@@ -5,13 +5,17 @@ deletes the one before, so a diverged or corrupted latest state leaves nothing t
 > 1`` needs a monitored metric). ``PeriodicCheckpoint(keep_last=N)`` monitors the global step (always among
 ModelCheckpoint's candidates) in ``max`` mode: the N newest periodic checkpoints stay, older ones go.
 ``keep_last: null`` keeps every one. ``last.ckpt`` (``save_last``) is kept as before, and always overwritten
-(no ``last-v1.ckpt``: the file a re-run resumes from must be the newest state).
+(no ``last-v1.ckpt``: the file a re-run resumes from must be the newest state), and written once more when
+training ends after the last periodic save (``trainer.max_time``, ``max_steps`` off the save interval): Lightning
+only writes it at the end when no ``last.ckpt`` was saved at all, so a run stopped by its time budget at step 582
+resumed from its step-450 save.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 
@@ -42,3 +46,10 @@ class PeriodicCheckpoint(ModelCheckpoint):
                 raise ValueError(f"keep_last must be a positive integer or null (keep all), got {keep_last!r}")
             super().__init__(monitor="step", mode="max", save_top_k=keep_last, **kwargs)
         self.keep_last = keep_last
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """``last.ckpt`` holds the final step, however training stopped (Lightning's own hook skips that when an
+        earlier ``last.ckpt`` exists)."""
+        super().on_train_end(trainer, pl_module)
+        if self.save_last and trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
