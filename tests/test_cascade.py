@@ -26,7 +26,8 @@ TOY = {
     "pixel_sr": "toy_pixel_sr",
     "latent_sr": "toy_latent_sr",
 }
-# Two denoising steps each: the toy conditional stages refine their baseline at strength 0.25 (8 x 0.25 = 2).
+# Few denoising steps: interpolation and latent SR refine their baseline at strength 0.25 (8 x 0.25 = 2 steps);
+# pixel SR samples from noise, truncated at t = 850 (8 steps).
 TWO_STEPS = {name: {"num_steps": 2 if name == "keyframe" else 8} for name in STAGES}
 
 

@@ -32,7 +32,8 @@ SMALL = {
     "keyframe": ("stage.height=8", "stage.width=16", "stage.num_frames=2"),
     "latent_sr": ("vae@stage.vae=tiny", "stage.height=32", "stage.width=64"),
 }
-TWO_STEPS = {name: {"num_steps": 4} for name in TOY}  # 4 x strength 0.25 = 1 step for the refiners
+# 4 steps: 4 x strength 0.25 = 1 step for the refiners (interpolation, latent SR); pixel SR runs all 4 (t >= 850)
+TWO_STEPS = {name: {"num_steps": 4} for name in TOY}
 PROMPTS = ["a red circle moving left"]
 
 
