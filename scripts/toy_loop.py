@@ -127,39 +127,60 @@ def score_stages(out: Path, stages: dict[str, Any], num_samples: int, group: str
     return results
 
 
-def evaluate(
+def evaluate_args(
     out: Path, name: str, generator: list[str], size: tuple[int, int, int], num_samples: int, group: str
-) -> dict[str, Any]:
-    """Step 3: ``evaluate.py benchmark=toy`` for one generator; returns its report's metrics (None: not scored).
+) -> list[str]:
+    """The ``evaluate.py benchmark=toy`` overrides that score generator ``name`` at ``size`` (frames, h, w).
 
     Keyframes (8 frames at 4 fps) are compared with held-out clips sampled at 4 fps; I3D needs more than 8
     frames, so the keyframe prefix is scored on the adherences only.
     """
     frames, h, w = size
-    eval_dir = out / "eval" / name
     fps = FPS if frames > 8 else 4
     metrics = ["fvd", "color_adherence", "motion_adherence"] if frames > 8 else ["color_adherence", "motion_adherence"]
+    return [
+        "benchmark=toy",
+        *generator,
+        f"benchmark.adapter.num_samples={num_samples}",
+        f"benchmark.adapter.num_frames={frames}",
+        f"benchmark.adapter.height={h}",
+        f"benchmark.adapter.width={w}",
+        f"benchmark.adapter.fps={fps}",
+        "benchmark.metrics=[" + ",".join(metrics) + "]",
+        f"eval_protocol.clip_frames={min(16, frames)}",
+        f"run_name=toy_loop_{name}",
+        f"output_dir={out / 'eval' / name}",
+        f"fvd_cache_dir={out}/eval/cache",
+        f"logger.group={group}",
+    ]
+
+
+def evaluate(
+    out: Path, name: str, generator: list[str], size: tuple[int, int, int], num_samples: int, group: str
+) -> dict[str, Any]:
+    """Step 3: ``evaluate.py`` for one generator (:func:`evaluate_args`); returns its report's metrics."""
     run(
-        [
-            sys.executable,
-            "evaluate.py",
-            "benchmark=toy",
-            *generator,
-            f"benchmark.adapter.num_samples={num_samples}",
-            f"benchmark.adapter.num_frames={frames}",
-            f"benchmark.adapter.height={h}",
-            f"benchmark.adapter.width={w}",
-            f"benchmark.adapter.fps={fps}",
-            "benchmark.metrics=[" + ",".join(metrics) + "]",
-            f"eval_protocol.clip_frames={min(16, frames)}",
-            f"run_name=toy_loop_{name}",
-            f"output_dir={eval_dir}",
-            f"fvd_cache_dir={out}/eval/cache",
-            f"logger.group={group}",
-        ],
+        [sys.executable, "evaluate.py", *evaluate_args(out, name, generator, size, num_samples, group)],
         out / "logs" / f"eval_{name}.log",
     )
-    return report_metrics(json.loads((eval_dir / "report.json").read_text()))
+    return report_metrics(json.loads((out / "eval" / name / "report.json").read_text()))
+
+
+def generators(ckpts: dict[str, Path], sizes: dict[str, tuple[int, int, int]]) -> dict[str, Any]:
+    """name -> (evaluate.py generator overrides, output size) for every prefix of the cascade (the whole one is
+    ``cascade``), the naive cascade and the real floor; ``sizes[stage]``: the output size of the prefix ending there.
+    """
+    out: dict[str, Any] = {}
+    for k, name in enumerate(STAGE_ORDER):
+        prefix = STAGE_ORDER[: k + 1]
+        label = "cascade" if len(prefix) == len(STAGE_ORDER) else "prefix_" + "+".join(prefix)
+        gen = ["generator=cascade", f"generator.name={label}"] + [f"generator.{n}={ckpts[n]}" for n in prefix]
+        out[label] = (gen, sizes[name])
+    final = sizes[STAGE_ORDER[-1]]
+    # generator=naive: the keyframe stage, then every later stage's baseline (conf/generator/naive.yaml)
+    out["naive"] = (["generator=naive", *[f"generator.{n}={ckpts[n]}" for n in STAGE_ORDER]], final)
+    out["real"] = (["generator=toy_real"], final)
+    return out
 
 
 def report_metrics(report: dict[str, Any]) -> dict[str, float | None]:
@@ -226,23 +247,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     stages = {n: load_stage(c) for n, c in ckpts.items()}
     stage_results = score_stages(out, stages, args.num_samples, group)
 
-    generators: dict[str, Any] = {}
-    for k, name in enumerate(STAGE_ORDER):
-        prefix = STAGE_ORDER[: k + 1]
-        label = "cascade" if len(prefix) == len(STAGE_ORDER) else "prefix_" + "+".join(prefix)
-        gen = ["generator=cascade", f"generator.name={label}"] + [f"generator.{n}={ckpts[n]}" for n in prefix]
-        generators[label] = (gen, stage_output_size(stages, name))
-    final = stage_output_size(stages, STAGE_ORDER[-1])
-    generators["naive"] = (
-        ["generator=cascade", "generator.name=naive", *[f"generator.{n}={ckpts[n]}" for n in STAGE_ORDER]]
-        + ["generator.baseline_stages=[" + ",".join(STAGE_ORDER[1:]) + "]"],
-        final,
-    )
-    generators["real"] = (["generator=toy_real"], final)
+    gens = generators(ckpts, {n: stage_output_size(stages, n) for n in STAGE_ORDER})
     del stages
-    scores = {
-        name: evaluate(out, name, gen, size, args.num_samples, group) for name, (gen, size) in generators.items()
-    }
+    scores = {name: evaluate(out, name, gen, size, args.num_samples, group) for name, (gen, size) in gens.items()}
 
     cascade, naive = scores["cascade"], scores["naive"]
     report = {
