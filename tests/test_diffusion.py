@@ -81,6 +81,12 @@ def test_seeded_noise_does_not_depend_on_the_batch():
     assert not torch.equal(a[0], a[1])
 
 
+def unguided_denoise(model, scheduler: DDPMScheduler, noise: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``denoise`` of one sample with a dummy 3-token text and no guidance."""
+    text, mask = torch.zeros(1, 3, 2), torch.ones(1, 3, dtype=torch.bool)
+    return denoise(model, make_sampler(scheduler), noise, text, mask, None, None, **kwargs)
+
+
 def test_strength_point_08_of_50_steps_starts_at_t799():
     s = make_sampler(cosine_scheduler())
     s.set_timesteps(50)
@@ -93,18 +99,7 @@ def test_strength_point_08_of_50_steps_starts_at_t799():
         return torch.zeros_like(x)
 
     x0 = torch.zeros(1, 4, 2, 4, 4)
-    denoise(
-        model,
-        make_sampler(cosine_scheduler()),
-        torch.randn_like(x0),
-        torch.zeros(1, 3, 2),
-        torch.ones(1, 3, dtype=torch.bool),
-        None,
-        None,
-        num_steps=50,
-        init=x0,
-        strength=0.8,
-    )
+    unguided_denoise(model, cosine_scheduler(), torch.randn_like(x0), num_steps=50, init=x0, strength=0.8)
     assert seen[0] == 799 and len(seen) == 40
 
 
@@ -172,28 +167,8 @@ def test_truncated_sampling_stops_at_last_timestep_and_returns_the_clean_estimat
         return x0.expand_as(x)
 
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="sample")
-    out = denoise(
-        model,
-        make_sampler(sched),
-        torch.randn_like(x0),
-        torch.zeros(1, 3, 2),
-        torch.ones(1, 3, dtype=torch.bool),
-        None,
-        None,
-        num_steps=5,
-        last_timestep=600,
-    )
+    out = unguided_denoise(model, sched, torch.randn_like(x0), num_steps=5, last_timestep=600)
     assert seen == [999, 899, 800, 700, 600]
     torch.testing.assert_close(out, x0)
     with pytest.raises(ValueError, match="last_timestep"):
-        denoise(
-            model,
-            make_sampler(sched),
-            x0,
-            torch.zeros(1, 3, 2),
-            torch.ones(1, 3, dtype=torch.bool),
-            None,
-            None,
-            num_steps=5,
-            last_timestep=1000,
-        )
+        unguided_denoise(model, sched, x0, num_steps=5, last_timestep=1000)
