@@ -450,6 +450,23 @@ def test_frames_interact_through_temporal_layers():
     assert_differ_rel(changed[:, :, 2], base[:, :, 2], rel=REORDER)
 
 
+@pytest.mark.parametrize("positional", [None, "sinusoidal"])
+def test_temporal_positional_embeddings_tell_frames_apart(positional):
+    """Identical frames in give identical frames out as released (no frame order at init: the temporal convs are
+    identities, the temporal attention sees identical tokens); ``temporal_positional_embeddings="sinusoidal"`` tells
+    the frames apart, so a model can learn which way a prompted motion goes."""
+    model = _build({**TINY_BASE, "temporal_positional_embeddings": positional})
+    kw = _inputs(TINY_BASE, frames=4)
+    kw["sample"] = kw["sample"][:, :, :1].expand(-1, -1, 4, -1, -1).contiguous()
+    with torch.no_grad():
+        out = model(**kw).sample
+    spread = (out - out[:, :, :1]).abs().max().item()
+    if positional is None:
+        assert spread < 1e-5 * out.abs().max().item(), spread
+    else:
+        assert spread > 1e-3 * out.abs().max().item(), spread
+
+
 @pytest.mark.parametrize(
     "bad, match",
     [

@@ -85,8 +85,10 @@ def _mask_to_bias(mask: torch.Tensor | None, batch: int, num_frames: int, dtype:
 class Show1UNet3DConditionModel(ModelMixin, ConfigMixin):
     """Show-1 pixel UNet (show-1-base / -interpolation / -sr1): DeepFloyd IF's UNet inflated to video.
 
-    Config keys are those of the released ``unet/config.json``; one key is ours: ``temporal_conv_dropout`` (0.1, as
-    released). Unsupported options (e.g. Fourier time embeddings, image projections) raise ``ValueError``.
+    Config keys are those of the released ``unet/config.json``; two keys are ours: ``temporal_conv_dropout`` (0.1, as
+    released) and ``temporal_positional_embeddings`` (None, as released: the temporal attention has no notion of frame
+    order, only the temporal convs' zero padding tells frames apart; ``"sinusoidal"`` adds diffusers' parameter-free
+    frame-position table before every temporal attention, as AnimateDiff's motion modules do). Unsupported options (e.g. Fourier time embeddings, image projections) raise ``ValueError``.
     """
 
     _supports_gradient_checkpointing = True
@@ -151,6 +153,7 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin):
         addition_embed_type_num_heads: int = 64,
         transfromer_in_opt: bool = False,  # sic: the released key name
         temporal_conv_dropout: float = 0.1,
+        temporal_positional_embeddings: str | None = None,
     ) -> None:
         super().__init__()
         n = len(down_block_types)
@@ -255,6 +258,7 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin):
                 only_cross_attention=only_cross_flag,
                 cross_attention_norm=cross_attention_norm,
                 temporal_conv_dropout=temporal_conv_dropout,
+                temporal_positional_embeddings=temporal_positional_embeddings,
             )
 
         # down

@@ -170,6 +170,10 @@ def _temporal_conv(channels: int, cfg: BlockConfig) -> TemporalConvLayer:
     return TemporalConvLayer(channels, channels, dropout=cfg.temporal_conv_dropout, norm_num_groups=cfg.resnet_groups)
 
 
+# Longest frame axis a sinusoidal temporal position table covers (the paper's stages see at most 29 frames).
+MAX_FRAMES = 128
+
+
 def _temporal_attention(channels: int, cfg: BlockConfig) -> TransformerTemporalModel:
     # As released: heads = attention_head_dim and head width = channels // attention_head_dim (inner dim = channels).
     # The released code ran diffusers 0.19.3, whose output un-flattening `reshape(b, h, w, channel, frames)` looks
@@ -181,6 +185,8 @@ def _temporal_attention(channels: int, cfg: BlockConfig) -> TransformerTemporalM
         num_layers=1,
         cross_attention_dim=cfg.cross_attention_dim,
         norm_num_groups=cfg.resnet_groups,
+        positional_embeddings=cfg.temporal_positional_embeddings,
+        num_positional_embeddings=MAX_FRAMES if cfg.temporal_positional_embeddings else None,
     )
 
 
@@ -202,6 +208,7 @@ class BlockConfig:
         only_cross_attention: bool = False,
         cross_attention_norm: str | None = None,
         temporal_conv_dropout: float = 0.1,
+        temporal_positional_embeddings: str | None = None,
     ) -> None:
         self.temb_channels = temb_channels
         self.resnet_eps = resnet_eps
@@ -216,6 +223,7 @@ class BlockConfig:
         self.only_cross_attention = only_cross_attention
         self.cross_attention_norm = cross_attention_norm
         self.temporal_conv_dropout = temporal_conv_dropout
+        self.temporal_positional_embeddings = temporal_positional_embeddings
 
     def replace(self, **changes: Any) -> BlockConfig:
         """Copy with some fields changed (e.g. the mid block's own scale factor)."""
