@@ -64,6 +64,8 @@ TOY_COLORS: dict[str, tuple[int, int, int]] = {
 TOY_SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 TOY_MOTIONS: tuple[str, ...] = ("left", "right", "up", "down")
 TOY_WIDTH, TOY_HEIGHT, TOY_FRAMES, TOY_FPS = 128, 80, 32, 16
+# Std of the per-frame global brightness offset (0-255 scale), drawn independently for every frame.
+TOY_FLICKER = 2.0
 
 _MOTION_DIR = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 _PROMPT_RE = re.compile(
@@ -181,7 +183,7 @@ def make_toy_clip(
         x0 = rng.uniform(margin, width - margin)
     rgb = np.asarray(TOY_COLORS[color], np.float32) * rng.uniform(0.85, 1.0)
     frames = np.empty((num_frames, height, width, 3), np.uint8)
-    jitter = rng.normal(0, 2.0, num_frames).astype(np.float32)  # slight global flicker
+    jitter = rng.normal(0, TOY_FLICKER, num_frames).astype(np.float32)  # slight global flicker
     pad = int(np.ceil(r)) + 2
     for t in range(num_frames):
         a = t / max(1, num_frames - 1)
