@@ -152,8 +152,9 @@ def test_strength_leaving_no_step_fails_at_start_up(compose_train, tmp_path: Pat
     """A callback sampling 2 steps at strength 0.25 would fail after training: refused before any step."""
     from show1_lightning.runtime import ConfigError, validate_train_config
 
-    cfg = compose_train(tmp_path, "experiment=toy_interpolation", "callbacks.samples.num_steps=2", tiny=False)
+    short = ("experiment=toy_interpolation", "stage.sampling.strength=0.25", "stage.t_min=0", "stage.t_max=300")
+    cfg = compose_train(tmp_path, *short, "callbacks.samples.num_steps=2", tiny=False)
     with pytest.raises(ConfigError, match=r"callbacks.samples.num_steps"):
         validate_train_config(cfg)
-    ok = compose_train(tmp_path, "experiment=toy_interpolation", "callbacks.samples.num_steps=4", tiny=False)
+    ok = compose_train(tmp_path, *short, "callbacks.samples.num_steps=4", tiny=False)
     validate_train_config(ok)
