@@ -88,7 +88,8 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin):
     Config keys are those of the released ``unet/config.json``; two keys are ours: ``temporal_conv_dropout`` (0.1, as
     released) and ``temporal_positional_embeddings`` (None, as released: the temporal attention has no notion of frame
     order, only the temporal convs' zero padding tells frames apart; ``"sinusoidal"`` adds diffusers' parameter-free
-    frame-position table before every temporal attention, as AnimateDiff's motion modules do). Unsupported options (e.g. Fourier time embeddings, image projections) raise ``ValueError``.
+    frame-position table before every temporal attention, as AnimateDiff's motion modules do). Unsupported options
+    (e.g. Fourier time embeddings, image projections) raise ``ValueError``.
     """
 
     _supports_gradient_checkpointing = True
