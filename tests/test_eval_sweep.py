@@ -46,6 +46,9 @@ def run_toy_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wandb: bool) 
         "benchmark.adapter.num_frames=8",
         "benchmark.adapter.height=32",
         "benchmark.adapter.width=48",
+        # 8 frames spanning the clip (keyframe rate): at 16 fps the shape moves ~1 pixel in 8 frames at 32 high, which
+        # the mp4 round trip of a 48x32 video can blur below motion_adherence's threshold
+        "benchmark.adapter.fps=4",
         "generated_clip.frames=8",
         f"fvd_cache_dir={tmp_path / 'cache'}",
         f"logger.wandb={str(wandb).lower()}",
