@@ -172,3 +172,19 @@ def test_truncated_sampling_stops_at_last_timestep_and_returns_the_clean_estimat
     torch.testing.assert_close(out, x0)
     with pytest.raises(ValueError, match="last_timestep"):
         unguided_denoise(model, sched, x0, num_steps=5, last_timestep=1000)
+
+
+def test_schedule_shift_divides_every_snr_and_the_sampler_follows():
+    from show1_lightning.diffusion.objectives import shift_noise_schedule
+
+    s = cosine_scheduler()
+    assert shift_noise_schedule(s, 1.0) is s
+    shifted = shift_noise_schedule(s, 2.0)
+    t = torch.arange(7, 990, 7)  # float32 alpha_bar resolves the SNR of the first and last steps too coarsely
+    snr = lambda a: a[t].double() / (1 - a[t].double())  # noqa: E731
+    torch.testing.assert_close(snr(shifted.alphas_cumprod) * 4, snr(s.alphas_cumprod), rtol=1e-4, atol=0)
+    assert shifted.config.beta_schedule == s.config.beta_schedule  # the rest of the config is kept
+    sampler = make_sampler(shifted)
+    torch.testing.assert_close(sampler.alphas_cumprod, shifted.alphas_cumprod)
+    with pytest.raises(ValueError, match="noise_schedule_shift"):
+        shift_noise_schedule(s, 0.0)

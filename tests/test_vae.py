@@ -10,7 +10,7 @@ import torch
 from numerics import assert_close_rel, assert_differ_rel
 
 from show1_lightning.models.toy_vae import ensure_toy_vae, fit_vae, reconstruction_psnr
-from show1_lightning.models.vae import VideoVAE, build_video_vae, tiny_autoencoder
+from show1_lightning.models.vae import PixelSkipAutoencoderKL, VideoVAE, build_video_vae, tiny_autoencoder
 
 torch.set_num_threads(1)
 
@@ -157,6 +157,34 @@ def test_fit_vae_learns_to_reconstruct_and_sets_scaling_factor() -> None:
     z = VideoVAE(model).encode(video)
     assert model.config.scaling_factor == pytest.approx(1.0 / stats["latent_std"])
     assert float(z.std()) == pytest.approx(1.0, rel=0.05)
+
+
+def test_pixel_skip_vae_starts_at_pooling_and_bilinear_and_loads_as_itself(tmp_path: Path) -> None:
+    model = tiny_autoencoder([8, 16], norm_num_groups=4, pixel_skip=True, seed=0)
+    assert isinstance(model, PixelSkipAutoencoderKL) and model.pixel_factor == 2
+    video = _video(1, 3, 16, 24)
+    frames = video[0].permute(1, 0, 2, 3)
+    vae = VideoVAE(model)
+    z = vae.encode(video)[0].permute(1, 0, 2, 3)
+    # Learned paths at zero: latents = [pooled RGB, 0], reconstruction = bilinear upsampling of the pooled frame.
+    pooled = torch.nn.functional.avg_pool2d(frames, 2)
+    torch.testing.assert_close(z[:, :3], pooled, rtol=1e-5, atol=1e-6)
+    assert float(z[:, 3].abs().max()) == 0.0
+    up = torch.nn.functional.interpolate(pooled, scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(vae(video)[0].permute(1, 0, 2, 3), up, rtol=1e-5, atol=1e-6)
+    # The learned paths add to the pixel path: perturbing them changes the output, and a saved model loads as
+    # itself (a plain AutoencoderKL would drop the pixel path).
+    with torch.no_grad():
+        model.decoder.conv_out.bias.fill_(0.1)
+    model.save_pretrained(tmp_path / "skip")
+    loaded = VideoVAE.from_pretrained(tmp_path / "skip")
+    assert isinstance(loaded.vae, PixelSkipAutoencoderKL)
+    torch.testing.assert_close(loaded(video), VideoVAE(model)(video))
+    torch.testing.assert_close(loaded(video)[0].permute(1, 0, 2, 3), up + 0.1, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="latent_channels"):
+        tiny_autoencoder([8, 16], norm_num_groups=4, latent_channels=2, pixel_skip=True)
+    with pytest.raises(NotImplementedError, match="tiling"):
+        model.enable_tiling()
 
 
 @pytest.mark.slow

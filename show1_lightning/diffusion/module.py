@@ -34,6 +34,7 @@ from show1_lightning.diffusion.objectives import (
     diffusion_loss,
     min_snr_weights,
     sample_timesteps,
+    shift_noise_schedule,
     split_learned_variance,
     timestep_range,
     training_target,
@@ -102,6 +103,8 @@ class DiffusionStage(L.LightningModule):
             residual is multiplied by before diffusion (and divided by after sampling). The residual of a good
             baseline is small (toy pixel SR: rms 0.027) next to the diffusion noise (0.39 at t = 250), which then
             hides it from the UNet; scaling it to about unit variance is the usual remedy (SRDiff, ResShift).
+        noise_schedule_shift: divide the SNR of every timestep of ``noise_scheduler`` by its square, for training
+            and sampling (:func:`show1_lightning.diffusion.objectives.shift_noise_schedule`); 1 = as configured.
         compile: ``torch.compile`` the UNet in place (``configure_model``, and before sampling outside a Trainer):
             false, true, or torch.compile arguments (``show1_lightning.diffusion.compile``); state_dict keys unchanged.
     """
@@ -130,6 +133,7 @@ class DiffusionStage(L.LightningModule):
         lora: dict | None = None,
         compile: bool | dict | None = False,
         residual_scale: float = 1.0,
+        noise_schedule_shift: float = 1.0,
     ) -> None:
         super().__init__()
         if not residual_scale > 0:
@@ -141,7 +145,7 @@ class DiffusionStage(L.LightningModule):
         compile_options(compile)  # refuse a bad value now, not at the first step
         self.compile_spec = compile
         self.unet = unet
-        self.noise_scheduler = noise_scheduler
+        self.noise_scheduler = shift_noise_schedule(noise_scheduler, noise_schedule_shift)
         self.optimizer_factory = optimizer
         # Kept out of the module tree: frozen, possibly huge, never in checkpoints or DDP.
         self._frozen: dict[str, Any] = {"text_encoder": text_encoder}

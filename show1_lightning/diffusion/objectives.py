@@ -21,6 +21,27 @@ def timestep_range(t_min: int, t_max: int | None, num_train_timesteps: int) -> t
     return int(t_min), t_max
 
 
+def shift_noise_schedule(scheduler: DDPMScheduler, shift: float) -> DDPMScheduler:
+    """``scheduler`` with the signal-to-noise ratio of every timestep divided by ``shift ** 2`` (the same scheduler
+    when ``shift`` is 1), as a DDPM scheduler with explicit ``trained_betas`` (so samplers made ``from_config``
+    follow it).
+
+    The schedule shift of simple diffusion (Hoogeboom et al., 2023) and SD3: the more pixels (and frames) show the
+    same content, the more noise it takes to hide it, so a schedule made for one image size leaves too few steps
+    where the sample is still undecided and only the condition can decide it.
+    """
+    if not shift > 0:
+        raise ValueError(f"stage.noise_schedule_shift must be > 0, got {shift}")
+    if shift == 1:
+        return scheduler
+    alpha_bar = scheduler.alphas_cumprod.double()
+    snr = alpha_bar / (1 - alpha_bar) / float(shift) ** 2
+    shifted = snr / (1 + snr)
+    previous = torch.cat([torch.ones(1, dtype=shifted.dtype), shifted[:-1]])
+    betas = (1 - shifted / previous).clamp(max=0.9999)
+    return DDPMScheduler.from_config(scheduler.config, trained_betas=betas.tolist())
+
+
 def sample_timesteps(
     batch_size: int,
     t_min: int,

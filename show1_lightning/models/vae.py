@@ -27,21 +27,64 @@ Sources of weights:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DecoderOutput
 from torch import nn
 
 from show1_lightning.plain import plain
 from show1_lightning.precision import to_dtype
 
-__all__ = ["VideoVAE", "tiny_autoencoder", "build_video_vae"]
+__all__ = ["VideoVAE", "PixelSkipAutoencoderKL", "tiny_autoencoder", "build_video_vae"]
 
 log = logging.getLogger(__name__)
+
+
+class PixelSkipAutoencoderKL(AutoencoderKL):
+    """``AutoencoderKL`` with a fixed pixel path beside the learned one (our toy design, not SD's).
+
+    The first three latent means carry the frame average-pooled by the downsampling factor ``f`` on top of what
+    the encoder adds, and the decoder adds the bilinear upsampling of those three channels to its output. So
+    the networks only learn the detail a low-res copy lacks: a tiny model fitted for a few CPU minutes
+    reconstructs toy frames far better than bicubic upsampling from the latent size, which a plain tiny
+    ``AutoencoderKL`` does not reach (README, toy loop). Saved and loaded like any diffusers model
+    (``_class_name`` in ``config.json``; :meth:`VideoVAE.from_pretrained` picks this class from it).
+    Tiled encoding/decoding is not supported (it would bypass the pixel path).
+    """
+
+    @property
+    def pixel_factor(self) -> int:
+        """The downsampling factor of the pixel path (that of the encoder: 2^(blocks - 1))."""
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
+    def zero_learned_paths(self) -> None:
+        """Zero the encoder's last 1x1 conv and the decoder's output conv: the model then encodes to the pooled
+        frame (other latents 0) and decodes to its bilinear upsampling, a good start for a short fit."""
+        with torch.no_grad():
+            for conv in (self.quant_conv, self.decoder.conv_out):
+                conv.weight.zero_()
+                conv.bias.zero_()
+
+    def enable_tiling(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("PixelSkipAutoencoderKL does not support tiling (it would bypass the pixel path)")
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        moments = super()._encode(x)
+        pooled = F.avg_pool2d(x, self.pixel_factor)
+        return torch.cat([moments[:, :3] + pooled.to(moments.dtype), moments[:, 3:]], dim=1)
+
+    def _decode(self, z: torch.Tensor, return_dict: bool = True) -> DecoderOutput | tuple[torch.Tensor]:
+        (dec,) = super()._decode(z, return_dict=False)
+        up = F.interpolate(z[:, :3], scale_factor=self.pixel_factor, mode="bilinear", align_corners=False)
+        dec = dec + up.to(dec.dtype)
+        return DecoderOutput(sample=dec) if return_dict else (dec,)
 
 
 def tiny_autoencoder(
@@ -51,18 +94,23 @@ def tiny_autoencoder(
     norm_num_groups: int = 8,
     mid_block_add_attention: bool = False,
     scaling_factor: float = 1.0,
+    pixel_skip: bool = False,
     seed: int = 0,
 ) -> AutoencoderKL:
     """A small randomly initialised ``AutoencoderKL`` (downsampling factor 2^(blocks-1): 8 for 4 blocks).
 
-    Weights come from ``seed`` (the global RNG is left untouched), so every process builds the same model.
+    ``pixel_skip``: a :class:`PixelSkipAutoencoderKL` (needs ``latent_channels >= 3``) whose learned paths start
+    at zero. Weights come from ``seed`` (the global RNG is left untouched), so every process builds the same model.
     """
     n = len(block_out_channels)
     if n < 1:
         raise ValueError("block_out_channels must have at least one entry")
+    if pixel_skip and latent_channels < 3:
+        raise ValueError(f"pixel_skip needs latent_channels >= 3 (the pooled RGB frame), got {latent_channels}")
+    cls = PixelSkipAutoencoderKL if pixel_skip else AutoencoderKL
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoencoderKL(
+        vae = cls(
             in_channels=3,
             out_channels=3,
             down_block_types=["DownEncoderBlock2D"] * n,
@@ -74,6 +122,9 @@ def tiny_autoencoder(
             mid_block_add_attention=mid_block_add_attention,
             scaling_factor=scaling_factor,
         )
+    if pixel_skip:
+        vae.zero_learned_paths()
+    return vae
 
 
 class VideoVAE(nn.Module):
@@ -121,7 +172,9 @@ class VideoVAE(nn.Module):
         if not (target / "config.json").exists():
             hint = "" if subfolder or not (path / "vae" / "config.json").exists() else " (set subfolder: vae)"
             raise FileNotFoundError(f"no AutoencoderKL config.json in {target}{hint}")
-        vae = AutoencoderKL.from_pretrained(str(path), subfolder=subfolder, low_cpu_mem_usage=False)
+        class_name = json.loads((target / "config.json").read_text()).get("_class_name")
+        model_cls = PixelSkipAutoencoderKL if class_name == PixelSkipAutoencoderKL.__name__ else AutoencoderKL
+        vae = model_cls.from_pretrained(str(path), subfolder=subfolder, low_cpu_mem_usage=False)
         return cls(vae, **kwargs)
 
     def train(self, mode: bool = True) -> VideoVAE:
