@@ -279,10 +279,12 @@ def validate_built_stage(stage: Any) -> None:
     )
     crop = getattr(stage, "train_crop", None)
     if crop is not None:
+        f = stage.vae.downsample_factor if latent else 1  # a latent stage crops output pixels: the UNet sees /f
         _check(
-            crop[0] % multiple == 0 and crop[1] % multiple == 0,
+            crop[0] % (multiple * f) == 0 and crop[1] % (multiple * f) == 0,
             "stage.train_crop",
-            f"the UNet downsamples {multiple}x; the training crop {list(crop)} must be a multiple of {multiple}",
+            f"the UNet downsamples {multiple}x; the training crop {list(crop)} must be a multiple of {multiple * f}"
+            + (f" (latents: the VAE factor {f} x {multiple})" if latent else ""),
         )
 
 

@@ -65,3 +65,23 @@ def resize_cover_crop(video: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
     top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
     x = x[..., top : top + out_h, left : left + out_w].clamp(-1.0, 1.0).contiguous()
     return x if video.ndim == 5 else x[0]
+
+
+def random_crops(
+    videos: tuple[torch.Tensor, ...] | list[torch.Tensor], size: tuple[int, int], align: int = 1
+) -> list[torch.Tensor]:
+    """The same random (h, w) crop of every clip in each of ``videos`` (B x C x T x H x W tensors of equal batch and
+    frame size), one offset per clip, offsets multiples of ``align`` (an SR stage's scale, so that its low-res
+    copy of the crop is a crop of its low-res copy). Drawn from the global RNG (seeded by Lightning's seed_everything)."""
+    h, w = size
+    full_h, full_w = videos[0].shape[-2:]
+    if any(v.shape[0] != videos[0].shape[0] or v.shape[-2:] != (full_h, full_w) for v in videos):
+        raise ValueError("random_crops: the videos must share their batch size and frame size")
+    if not (0 < h <= full_h and 0 < w <= full_w):
+        raise ValueError(f"crop {h}x{w} does not fit in frames of {full_h}x{full_w}")
+    ys = torch.randint(0, (full_h - h) // align + 1, (videos[0].shape[0],)).tolist()
+    xs = torch.randint(0, (full_w - w) // align + 1, (videos[0].shape[0],)).tolist()
+    return [
+        torch.stack([c[..., y * align : y * align + h, x * align : x * align + w] for c, y, x in zip(v, ys, xs)])
+        for v in videos
+    ]

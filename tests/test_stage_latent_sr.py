@@ -28,10 +28,14 @@ TINY_STAGE = [
     "model.block_out_channels=[16,32]",
     "model.down_block_types=[DownBlock3D,CrossAttnDownBlock3D]",
     "model.up_block_types=[CrossAttnUpBlock3D,UpBlock3D]",
-    # Show-1's expert semantics (the toy experiment refines a latent residual at strength 0.25 instead;
-    # test_residual_latent_target covers that).
+    # Show-1's expert semantics (the toy experiment diffuses a latent residual conditioned on the input's latents
+    # instead; test_residual_latent_target... covers that).
     "stage.residual=false",
+    "stage.condition_on_input=false",
+    "model.in_channels=4",
+    "stage.residual_scale=1.0",
     "stage.strength=0.8",
+    "stage.t_min=0",
     "stage.t_max=900",
     "stage.noise_scheduler.prediction_type=epsilon",
     "stage.zero_init_output=false",
@@ -128,9 +132,10 @@ def test_training_timesteps_stay_in_the_expert_range(stage: LatentSRStage) -> No
     assert int(ts.max()) > 700  # the range is used, not just its bottom
 
 
-def test_residual_latent_target_and_upscale_start_at_the_baseline() -> None:
-    """The toy recipe: target = latents(clip) - latents(its resized input); zero-initialised x0 prediction, so the
-    untrained stage's upscale() is exactly its baseline (the VAE round trip of the resized input)."""
+def test_residual_latent_target_conditioned_on_the_input_and_upscale_starts_at_the_baseline() -> None:
+    """The toy recipe: target = (latents(clip) - latents(its resized input)) * residual_scale, the latter also
+    concatenated to the UNet's input (condition_on_input); zero-initialised x0 prediction, so the untrained stage's
+    upscale() is exactly its baseline (the VAE round trip of the resized input)."""
     st = _stage(
         "stage.height=32",
         "stage.width=48",
@@ -138,19 +143,34 @@ def test_residual_latent_target_and_upscale_start_at_the_baseline() -> None:
         "stage.input_width=24",
         "stage.num_frames=2",
         "stage.residual=true",
-        "stage.strength=0.25",
+        "stage.residual_scale=20",
+        "stage.condition_on_input=true",
+        "model.in_channels=8",
+        "stage.strength=1.0",
+        "stage.t_min=850",
+        "stage.t_max=null",
         "stage.noise_scheduler.prediction_type=sample",
         "stage.zero_init_output=true",
     ).eval()
     batch = _batch()
-    x0, _ = st.training_inputs(batch)
+    x0, cond = st.training_inputs(batch)
     base = st.vae.encode(st.resize_to_output(st.make_upstream(batch["video"])))
-    assert_close_rel(x0, st.vae.encode(batch["video"]) - base)
+    assert_close_rel(x0, (st.vae.encode(batch["video"]) - base) * 20)
+    assert_close_rel(cond.concat, base)
     low = st.make_upstream(batch["video"])
+    seen: list[torch.Tensor] = []
+    hook = st.unet.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
     out = st.run(low, batch["caption"], [0, 1], num_steps=4)
+    hook.remove()
     assert_close_rel(out, st.baseline(low))
-    with pytest.raises(ValueError, match="refines a given video"):
+    # Every UNet call saw the input's latents after the 4 noisy residual channels.
+    assert len(seen) == 4 and all(x.shape[1] == 8 for x in seen)
+    for x in seen:
+        assert_close_rel(x[:, 4:], st.vae.encode(st.resize_to_output(low)))
+    with pytest.raises(ValueError, match="needs one: pass init"):
         st.generate(batch["caption"], [0, 1], num_steps=4)
+    with pytest.raises(InstantiationException, match="in_channels=4"):
+        _stage("stage.condition_on_input=true", "model.in_channels=4")
 
 
 def test_full_range_stage_exceeds_900() -> None:
@@ -304,3 +324,37 @@ def test_toy_experiment_with_fitted_toy_vae(tmp_path: Path) -> None:
     metrics = train.train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert (data_dir / "toy_vae_64x96" / "DONE.json").exists()  # the toy latent SR output size
+
+
+def test_train_crop_cuts_clip_and_input_at_the_same_place() -> None:
+    st = _stage(
+        "stage.height=32",
+        "stage.width=48",
+        "stage.input_height=16",
+        "stage.input_width=24",
+        "stage.num_frames=2",
+        "stage.residual=true",
+        "stage.condition_on_input=true",
+        "model.in_channels=8",
+        "+stage.train_crop=[16,24]",
+    )
+    batch = _batch()
+    st.train()
+    x0, cond = st.training_inputs(batch)
+    assert x0.shape[-2:] == cond.concat.shape[-2:] == (2, 3)  # 16x24 pixels through the f=8 VAE
+    resized = st.resize_to_output(st.make_upstream(batch["video"]))
+    for i in range(2):  # each clip: the crop of clip and input at one aligned offset (the VAE factor)
+        matches = []
+        for y in range(0, 32 - 16 + 1, 8):
+            for x in range(0, 48 - 24 + 1, 8):
+                clip = st.vae.encode(batch["video"][i : i + 1, ..., y : y + 16, x : x + 24])
+                base = st.vae.encode(resized[i : i + 1, ..., y : y + 16, x : x + 24])
+                if torch.allclose(cond.concat[i : i + 1], base, atol=1e-5) and torch.allclose(
+                    x0[i : i + 1], clip - base, atol=1e-5
+                ):
+                    matches.append((y, x))
+        assert len(matches) == 1, matches
+    st.eval()  # validation: whole frames
+    assert st.training_inputs(batch)[0].shape[-2:] == (4, 6)
+    with pytest.raises(InstantiationException, match="train_crop"):
+        _stage("stage.height=32", "stage.width=48", "+stage.train_crop=[12,24]")

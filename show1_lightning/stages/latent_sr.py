@@ -30,7 +30,7 @@ import torch
 
 from show1_lightning.diffusion.module import DiffusionStage, StageCondition
 from show1_lightning.models.vae import VideoVAE
-from show1_lightning.video_ops import RESIZE_MODES, resize_frames
+from show1_lightning.video_ops import RESIZE_MODES, random_crops, resize_frames
 
 
 class LatentSRStage(DiffusionStage):
@@ -50,6 +50,13 @@ class LatentSRStage(DiffusionStage):
         residual: learn, in latent space, the clip's latents minus those of its resized input (the baseline:
             ``make_upstream`` then ``resize_to_output``), added back before decoding, instead of the latents
             themselves. Our option, not Show-1's (False); training then encodes both (README, toy loop).
+        condition_on_input: concatenate the latents of the resized input to the noisy latents (the UNet then takes
+            twice ``sample_channels``), as the pixel SR stage concatenates its upsampled input. Our option, not
+            Show-1's (False: its sr2 UNet sees the input only through the SDEdit start). Without it a ``residual``
+            stage sees nothing of its input (it starts from a zero residual), so the two go together.
+        train_crop: optional (h, w) random crop, in output pixels (multiples of the VAE factor), of what training
+            encodes: the clip and, cut at the same place, the resized input (a cached batch: its latents, cut at the
+            matching place). Validation and sampling see whole frames (the UNet is convolutional).
         **kwargs: the shared diffusion settings (``DiffusionStage``); ``sample_channels`` must equal the
             VAE's latent channels (4).
     """
@@ -68,8 +75,13 @@ class LatentSRStage(DiffusionStage):
         input_height: int = 160,
         input_width: int = 256,
         residual: bool = False,
+        condition_on_input: bool = False,
+        train_crop: Sequence[int] | None = None,
         **kwargs,
     ) -> None:
+        self.condition_on_input = bool(condition_on_input)
+        # The base class checks the UNet's in_channels against sample + condition channels.
+        self.condition_channels = int(kwargs.get("sample_channels", 3)) if self.condition_on_input else 0
         super().__init__(**kwargs)
         if not isinstance(vae, VideoVAE):
             raise TypeError(f"vae must be a VideoVAE (show1_lightning.models.vae), got {type(vae).__name__}")
@@ -84,6 +96,16 @@ class LatentSRStage(DiffusionStage):
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
         self.num_frames, self.height, self.width = int(num_frames), int(height), int(width)
         self.latent_height, self.latent_width = vae.latent_size(self.height, self.width)
+        if train_crop is not None:
+            train_crop = tuple(int(v) for v in train_crop)
+            f = vae.downsample_factor
+            fits = len(train_crop) == 2 and train_crop[0] <= height and train_crop[1] <= width
+            if not fits or any(v <= 0 or v % f for v in train_crop):
+                raise ValueError(
+                    f"train_crop must be (h, w), positive multiples of the VAE factor {f} within {height} x {width}; "
+                    f"got {train_crop}"
+                )
+        self.train_crop: tuple[int, int] | None = train_crop  # type: ignore[assignment]
         self.strength = float(strength)
         self.resize_mode = resize_mode
         self.input_height, self.input_width = int(input_height), int(input_width)
@@ -111,26 +133,41 @@ class LatentSRStage(DiffusionStage):
 
     # ------------------------------------------------------------------ stage hooks
     def training_inputs(self, batch: dict) -> tuple[torch.Tensor, StageCondition]:
-        """Target = the latents of the clip at the output resolution; no extra conditioning.
+        """Target = the latents of the clip at the output resolution (minus those of its resized input for
+        ``residual``); those of the resized input concatenated for ``condition_on_input``.
 
         A batch from a latent cache (``data.latent_cache_dir``, :mod:`show1_lightning.data.latent_cache`) brings
         those latents (and those of the resized input, for ``residual``) instead of pixels: nothing is encoded.
         """
+        needs_input = self.residual or self.condition_on_input
+        crop = self.train_crop if self.training else None
         if "latents" in batch:
             latents = self._cached_latents(batch, "latents")
-            if self.residual:
-                latents = self.to_residual(latents, self._cached_latents(batch, "cond_latents"))
-            return latents, StageCondition()
-        video = batch["video"]
-        if video.shape[-2:] != (self.height, self.width):
-            raise ValueError(
-                f"training clips are {video.shape[-1]}x{video.shape[-2]} (W x H) but the stage "
-                f"trains at {self.width}x{self.height}: set data.height/width from stage.*"
-            )
-        latents = self.encode_video(video)
+            base = self._cached_latents(batch, "cond_latents") if needs_input else None
+            if crop is not None:
+                f = self.vae.downsample_factor
+                latents, *rest = random_crops(
+                    [latents, *([base] if needs_input else [])], (crop[0] // f, crop[1] // f)
+                )
+                base = rest[0] if needs_input else None
+        else:
+            video = batch["video"]
+            if video.shape[-2:] != (self.height, self.width):
+                raise ValueError(
+                    f"training clips are {video.shape[-1]}x{video.shape[-2]} (W x H) but the stage "
+                    f"trains at {self.width}x{self.height}: set data.height/width from stage.*"
+                )
+            resized = self.resize_to_output(self.make_upstream(video)) if needs_input else None
+            if crop is not None:
+                video, *rest = random_crops(
+                    [video, *([resized] if needs_input else [])], crop, self.vae.downsample_factor
+                )
+                resized = rest[0] if needs_input else None
+            latents = self.encode_video(video)
+            base = self.encode_video(resized) if needs_input else None
         if self.residual:
-            latents = self.to_residual(latents, self.encode_video(self.resize_to_output(self.make_upstream(video))))
-        return latents, StageCondition()
+            latents = self.to_residual(latents, base)
+        return latents, StageCondition(concat=base if self.condition_on_input else None)
 
     def _cached_latents(self, batch: dict, name: str) -> torch.Tensor:
         """Cached posterior means (B x C x T x h x w); with a VAE that samples its posterior, a fresh draw
@@ -183,6 +220,10 @@ class LatentSRStage(DiffusionStage):
         if init is not None:
             latents_init = self.encode_video(init)
             shape = tuple(latents_init.shape[1:])
+        if self.condition_on_input:
+            if latents_init is None:
+                raise ValueError("a latent SR stage conditioned on its input needs one: pass init (use upscale)")
+            kwargs["cond"] = StageCondition(concat=latents_init)
         if self.residual:
             if latents_init is None:
                 raise ValueError("a residual latent SR stage refines a given video: pass init (use upscale)")

@@ -30,7 +30,7 @@ import torch
 
 from show1_lightning.diffusion.module import DiffusionStage, StageCondition
 from show1_lightning.diffusion.sampling import seeded_noise, window_seeds
-from show1_lightning.video_ops import resize_frames
+from show1_lightning.video_ops import random_crops, resize_frames
 
 
 class PixelSRStage(DiffusionStage):
@@ -140,14 +140,6 @@ class PixelSRStage(DiffusionStage):
         """DDPM forward step q(x_s | x_0) of the stage's schedule at per-sample levels s (B integers)."""
         return self.noise_scheduler.add_noise(upsampled, noise.to(upsampled), levels.to(upsampled.device))
 
-    def random_crop(self, video: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """A random (h, w) crop per clip of B x C x T x H x W, its offsets multiples of ``scale_factor``."""
-        h, w = size
-        sf = self.scale_factor
-        ys = torch.randint(0, (video.shape[-2] - h) // sf + 1, (video.shape[0],)).tolist()
-        xs = torch.randint(0, (video.shape[-1] - w) // sf + 1, (video.shape[0],)).tolist()
-        return torch.stack([v[..., y * sf : y * sf + h, x * sf : x * sf + w] for v, y, x in zip(video, ys, xs)])
-
     def training_inputs(self, batch: dict) -> tuple[torch.Tensor, StageCondition]:
         """High-res clip -> (target, condition): its downsampled, re-upsampled, noise-augmented copy.
 
@@ -161,7 +153,7 @@ class PixelSRStage(DiffusionStage):
                 "(data.height/width must be stage.height/width)"
             )
         if self.training and self.train_crop is not None:
-            hr = self.random_crop(hr, self.train_crop)
+            (hr,) = random_crops([hr], self.train_crop, align=self.scale_factor)
         b, size = hr.shape[0], tuple(hr.shape[-2:])
         up = self.upsample_condition(self.downsample(hr), size)
         target = self.to_residual(hr, self.baseline(self.downsample(hr))) if self.residual else hr
