@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="decode a posterior sample while fitting (conf/vae/toy.yaml: off, a plain autoencoder)",
     )
+    ap.add_argument(
+        "--pixel-skip",
+        action="store_true",
+        help="PixelSkipAutoencoderKL: a fixed pooled-pixel path beside the learned one (conf/vae/toy.yaml: on)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -52,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         "latent_channels": 4,
         "norm_num_groups": args.norm_num_groups,
         "mid_block_add_attention": False,
+        "pixel_skip": args.pixel_skip,
         "scaling_factor": 1.0,
     }
     t0 = time.time()
