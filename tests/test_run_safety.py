@@ -69,6 +69,8 @@ def _steps(ckpt_dir: Path) -> list[str]:
             ("experiment=toy_latent_sr", "vae@stage.vae=tiny", "stage.strength=0.01", "stage.sampling.num_steps=20"),
             "stage.strength",
         ),
+        # 16x24 pixels are whole latents of the f=8 VAE (2x3) but the UNet cannot halve 2x3 twice
+        (("experiment=toy_latent_sr", "vae@stage.vae=tiny", "stage.train_crop=[16,24]"), "stage.train_crop"),
     ],
 )
 def test_late_failing_configs_fail_at_start_naming_the_key(compose_train, tmp_path, overrides, key):
