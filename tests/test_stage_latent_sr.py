@@ -277,6 +277,7 @@ def test_toy_experiment_trains_through_hydra(tmp_path: Path) -> None:
         "data.epoch_length=2",
         "data.val_batches=1",
         "stage.num_frames=2",
+        "stage.train_crop=[32,64]",  # whole latents of this test's f=8 VAE that its UNet can halve twice
         f"paths.data_dir={data_dir}",
     )
     with open_dict(cfg):
