@@ -42,6 +42,10 @@ TINY_STAGE = [
 ]
 
 
+# 32x48 output from a 16x24 input, 2 frames: the unit tests' stage size.
+SMALL = ("stage.height=32", "stage.width=48", "stage.input_height=16", "stage.input_width=24", "stage.num_frames=2")
+
+
 def _compose(*overrides: str) -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize(config_path="../conf", version_base="1.3"):
@@ -57,9 +61,7 @@ def _stage(*overrides: str) -> LatentSRStage:
 
 @pytest.fixture(scope="module")
 def stage() -> LatentSRStage:
-    return _stage(
-        "stage.height=32", "stage.width=48", "stage.input_height=16", "stage.input_width=24", "stage.num_frames=2"
-    )
+    return _stage(*SMALL)
 
 
 def _batch(b: int = 2, t: int = 2, h: int = 32, w: int = 48, seed: int = 0) -> dict:
@@ -137,11 +139,7 @@ def test_residual_latent_target_conditioned_on_the_input_and_upscale_starts_at_t
     concatenated to the UNet's input (condition_on_input); zero-initialised x0 prediction, so the untrained stage's
     upscale() is exactly its baseline (the VAE round trip of the resized input)."""
     st = _stage(
-        "stage.height=32",
-        "stage.width=48",
-        "stage.input_height=16",
-        "stage.input_width=24",
-        "stage.num_frames=2",
+        *SMALL,
         "stage.residual=true",
         "stage.residual_scale=20",
         "stage.condition_on_input=true",
@@ -329,15 +327,11 @@ def test_toy_experiment_with_fitted_toy_vae(tmp_path: Path) -> None:
 
 def test_train_crop_cuts_clip_and_input_at_the_same_place() -> None:
     st = _stage(
-        "stage.height=32",
-        "stage.width=48",
-        "stage.input_height=16",
-        "stage.input_width=24",
-        "stage.num_frames=2",
+        *SMALL,
         "stage.residual=true",
         "stage.condition_on_input=true",
         "model.in_channels=8",
-        "+stage.train_crop=[16,24]",
+        "stage.train_crop=[16,24]",
     )
     batch = _batch()
     st.train()
@@ -358,4 +352,4 @@ def test_train_crop_cuts_clip_and_input_at_the_same_place() -> None:
     st.eval()  # validation: whole frames
     assert st.training_inputs(batch)[0].shape[-2:] == (4, 6)
     with pytest.raises(InstantiationException, match="train_crop"):
-        _stage("stage.height=32", "stage.width=48", "+stage.train_crop=[12,24]")
+        _stage("stage.height=32", "stage.width=48", "stage.train_crop=[12,24]")
