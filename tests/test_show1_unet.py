@@ -467,6 +467,30 @@ def test_temporal_positional_embeddings_tell_frames_apart(positional):
         assert spread > 1e-3 * out.abs().max().item(), spread
 
 
+def test_frame_embeddings_start_as_the_released_model_and_tie_the_time_embedding_to_the_frame():
+    """``frame_embeddings="learned"`` adds a zero-initialised per-frame vector to the time embedding: at the start the
+    model computes exactly what the model without it computes (same weights); once the vectors differ, identical input
+    frames give different output frames, and the vectors get gradients."""
+    torch.manual_seed(0)
+    plain = _build(TINY_BASE)
+    model = _build({**TINY_BASE, "frame_embeddings": "learned"})
+    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["frame_embedding.weight"] and not unexpected
+    kw = _inputs(TINY_BASE, frames=4)
+    kw["sample"] = kw["sample"][:, :, :1].expand(-1, -1, 4, -1, -1).contiguous()
+    with torch.no_grad():
+        assert torch.equal(model(**kw).sample, plain(**kw).sample)
+        model.frame_embedding.weight.normal_()
+        out = model(**kw).sample
+    assert (out - out[:, :, :1]).abs().max().item() > 1e-3 * out.abs().max().item()
+    model.frame_embedding.weight.grad = None
+    model(**kw).sample.square().mean().backward()
+    assert model.frame_embedding.weight.grad[:4].abs().sum() > 0
+    assert model.frame_embedding.weight.grad[4:].abs().sum() == 0  # rows of frames the input does not have
+    with pytest.raises(ValueError, match="frame_embeddings"):
+        _build({**TINY_BASE, "frame_embeddings": "sinusoidal"})
+
+
 @pytest.mark.parametrize(
     "bad, match",
     [

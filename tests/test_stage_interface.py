@@ -158,3 +158,31 @@ def test_strength_leaving_no_step_fails_at_start_up(compose_train, tmp_path: Pat
         validate_train_config(cfg)
     ok = compose_train(tmp_path, *short, "callbacks.samples.num_steps=4", tiny=False)
     validate_train_config(ok)
+
+
+def test_log_snr_time_input_tells_the_unet_the_noise_level_in_training_and_sampling() -> None:
+    """``time_input="log_snr"``: every UNet call, in the loss and in the sampler, gets the step's log-SNR on the step
+    range (monotone, same endpoints), which spreads the near-pure-noise end the cosine schedule crowds into its last
+    steps; the default passes the steps through."""
+    from show1_lightning.diffusion.objectives import log_snr_time_table
+
+    stage = make_pixel_sr(residual=True, sampling=BOUNDED, time_input="log_snr")
+    table = log_snr_time_table(stage.noise_scheduler)
+    assert table[0] == 0 and math.isclose(float(table[-1]), 999, rel_tol=1e-6)
+    assert bool((table[1:] > table[:-1]).all())
+    assert float(table[975]) < 900 < float(table[999]) and float(table[950]) < 650  # the last 50 steps: ~half the range
+    seen: list[torch.Tensor] = []
+    stage.unet.register_forward_pre_hook(lambda m, args: seen.append(args[1].detach().clone()))
+    hr = clip(2, 3, 16, 32)
+    stage.diffusion_step({"video": hr, "caption": ["a", "b"]}, timesteps=torch.tensor([950, 10]))
+    torch.testing.assert_close(seen[-1], table[[950, 10]])
+    seen.clear()
+    stage.run(stage.make_upstream(hr), ["a", "b"], [1, 2])
+    assert seen and all(bool(torch.isin(s, table).all()) for s in seen)
+    plain = make_pixel_sr(residual=True, sampling=BOUNDED)
+    seen.clear()
+    plain.unet.register_forward_pre_hook(lambda m, args: seen.append(args[1].detach().clone()))
+    plain.diffusion_step({"video": hr, "caption": ["a", "b"]}, timesteps=torch.tensor([950, 10]))
+    torch.testing.assert_close(seen[-1], torch.tensor([950, 10]))
+    with pytest.raises(ValueError, match="time_input"):
+        make_pixel_sr(time_input="sigma")

@@ -68,6 +68,8 @@ TOY_WIDTH, TOY_HEIGHT, TOY_FRAMES, TOY_FPS = 128, 80, 32, 16
 # up to version 3 it was 2.0, and that unpredictable flicker was 78% of the linear blend's error on the frames an
 # interpolation stage inserts, so no interpolator could show what it learned (README, toy loop).
 TOY_FLICKER = 0.0
+# Range of the shape's travel over a clip, as a fraction of the free extent along its motion axis.
+TOY_TRAVEL = (0.35, 0.55)
 
 _MOTION_DIR = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 _PROMPT_RE = re.compile(
@@ -174,7 +176,7 @@ def make_toy_clip(
     r = rng.uniform(0.2, 0.275) * min(height, width)  # large: the colour stays visible at the keyframe stage's 32x20
     ddx, ddy = _MOTION_DIR[motion]
     extent = width if ddx else height
-    dist = rng.uniform(0.35, 0.55) * (extent - 2 * r - 4)  # travel along the motion axis
+    dist = rng.uniform(*TOY_TRAVEL) * (extent - 2 * r - 4)  # travel along the motion axis
     margin = r + 2
     # Start so that start + travel stays inside the frame.
     if ddx:

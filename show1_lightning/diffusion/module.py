@@ -32,6 +32,7 @@ from show1_lightning.diffusion.lora import (
 )
 from show1_lightning.diffusion.objectives import (
     diffusion_loss,
+    log_snr_time_table,
     min_snr_weights,
     sample_timesteps,
     shift_noise_schedule,
@@ -103,6 +104,8 @@ class DiffusionStage(L.LightningModule):
             residual is multiplied by before diffusion (and divided by after sampling). The residual of a good
             baseline is small (toy pixel SR: rms 0.027) next to the diffusion noise (0.39 at t = 250), which then
             hides it from the UNet; scaling it to about unit variance is the usual remedy (SRDiff, ResShift).
+        time_input: what the UNet is told about the noise: ``timestep`` (the step, as released) or ``log_snr`` (the
+            step's log-SNR mapped onto the step range, :func:`show1_lightning.diffusion.objectives.log_snr_time_table`).
         noise_schedule_shift: divide the SNR of every timestep of ``noise_scheduler`` by its square, for training
             and sampling (:func:`show1_lightning.diffusion.objectives.shift_noise_schedule`); 1 = as configured.
         compile: ``torch.compile`` the UNet in place (``configure_model``, and before sampling outside a Trainer):
@@ -134,6 +137,7 @@ class DiffusionStage(L.LightningModule):
         compile: bool | dict | None = False,
         residual_scale: float = 1.0,
         noise_schedule_shift: float = 1.0,
+        time_input: str = "timestep",
     ) -> None:
         super().__init__()
         if not residual_scale > 0:
@@ -146,6 +150,10 @@ class DiffusionStage(L.LightningModule):
         self.compile_spec = compile
         self.unet = unet
         self.noise_scheduler = shift_noise_schedule(noise_scheduler, noise_schedule_shift)
+        if time_input not in ("timestep", "log_snr"):
+            raise ValueError(f"stage.time_input must be 'timestep' or 'log_snr', got {time_input!r}")
+        # log_snr: the UNet is told the noise level (log_snr_time_table), not the step; the released models: steps.
+        self._time_table = log_snr_time_table(self.noise_scheduler) if time_input == "log_snr" else None
         self.optimizer_factory = optimizer
         # Kept out of the module tree: frozen, possibly huge, never in checkpoints or DDP.
         self._frozen: dict[str, Any] = {"text_encoder": text_encoder}
@@ -330,6 +338,8 @@ class DiffusionStage(L.LightningModule):
             kwargs["class_labels"] = cond.class_labels
         if self._unet_takes_mask:
             kwargs["encoder_attention_mask"] = mask
+        if self._time_table is not None:
+            t = self._time_table.to(x_t.device)[torch.as_tensor(t, device=x_t.device).long()]
         out = self.unet(x_in, t, **kwargs).sample
         return split_learned_variance(out, x_t.shape[1])
 

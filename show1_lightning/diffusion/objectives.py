@@ -42,6 +42,21 @@ def shift_noise_schedule(scheduler: DDPMScheduler, shift: float) -> DDPMSchedule
     return DDPMScheduler.from_config(scheduler.config, trained_betas=betas.tolist())
 
 
+def log_snr_time_table(scheduler: DDPMScheduler) -> torch.Tensor:
+    """For every integer timestep, the time value a UNet sees when it is told the noise level instead of the step:
+    the log-SNR mapped linearly onto the same range, ``(T - 1) * (lambda(0) - lambda(t)) / (lambda(0) - lambda(T - 1))``.
+
+    Why: under the cosine schedule the last few dozen steps cover most of the log-SNR range (t = 950 -> 999: log-SNR
+    -5 -> -20), while their sinusoidal step embeddings barely differ, so the UNet cannot tell "the frames still show
+    the shape" from "pure noise" and learns neither the conditional mean nor the prompt's layout at the noisy end
+    (EDM and VDM condition on the noise level for the same reason). Same endpoints as the steps: 0 and T - 1.
+    """
+    alpha_bar = scheduler.alphas_cumprod.double().clamp(1e-20, 1 - 1e-20)
+    lam = torch.log(alpha_bar / (1 - alpha_bar))
+    n = len(alpha_bar)
+    return ((n - 1) * (lam[0] - lam) / (lam[0] - lam[-1])).float()
+
+
 def sample_timesteps(
     batch_size: int,
     t_min: int,

@@ -38,6 +38,7 @@ from diffusers.utils import logging
 from torch import nn
 
 from show1_lightning.models.show1_unet_blocks import (
+    MAX_FRAMES,
     BlockConfig,
     UNetMidBlock3DSimpleCrossAttn,
     fuse_attention_pooling,
@@ -155,6 +156,7 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin):
         transfromer_in_opt: bool = False,  # sic: the released key name
         temporal_conv_dropout: float = 0.1,
         temporal_positional_embeddings: str | None = None,
+        frame_embeddings: str | None = None,
     ) -> None:
         super().__init__()
         n = len(down_block_types)
@@ -243,7 +245,14 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin):
             self.add_embedding = None
 
         self.time_embed_act = get_activation(time_embedding_act_fn) if time_embedding_act_fn else None
+        if frame_embeddings not in (None, "learned"):
+            raise ValueError(f"frame_embeddings must be null or 'learned', got {frame_embeddings!r}")
+        # Ours, off as released: a learned per-frame vector added to the time embedding (zero at the start), so the
+        # resnets' scale-shift sees time, pooled text and frame position together and can tie the text to a frame.
         blocks_temb = time_embed_dim * 2 if class_embeddings_concat else time_embed_dim
+        self.frame_embedding = nn.Embedding(MAX_FRAMES, blocks_temb) if frame_embeddings else None
+        if self.frame_embedding is not None:
+            nn.init.zeros_(self.frame_embedding.weight)
 
         def block_cfg(i: int, only_cross_flag: bool) -> BlockConfig:
             return BlockConfig(
@@ -383,12 +392,17 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin):
 
         if self.add_embedding is not None:
             emb = emb + self.add_embedding(encoder_hidden_states)
+        emb = emb.repeat_interleave(num_frames, dim=0)  # (batch * frames, C); the activation below is elementwise
+        if self.frame_embedding is not None:
+            if num_frames > MAX_FRAMES:
+                raise ValueError(f"{num_frames} frames, more than the frame embedding's {MAX_FRAMES}")
+            frames = torch.arange(num_frames, device=emb.device)
+            emb = emb + self.frame_embedding(frames).to(emb.dtype).repeat(batch, 1)
         if self.time_embed_act is not None:
             emb = self.time_embed_act(emb)
         if self.encoder_hid_proj is not None:
             encoder_hidden_states = self.encoder_hid_proj(encoder_hidden_states)
 
-        emb = emb.repeat_interleave(num_frames, dim=0)
         encoder_hidden_states = encoder_hidden_states.repeat_interleave(num_frames, dim=0)
 
         # 2. pre-process: fold frames into the batch
