@@ -170,7 +170,8 @@ def test_log_snr_time_input_tells_the_unet_the_noise_level_in_training_and_sampl
     table = log_snr_time_table(stage.noise_scheduler)
     assert table[0] == 0 and math.isclose(float(table[-1]), 999, rel_tol=1e-6)
     assert bool((table[1:] > table[:-1]).all())
-    assert float(table[975]) < 900 < float(table[999]) and float(table[950]) < 650  # the last 50 steps: ~half the range
+    # the last 50 steps cover about half the range
+    assert float(table[975]) < 900 < float(table[999]) and float(table[950]) < 650
     seen: list[torch.Tensor] = []
     stage.unet.register_forward_pre_hook(lambda m, args: seen.append(args[1].detach().clone()))
     hr = clip(2, 3, 16, 32)
