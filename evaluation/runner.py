@@ -68,8 +68,12 @@ def generate_missing(
     batch_size: int,
     precision: str = "fp32",
     stop_after: int | None = None,
+    intermediates_dir: Path | None = None,
 ) -> tuple[int, int, bool]:
     """Generate and write every missing video of ``indices``.
+
+    With ``intermediates_dir``, a generator that exposes ``last_intermediates`` (stage name -> its output of the last
+    call; the cascade's earlier stages) also has them written, as ``<intermediates_dir>/<stage>/<index>.mp4``.
 
     Returns:
         (number generated now, number already on disk, complete) where ``complete`` is False when
@@ -92,6 +96,10 @@ def generate_missing(
             )
         for i, video in zip(batch, videos.float()):
             write_mp4(video_dir / video_filename(i), to_uint8_frames(video), fps=float(generator.fps))
+        if intermediates_dir is not None:
+            for name, outputs in (getattr(generator, "last_intermediates", None) or {}).items():
+                for i, video in zip(batch, outputs.float().clamp(-1, 1)):
+                    write_mp4(intermediates_dir / name / video_filename(i), to_uint8_frames(video), fps=generator.fps)
         made += len(batch)
         log.info("rank %d: generated %d/%d new videos", ctx.rank, made, len(todo))
     return made, existing, made == len(todo)
@@ -268,12 +276,11 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any] | None:
                     out_dir, fingerprint, in_place=_serves_output_videos(gen_cfg, video_dir)
                 )
             _check_existing_manifest(video_dir, prompts, base_seed)
+        entries = [{"index": i, "prompt": p, "seed": sample_seed(base_seed, i)} for i, p in enumerate(prompts)]
+        inter_dir = out_dir / "intermediates" if cfg.get("save_intermediates") else None
         with ctx.phase("manifest"):  # after the sync: every rank has read the old manifest
             if ctx.is_main:
-                write_manifest(
-                    video_dir,
-                    ({"index": i, "prompt": p, "seed": sample_seed(base_seed, i)} for i, p in enumerate(prompts)),
-                )
+                write_manifest(video_dir, entries)
         mine = shard_indices(n, ctx.rank, ctx.world_size)
 
         with ctx.phase("generation"):
@@ -294,7 +301,11 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any] | None:
                 int(cfg.batch_size),
                 str(cfg.precision),
                 None if cfg.get("stop_after") is None else int(cfg.stop_after),
+                inter_dir,
             )
+            if inter_dir is not None and ctx.is_main:  # each stage folder: what generator=folder scores
+                for name in getattr(generator, "intermediate_names", ()):
+                    write_manifest(inter_dir / name, entries)
             gen_info = {"name": str(generator.name), "fps": float(generator.fps)}
             if callable(getattr(generator, "describe", None)):
                 gen_info.update(generator.describe())

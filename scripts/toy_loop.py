@@ -13,9 +13,10 @@ Steps (each resumable: re-running picks up finished training runs and evaluation
 2. Every conditional stage on held-out toy clips at its output size (``evaluation.toy_benchmark``, seeds the
    training shards never use): PSNR of its output and of its baseline (linear blend, bicubic, the VAE round trip
    of bicubic; ``show1_lightning.stages.validation``), side-by-side mp4s under ``<out>/stages``.
-3. ``evaluate.py benchmark=toy`` for the cascade, each prefix (at the prefix's output size and frame count),
-   the naive cascade (keyframe stage + linear blend + bicubic + VAE round trip) and the real floor
-   (``generator=toy_real``): FVD (real I3D), colour adherence, motion adherence.
+3. ``evaluate.py benchmark=toy`` for the cascade (saving each stage's output), each prefix (at the prefix's output
+   size and frame count, scored from those saved outputs: ``generator=folder``), the naive cascade (keyframe stage +
+   linear blend + bicubic + VAE round trip) and the real floor (``generator=toy_real``): FVD (real I3D), colour
+   adherence, motion adherence.
 """
 
 from __future__ import annotations
@@ -156,14 +157,34 @@ def evaluate_args(
 
 
 def evaluate(
-    out: Path, name: str, generator: list[str], size: tuple[int, int, int], num_samples: int, group: str
+    out: Path,
+    name: str,
+    generator: list[str],
+    size: tuple[int, int, int],
+    num_samples: int,
+    group: str,
+    extra: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Step 3: ``evaluate.py`` for one generator (:func:`evaluate_args`); returns its report's metrics."""
+    """Step 3: ``evaluate.py`` for one generator (:func:`evaluate_args`, then ``extra``); returns its metrics."""
     run(
-        [sys.executable, "evaluate.py", *evaluate_args(out, name, generator, size, num_samples, group)],
+        [sys.executable, "evaluate.py", *evaluate_args(out, name, generator, size, num_samples, group), *extra],
         out / "logs" / f"eval_{name}.log",
     )
     return report_metrics(json.loads((out / "eval" / name / "report.json").read_text()))
+
+
+def prefix_folder(out: Path, label: str, num_samples: int) -> list[str] | None:
+    """``generator=folder`` overrides that score prefix ``label`` from the outputs the whole cascade's evaluation
+    saved of its last stage (``save_intermediates``; the same seeds, so the same videos as running the prefix
+    again); None when that evaluation did not save all of them (e.g. it resumed videos made before)."""
+    last = label.removeprefix("prefix_").split("+")[-1]
+    folder = out / "eval" / "cascade" / "intermediates" / last
+    if not (folder / "manifest.jsonl").is_file() or not all(
+        (folder / f"{i:06d}.mp4").is_file() for i in range(num_samples)
+    ):
+        return None
+    fps = FPS if last != "keyframe" else 4
+    return ["generator=folder", f"generator.root={folder}", f"generator.name={label}", f"generator.fps={fps}"]
 
 
 def generators(ckpts: dict[str, Path], sizes: dict[str, tuple[int, int, int]]) -> dict[str, Any]:
@@ -249,7 +270,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     gens = generators(ckpts, {n: stage_output_size(stages, n) for n in STAGE_ORDER})
     del stages
-    scores = {name: evaluate(out, name, gen, size, args.num_samples, group) for name, (gen, size) in gens.items()}
+    # The whole cascade first, saving every stage's output: the prefixes are then scored from those videos instead
+    # of being generated again (each prefix ran every stage before it once more).
+    gen, size = gens["cascade"]
+    scores = {"cascade": evaluate(out, "cascade", gen, size, args.num_samples, group, ("save_intermediates=true",))}
+    for name, (gen, size) in gens.items():
+        if name != "cascade":
+            saved = prefix_folder(out, name, args.num_samples) if name.startswith("prefix_") else None
+            scores[name] = evaluate(out, name, saved or gen, size, args.num_samples, group)
+    scores = {name: scores[name] for name in gens}  # the report's order
 
     cascade, naive = scores["cascade"], scores["naive"]
     report = {

@@ -121,6 +121,17 @@ class PatternGenerator:
         return torch.stack(out)
 
 
+class TwoStagePatternGenerator(PatternGenerator):
+    """Like a two-stage cascade: its "first stage" made every second frame of the pattern (``last_intermediates``)."""
+
+    intermediate_names = ("first",)
+
+    def generate(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        videos = super().generate(prompts, seeds)
+        self.last_intermediates = {"first": videos[:, :, ::2].clone()}
+        return videos
+
+
 def _seeded(module: nn.Module, seed: int, scale: float = 1.0) -> nn.Module:
     """Deterministic init: weights N(0, scale^2 / fan_in), biases N(0, 0.01)."""
     g = torch.Generator().manual_seed(seed)

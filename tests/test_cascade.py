@@ -149,6 +149,23 @@ def test_cascade_generator_satisfies_the_evaluation_interface(toy_stages, tmp_pa
     assert gen.describe()["stages"] == {"keyframe": str(path)}
 
 
+def test_cascade_generator_keeps_each_earlier_stage_output_equal_to_running_that_prefix(toy_stages, tmp_path):
+    """``last_intermediates`` (what evaluate.py's ``save_intermediates`` writes) holds the keyframes the two-stage
+    cascade made: the same videos the keyframe stage alone makes for the same prompts and seeds."""
+    paths = {n: export_stage(toy_stages[n], tmp_path / n) for n in ("keyframe", "interpolation")}
+    steps = {n: TWO_STEPS[n] for n in paths}
+    prompts, seeds = ["a red circle moving left", "a blue square moving up"], [3, 4]
+    two = CascadeGenerator(**paths, device="cpu", sampling=steps)
+    assert two.intermediate_names == ["keyframe"]
+    final = two.generate(prompts, seeds)
+    assert set(two.last_intermediates) == {"keyframe"}
+    keyframes = two.last_intermediates["keyframe"]
+    assert keyframes.shape == (2, 3, 8, 8, 16) and final.shape[2] > 8
+    alone = CascadeGenerator(keyframe=paths["keyframe"], device="cpu", sampling=steps)
+    assert alone.intermediate_names == []
+    assert_close_rel(keyframes.clamp(-1, 1), alone.generate(prompts, seeds))
+
+
 @pytest.mark.slow
 def test_paper_shapes_29_frames_at_576x320_with_tiny_widths(compose_train, tmp_path):
     """The paper experiments' resolutions, frame counts and UNet types, at tiny widths on CPU."""

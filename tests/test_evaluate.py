@@ -235,3 +235,31 @@ def test_two_process_runner_gives_the_one_process_report(eval_env, tmp_path):
         # As in test_two_processes_equal_one_process: same per-sample shapes, float64 sums in another order.
         assert multi["metrics"][k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
     assert _comparable(multi)["protocol"] == _comparable(single)["protocol"]
+
+
+def test_save_intermediates_writes_a_folder_that_scores_the_prefix(eval_env, tmp_path):
+    """``save_intermediates=true``: a generator's earlier-stage outputs land in ``intermediates/<stage>/`` with a
+    manifest, so ``generator=folder`` scores the prefix without generating it again (scripts/toy_loop.py)."""
+    from evaluation.generators import FolderGenerator
+
+    (eval_env["conf"] / "generator" / "two_stage.yaml").write_text(
+        "_target_: fixtures_eval.TwoStagePatternGenerator\nnum_frames: 16\n"
+    )
+    out = tmp_path / "two"
+    run_evaluation(_compose(eval_env, out, "generator=two_stage", "save_intermediates=true", "metrics=[fvd]"))
+    folder = out / "intermediates" / "first"
+    assert sorted(p.name for p in folder.glob("*.mp4")) == [f"{i:06d}.mp4" for i in range(6)]
+    manifest = [json.loads(line) for line in (out / "videos" / "manifest.jsonl").read_text().splitlines()]
+    prompts, seeds = [e["prompt"] for e in manifest], [e["seed"] for e in manifest]
+    prefix = FolderGenerator(folder).generate(prompts, seeds)
+    final = FolderGenerator(out / "videos").generate(prompts, seeds)
+    assert prefix.shape[2] == 8 and final.shape[2] == 16
+    # the same frames, each through its own mp4 encode and decode
+    assert (prefix - final[:, :, ::2]).abs().mean() < 0.02
+    scored = run_evaluation(
+        _compose(eval_env, tmp_path / "prefix", "generator=folder", f"generator.root={folder}", "metrics=[fvd]")
+    )
+    assert scored is not None and "fvd" in scored["metrics"]
+    plain = tmp_path / "plain"
+    run_evaluation(_compose(eval_env, plain, "generator=two_stage", "metrics=[fvd]"))  # off by default
+    assert not (plain / "intermediates").exists()

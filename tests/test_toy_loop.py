@@ -45,3 +45,24 @@ def test_every_generator_of_the_loop_composes_with_evaluate_py(tmp_path) -> None
         cfg = compose("eval", overrides=toy_loop.evaluate_args(tmp_path, "naive", naive, sizes["latent_sr"], 4, "g"))
     assert list(cfg.generator.baseline_stages) == ["interpolation", "pixel_sr", "latent_sr"]
     assert cfg.generator.latent_sr == str(ckpts["latent_sr"])
+
+
+def test_prefixes_are_scored_from_the_cascade_outputs_only_when_all_were_saved(tmp_path) -> None:
+    from hydra import compose, initialize_config_dir
+
+    folder = tmp_path / "eval" / "cascade" / "intermediates" / "interpolation"
+    folder.mkdir(parents=True)
+    label = "prefix_keyframe+interpolation"
+    assert toy_loop.prefix_folder(tmp_path, label, 2) is None  # nothing saved (e.g. a resumed evaluation)
+    (folder / "manifest.jsonl").write_text("")
+    (folder / "000000.mp4").write_bytes(b"")
+    assert toy_loop.prefix_folder(tmp_path, label, 2) is None  # one of two
+    (folder / "000001.mp4").write_bytes(b"")
+    gen = toy_loop.prefix_folder(tmp_path, label, 2)
+    assert gen == ["generator=folder", f"generator.root={folder}", f"generator.name={label}", "generator.fps=16"]
+    with initialize_config_dir(config_dir=str(toy_loop.ROOT / "conf"), version_base=None):
+        cfg = compose("eval", overrides=toy_loop.evaluate_args(tmp_path, label, gen, (29, 16, 24), 2, "g"))
+    assert cfg.generator.root == str(folder) and cfg.generator.fps == 16
+    with initialize_config_dir(config_dir=str(toy_loop.ROOT / "conf"), version_base=None):
+        cfg = compose("eval", overrides=["save_intermediates=true"])
+    assert cfg.save_intermediates is True

@@ -67,6 +67,8 @@ class CascadeGenerator:
             lora=lora,
         )
         self.fps = float(fps)
+        #: output of every stage but the last in the last ``generate`` call (evaluate.py ``save_intermediates``)
+        self.last_intermediates: dict[str, torch.Tensor] = {}
         self.name = name or "cascade:" + "+".join(
             n + ("(baseline)" if n in self.cascade.baseline_stages else "")
             for n in STAGE_ORDER
@@ -88,5 +90,12 @@ class CascadeGenerator:
             "lora": {k: [e if isinstance(e, str) else dict(e) for e in v] for k, v in self.cascade.lora.items()},
         }
 
+    @property
+    def intermediate_names(self) -> list[str]:
+        """The stages whose outputs ``last_intermediates`` holds: all but the last (a prefix of STAGE_ORDER)."""
+        return [n for n in STAGE_ORDER if n in self.cascade.stages][:-1]
+
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
-        return self.cascade(list(prompts), list(seeds)).video
+        result = self.cascade(list(prompts), list(seeds))
+        self.last_intermediates = {n: result.intermediates[n] for n in self.intermediate_names}
+        return result.video
