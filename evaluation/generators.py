@@ -126,21 +126,31 @@ class FolderGenerator:
             frames = frames[: self.num_frames]
         return to_float_video(frames)
 
+    def _entry(self, prompt: str, seed: int) -> dict[str, Any]:
+        """The manifest entry of ``(prompt, seed)``; refuses a seed made for another prompt."""
+        entry = self._by_seed.get(int(seed))
+        if entry is None:
+            raise KeyError(f"FolderGenerator: no video with seed {seed} in {self.root / MANIFEST_NAME}")
+        if entry["prompt"] != prompt:
+            raise ValueError(
+                f"FolderGenerator: sample {entry['index']} (seed {seed}) was made for prompt "
+                f"{entry['prompt']!r}, but {prompt!r} was requested"
+            )
+        return entry
+
+    def source_file(self, prompt: str, seed: int) -> Path | None:
+        """The stored file of ``(prompt, seed)`` when it can be copied as it is (no ``num_frames`` cut), else None:
+        the evaluation copies it instead of decoding and encoding it again (a second lossy encode)."""
+        if self.num_frames is not None:
+            return None
+        path = self.root / video_filename(int(self._entry(prompt, seed)["index"]))
+        return path if path.is_file() else None
+
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
         """The stored videos of ``(prompt, seed)`` pairs, stacked ``B x 3 x T x H x W``."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        videos = []
-        for prompt, seed in zip(prompts, seeds):
-            entry = self._by_seed.get(int(seed))
-            if entry is None:
-                raise KeyError(f"FolderGenerator: no video with seed {seed} in {self.root / MANIFEST_NAME}")
-            if entry["prompt"] != prompt:
-                raise ValueError(
-                    f"FolderGenerator: sample {entry['index']} (seed {seed}) was made for prompt "
-                    f"{entry['prompt']!r}, but {prompt!r} was requested"
-                )
-            videos.append(self.load(int(entry["index"])))
+        videos = [self.load(int(self._entry(prompt, seed)["index"])) for prompt, seed in zip(prompts, seeds)]
         shapes = {tuple(v.shape) for v in videos}
         if len(shapes) > 1:
             raise ValueError(f"FolderGenerator: videos of different shapes in one batch: {sorted(shapes)}")

@@ -43,6 +43,7 @@ from evaluation.fingerprint import check_or_write_fingerprint, claim_output_dir,
 from evaluation.generators import VideoGenerator, video_filename, write_manifest
 from evaluation.report import ADHERENCE_METRICS, build_report, write_report
 from show1_lightning.data.video_io import decode_video, to_uint8_frames, write_mp4
+from show1_lightning.fileio import atomic_write_bytes
 from show1_lightning.precision import autocast
 
 log = logging.getLogger(__name__)
@@ -86,8 +87,15 @@ def generate_missing(
     else:
         todo_now = todo
     made = 0
+    copy_from = getattr(generator, "source_file", None)  # a folder generator: its files as they are
     for batch in _batches(todo_now, batch_size):
         seeds = [sample_seed(base_seed, i) for i in batch]
+        sources = [copy_from(prompts[i], s) for i, s in zip(batch, seeds)] if copy_from else [None]
+        if all(src is not None for src in sources):
+            for i, src in zip(batch, sources):
+                atomic_write_bytes(video_dir / video_filename(i), src.read_bytes())
+            made += len(batch)
+            continue
         with torch.no_grad(), autocast(ctx.device.type, precision):
             videos = generator.generate([prompts[i] for i in batch], seeds)
         if videos.ndim != 5 or videos.shape[0] != len(batch) or videos.shape[1] != 3:

@@ -260,6 +260,8 @@ def test_save_intermediates_writes_a_folder_that_scores_the_prefix(eval_env, tmp
         _compose(eval_env, tmp_path / "prefix", "generator=folder", f"generator.root={folder}", "metrics=[fvd]")
     )
     assert scored is not None and "fvd" in scored["metrics"]
+    for i in range(6):  # copied as they are, not decoded and encoded a second time (lossy)
+        assert (tmp_path / "prefix" / "videos" / f"{i:06d}.mp4").read_bytes() == (folder / f"{i:06d}.mp4").read_bytes()
     plain = tmp_path / "plain"
     run_evaluation(_compose(eval_env, plain, "generator=two_stage", "metrics=[fvd]"))  # off by default
     assert not (plain / "intermediates").exists()
