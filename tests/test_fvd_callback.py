@@ -42,6 +42,7 @@ def test_fvd_of_a_stage_with_cached_real_statistics(compose_train, tmp_path):
     computed once and cached; a second callback reads them from the cache and gives the same value (same weights,
     same seeds), and a stage with other weights another value."""
     cfg = compose_train(tmp_path, *TINY_FVD)
+    torch.manual_seed(0)  # unseeded, some random inits gave two FVDs within 0.6% of each other after the change below
     stage = hydra.utils.instantiate(cfg.stage, _convert_="all")
     kwargs = dict(num_clips=2, num_steps=2, clip_length=9, cache_dir=str(tmp_path / "cache"))
     first = TrainingFVD(ToyHeldout(), **kwargs)
