@@ -102,12 +102,13 @@ def generate_missing(
             raise ValueError(
                 f"generator returned shape {tuple(videos.shape)} for {len(batch)} prompts; expected B x 3 x T x H x W"
             )
-        for i, video in zip(batch, videos.float()):
-            write_mp4(video_dir / video_filename(i), to_uint8_frames(video), fps=float(generator.fps))
+        folders = {video_dir: videos}
         if intermediates_dir is not None:
             for name, outputs in (getattr(generator, "last_intermediates", None) or {}).items():
-                for i, video in zip(batch, outputs.float().clamp(-1, 1)):
-                    write_mp4(intermediates_dir / name / video_filename(i), to_uint8_frames(video), fps=generator.fps)
+                folders[intermediates_dir / name] = outputs.clamp(-1, 1)
+        for folder, outputs in folders.items():
+            for i, video in zip(batch, outputs.float()):
+                write_mp4(folder / video_filename(i), to_uint8_frames(video), fps=float(generator.fps))
         made += len(batch)
         log.info("rank %d: generated %d/%d new videos", ctx.rank, made, len(todo))
     return made, existing, made == len(todo)

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from evaluation.generators import video_filename
 from evaluation.toy_benchmark import toy_heldout_clips
 from show1_lightning.data.video_io import to_uint8_frames, write_mp4
 from show1_lightning.fileio import atomic_write_json, atomic_write_text
@@ -180,7 +181,7 @@ def prefix_folder(out: Path, label: str, num_samples: int) -> list[str] | None:
     last = label.removeprefix("prefix_").split("+")[-1]
     folder = out / "eval" / "cascade" / "intermediates" / last
     if not (folder / "manifest.jsonl").is_file() or not all(
-        (folder / f"{i:06d}.mp4").is_file() for i in range(num_samples)
+        (folder / video_filename(i)).is_file() for i in range(num_samples)
     ):
         return None
     fps = FPS if last != "keyframe" else 4
