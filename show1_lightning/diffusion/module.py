@@ -43,6 +43,7 @@ from show1_lightning.diffusion.objectives import (
 from show1_lightning.diffusion.sampling import denoise, make_sampler, seeded_noise
 from show1_lightning.diffusion.sharding import clip_sharded_grad_norm, stage_ema_state_dict, sync_stage_ema
 from show1_lightning.models.checkpointing import enable_gradient_checkpointing
+from show1_lightning.models.frame_conv import use_frame_convs
 from show1_lightning.models.show1_unet import released_train_mode_dropout
 
 
@@ -110,6 +111,8 @@ class DiffusionStage(L.LightningModule):
             and sampling (:func:`show1_lightning.diffusion.objectives.shift_noise_schedule`); 1 = as configured.
         compile: ``torch.compile`` the UNet in place (``configure_model``, and before sampling outside a Trainer):
             false, true, or torch.compile arguments (``show1_lightning.diffusion.compile``); state_dict keys unchanged.
+        frame_convs: run the UNet's frames-only ``Conv3d`` layers (temporal convolutions) as ``Conv2d``
+            (``show1_lightning.models.frame_conv``): the same weights and sums, several times faster on a CPU.
     """
 
     #: channels a stage concatenates to the noisy sample (interpolation: 4, pixel SR: 3).
@@ -135,6 +138,7 @@ class DiffusionStage(L.LightningModule):
         zero_init_output: bool = False,
         lora: dict | None = None,
         compile: bool | dict | None = False,
+        frame_convs: bool = True,
         residual_scale: float = 1.0,
         noise_schedule_shift: float = 1.0,
         time_input: str = "timestep",
@@ -148,6 +152,8 @@ class DiffusionStage(L.LightningModule):
         self.snr_gamma, self.snr_floor = snr_gamma, snr_floor
         compile_options(compile)  # refuse a bad value now, not at the first step
         self.compile_spec = compile
+        if frame_convs:  # temporal Conv3d (k x 1 x 1) as Conv2d: oneDNN instead of the CPU's conv3d fallback
+            use_frame_convs(unet)
         self.unet = unet
         self.noise_scheduler = shift_noise_schedule(noise_scheduler, noise_schedule_shift)
         if time_input not in ("timestep", "log_snr"):
