@@ -1,10 +1,11 @@
-"""Cascade sampling benchmark: every stage eager vs ``torch.compile``-d, side by side in one run, with its FLOPs.
+"""Cascade sampling benchmark: every stage before / eager / ``torch.compile``-d, side by side in one run, with FLOPs.
 
     python bench/bench_generate.py [--stages-dir logs/toy_loop/train] [--num-steps 4] [--backend inductor]
-                                   [--repeats 2] [--threads 2] [--only keyframe,pixel_sr]
+                                   [--repeats 2] [--threads 2] [--only keyframe,pixel_sr] [--no-compile]
 
 Loads the toy cascade once (``generate.py``'s default stages), then per stage, on the previous stage's eager
-output: eager and compiled calls interleaved (``--repeats`` each, best time kept, so a loaded machine slows both
+output: "before" (the temporal convolutions as plain ``Conv3d``, ``stage.frame_convs=false``), eager (the
+default) and compiled calls interleaved (``--repeats`` each, best time kept, so a loaded machine slows all
 alike), the first compiled call (compilation included) reported apart, the max abs difference of the outputs, and
 the stage's FLOPs (``torch.utils.flop_counter``) divided by its time against the machine's measured fp32 matmul
 rate (a 2048^3 matmul at the same thread count): the fraction of the physical ceiling the stage reaches.
@@ -24,6 +25,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from show1_lightning.diffusion.compile import compile_options
+from show1_lightning.models.frame_conv import use_frame_convs, use_plain_convs
 from show1_lightning.pipelines.cascade import STAGE_ORDER, Show1Cascade
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +63,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated stages to time (the others still feed them)")
     ap.add_argument("--last", default="latent_sr", choices=STAGE_ORDER, help="last stage of the cascade built")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-compile", action="store_true", help="time only before (plain Conv3d) vs eager")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     d = Path(args.stages_dir)
@@ -89,25 +92,35 @@ def main() -> None:
         with FlopCounterMode(display=False) as fc:
             run()
         flops = fc.get_total_flops()
-        # Compile in place once (the stage's own switch), then toggle the compiled call on and off.
-        stage.compile_spec = spec
-        torch._dynamo.reset()
-        first_s, _ = timed(run)  # compiles (and recompiles per input shape) while sampling
-        compiled_call = stage.unet._compiled_call_impl
-        eager, compiled = [], []
+        first_s, compiled_call = float("nan"), None
+        if not args.no_compile:
+            # Compile in place once (the stage's own switch), then toggle the compiled call on and off.
+            stage.compile_spec = spec
+            torch._dynamo.reset()
+            first_s, _ = timed(run)  # compiles (and recompiles per input shape) while sampling
+            compiled_call = stage.unet._compiled_call_impl
+        before, eager, compiled = [], [], []
+        out_c = None
         for _ in range(args.repeats):
             stage.unet._compiled_call_impl = None
             stage.compile_spec = False
+            use_plain_convs(stage.unet)  # "before": the temporal convolutions as plain Conv3d
+            s, out_b = timed(run)
+            before.append(s)
+            use_frame_convs(stage.unet)
             s, out_e = timed(run)
             eager.append(s)
-            stage.unet._compiled_call_impl = compiled_call
-            stage.compile_spec = spec
-            s, out_c = timed(run)
-            compiled.append(s)
+            if compiled_call is not None:
+                stage.unet._compiled_call_impl = compiled_call
+                stage.compile_spec = spec
+                s, out_c = timed(run)
+                compiled.append(s)
         stage.unet._compiled_call_impl = None
         stage.compile_spec = False
-        diff = (out_e.float() - out_c.float()).abs().max().item()
-        rows.append((name, tuple(out_e.shape), min(eager), min(compiled), first_s, diff, flops))
+        diff_b = (out_e.float() - out_b.float()).abs().max().item()
+        diff = float("nan") if out_c is None else (out_e.float() - out_c.float()).abs().max().item()
+        comp = min(compiled) if compiled else float("nan")
+        rows.append((name, tuple(out_e.shape), min(before), min(eager), comp, first_s, diff_b, diff, flops))
         x = out_e
         stage.to("cpu")
     load = os.getloadavg()
@@ -118,19 +131,23 @@ def main() -> None:
     print(f"load average (1/5/15 min) {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} CPUs")
     print(f"measured fp32 matmul peak: {peak:.1f} GFLOP/s (2048^3, {args.threads} threads)")
     head = (
-        f"{'stage':<14}{'eager s':>9}{'compiled s':>11}{'speed-up':>9}{'1st compiled s':>15}{'max |diff|':>11}"
-        f"{'GFLOP':>8}{'eager GF/s':>11}{'comp. GF/s':>11}{'eager/peak':>11}"
+        f"{'stage':<14}{'before s':>9}{'eager s':>9}{'speed-up':>9}{'|diff|':>9}{'compiled s':>11}{'speed-up':>9}"
+        f"{'1st comp. s':>12}{'|diff|':>9}{'GFLOP':>8}{'eager GF/s':>11}{'eager/peak':>11}"
     )
     print(head)
-    for name, _, e, c, first, diff, flops in rows:
+    for name, _, b, e, c, first, diff_b, diff, flops in rows:
         g = flops / 1e9
         print(
-            f"{name:<14}{e:>9.2f}{c:>11.2f}{e / c:>8.2f}x{first:>15.1f}{diff:>11.1e}{g:>8.1f}{g / e:>11.2f}"
-            f"{g / c:>11.2f}{g / e / peak:>10.0%}"
+            f"{name:<14}{b:>9.2f}{e:>9.2f}{b / e:>8.2f}x{diff_b:>9.1e}{c:>11.2f}{e / c:>8.2f}x{first:>12.1f}{diff:>9.1e}"
+            f"{g:>8.1f}{g / e:>11.2f}{g / e / peak:>10.0%}"
         )
-    te, tc = sum(r[2] for r in rows), sum(r[3] for r in rows)
-    print(f"{'total':<14}{te:>9.2f}{tc:>11.2f}{te / tc:>8.2f}x")
-    print("outputs: eager vs compiled max abs difference per stage (video in [-1, 1]); tolerance 1e-3")
+    tb, te, tc = (sum(r[i] for r in rows) for i in (2, 3, 4))
+    print(f"{'total':<14}{tb:>9.2f}{te:>9.2f}{tb / te:>8.2f}x{'':>9}{tc:>11.2f}{te / tc:>8.2f}x")
+    print(
+        "before: the temporal convolutions as plain Conv3d (stage.frame_convs=false); eager: as Conv2d (the default);"
+        " compiled: eager + torch.compile. |diff|: max abs difference of the stage's output from eager's"
+        " (video in [-1, 1]); tolerance 1e-3"
+    )
 
 
 if __name__ == "__main__":

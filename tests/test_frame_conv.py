@@ -9,7 +9,7 @@ from test_compile import tiny_paper_unet
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from show1_lightning.models.frame_conv import FrameConv3d, is_frame_conv, use_frame_convs
+from show1_lightning.models.frame_conv import FrameConv3d, is_frame_conv, use_frame_convs, use_plain_convs
 from show1_lightning.stages.keyframe import KeyframeStage
 
 
@@ -38,6 +38,7 @@ def test_frame_conv_equals_conv3d_forward_and_backward(kw: dict) -> None:
     yb.backward(g)
     torch.testing.assert_close(xb.grad, xa.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(conv.weight.grad, ref.weight.grad, atol=1e-4, rtol=1e-5)
+    assert use_plain_convs(conv) == 1 and type(conv) is nn.Conv3d and is_frame_conv(conv)
 
 
 def test_only_frames_only_convs_are_turned() -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FrameConv3d", "use_frame_convs"]
+__all__ = ["FrameConv3d", "is_frame_conv", "use_frame_convs", "use_plain_convs"]
 
 
 class FrameConv3d(nn.Conv3d):
@@ -57,5 +57,16 @@ def use_frame_convs(module: nn.Module) -> int:
     for m in module.modules():
         if is_frame_conv(m):
             m.__class__ = FrameConv3d
+            n += 1
+    return n
+
+
+def use_plain_convs(module: nn.Module) -> int:
+    """Undo :func:`use_frame_convs` (every :class:`FrameConv3d` back to ``Conv3d``), e.g. for a before/after
+    benchmark. Returns how many were turned back."""
+    n = 0
+    for m in module.modules():
+        if type(m) is FrameConv3d:
+            m.__class__ = nn.Conv3d
             n += 1
     return n
