@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 from numerics import assert_close_rel
 from test_stage_interpolation import make_stage as make_interpolation
 from test_stage_pixel_sr import make_stage as make_pixel_sr
@@ -103,6 +104,20 @@ def test_compare_to_baseline_scores_output_baseline_and_panels() -> None:
     assert cmp.psnr["baseline"] == pytest.approx(video_psnr(st.baseline(video[:, :, ::4]), video))
     assert math.isfinite(cmp.psnr["output"])
     assert cmp.side_by_side().shape == (2, 3, 5, 8, 48)  # input | output | ground truth
+    # One clip per stage call: the same outputs (each clip's noise comes from its own seed). v-prediction here: an
+    # epsilon model's clean estimate at t = 999 divides by sqrt(alpha_bar) ~ 5e-5, which turns the UNet's 1e-6
+    # batch-size rounding into 0.1 (the toy stages predict x0 or v).
+    st = make_interpolation(
+        noise_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    )
+    both = compare_to_baseline(st, video, ["a", "b"], [0, 1])
+    one = compare_to_baseline(st, video, ["a", "b"], [0, 1], batch_size=1)
+    torch.testing.assert_close(one.videos["output"], both.videos["output"], atol=1e-4, rtol=0)
+    other = compare_to_baseline(st, video, ["a", "b"], [5, 1], batch_size=1)  # the seed decides, not the call
+    assert (other.videos["output"][0] - one.videos["output"][0]).abs().max() > 0.1
+    torch.testing.assert_close(other.videos["output"][1], one.videos["output"][1], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        compare_to_baseline(st, video, ["a", "b"], [0, 1], batch_size=0)
     with pytest.raises(ValueError, match="takes no upstream"):
         compare_to_baseline(type("K", (), {"takes_upstream": False})(), video, ["a"], [0])
 

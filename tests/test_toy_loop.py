@@ -40,6 +40,7 @@ def test_every_generator_of_the_loop_composes_with_evaluate_py(tmp_path) -> None
         for name, (gen, size) in gens.items():
             cfg = compose("eval", overrides=toy_loop.evaluate_args(tmp_path, name, gen, size, 4, "g"))
             assert cfg.benchmark.adapter.num_frames == size[0]
+            assert cfg.batch_size == toy_loop.CALL_BATCH  # small generator calls: faster on a CPU
     naive = gens["naive"][0]
     with initialize_config_dir(config_dir=str(conf), version_base=None):
         cfg = compose("eval", overrides=toy_loop.evaluate_args(tmp_path, "naive", naive, sizes["latent_sr"], 4, "g"))
