@@ -38,6 +38,27 @@ def run_in_calls(stage, upstream: torch.Tensor, prompts: list[str], seeds: list[
     )
 
 
+@torch.no_grad()
+def compare_call_sizes(
+    stage, clips: torch.Tensor, prompts: list[str], batches: list[int], rounds: int = 1
+) -> list[tuple[int, float, float, float]]:
+    """(clips per call, seconds per clip, speed-up over the largest call, max |diff| from its output) per call size,
+    the call sizes alternated ``rounds`` times (best time kept) on ``stage.make_upstream(clips)``."""
+    batches = sorted(set(batches), reverse=True)
+    upstream = stage.make_upstream(clips)
+    seeds = list(range(len(prompts)))
+    stage.run(upstream[:1], prompts[:1], seeds[:1])  # warm-up
+    best: dict[int, float] = {}
+    outs: dict[int, torch.Tensor] = {}
+    for _ in range(rounds):
+        for b in batches:
+            t0 = time.perf_counter()
+            outs[b] = run_in_calls(stage, upstream, prompts, seeds, b)
+            best[b] = min(best.get(b, float("inf")), time.perf_counter() - t0)
+    top, n = batches[0], len(prompts)
+    return [(b, best[b] / n, best[top] / best[b], (outs[b] - outs[top]).abs().max().item()) for b in batches]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stages-dir", default=str(ROOT / "logs" / "toy_loop" / "train"))
@@ -48,27 +69,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    batches = sorted({int(b) for b in args.batches.split(",")}, reverse=True)
+    batches = [int(b) for b in args.batches.split(",")]
     rows = []
     for name in args.stages.split(","):
         stage = load_stage(Path(args.stages_dir) / RUNS[name] / "checkpoints" / "last.ckpt")
         clips, prompts = toy_heldout_clips(args.clips, *SIZES[name], split="test")
-        upstream = stage.make_upstream(clips)
-        seeds = list(range(args.clips))
-        best: dict[int, float] = {}
-        outs: dict[int, torch.Tensor] = {}
-        with torch.no_grad():
-            stage.run(upstream[:1], prompts[:1], seeds[:1])  # warm-up
-            for _ in range(args.rounds):
-                for b in batches:
-                    t0 = time.perf_counter()
-                    outs[b] = run_in_calls(stage, upstream, prompts, seeds, b)
-                    best[b] = min(best.get(b, float("inf")), time.perf_counter() - t0)
-        ref = outs[batches[0]]
-        for b in batches:
-            rows.append(
-                (name, b, best[b] / args.clips, best[batches[0]] / best[b], (outs[b] - ref).abs().max().item())
-            )
+        rows += [(name, *r) for r in compare_call_sizes(stage, clips, prompts, batches, args.rounds)]
     load = os.getloadavg()
     print(
         f"\n{args.clips} held-out clips per stage, threads={args.threads}, torch {torch.__version__}, best of {args.rounds}"

@@ -202,3 +202,15 @@ def test_log_snr_time_input_tells_the_unet_the_noise_level_in_training_and_sampl
     torch.testing.assert_close(seen[-1], torch.tensor([950, 10]))
     with pytest.raises(ValueError, match="time_input"):
         make_pixel_sr(time_input="sigma")
+
+
+def test_bench_stage_batch_compares_call_sizes_on_one_stage() -> None:
+    """bench/bench_stage_batch.py's core: every call size times the same clips and gives the same videos."""
+    from bench_stage_batch import compare_call_sizes
+
+    st = make_interpolation(
+        noise_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    )
+    rows = compare_call_sizes(st, clip(4, 5, 8, 16), ["a", "b", "c", "d"], [1, 4, 2])
+    assert [r[0] for r in rows] == [4, 2, 1] and rows[0][2] == 1.0 and rows[0][3] == 0.0
+    assert all(r[1] > 0 and r[2] > 0 and r[3] < 1e-4 for r in rows)
