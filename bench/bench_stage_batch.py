@@ -21,21 +21,12 @@ import torch
 
 from evaluation.toy_benchmark import toy_heldout_clips
 from show1_lightning.stages.loading import load_stage
+from show1_lightning.stages.validation import run_in_calls
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = {"interpolation": "toy_interpolation", "pixel_sr": "toy_pixel_sr", "latent_sr": "toy_latent_sr"}
 #: output size (frames, height, width) of each stage in the toy cascade
 SIZES = {"interpolation": (29, 16, 24), "pixel_sr": (29, 32, 48), "latent_sr": (29, 64, 96)}
-
-
-def run_in_calls(stage, upstream: torch.Tensor, prompts: list[str], seeds: list[int], batch: int) -> torch.Tensor:
-    """The stage's output for every clip, ``batch`` clips per call."""
-    return torch.cat(
-        [
-            stage.run(upstream[i : i + batch], prompts[i : i + batch], seeds[i : i + batch])
-            for i in range(0, len(seeds), batch)
-        ]
-    )
 
 
 @torch.no_grad()

@@ -49,6 +49,25 @@ class StageComparison:
 
 
 @torch.no_grad()
+def run_in_calls(
+    stage: DiffusionStage,
+    upstream: torch.Tensor,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    batch_size: int | None = None,
+    **sampling: Any,
+) -> torch.Tensor:
+    """``stage.run`` on every clip of ``upstream``, at most ``batch_size`` clips per call (None: all at once)."""
+    step = batch_size or upstream.shape[0]
+    return torch.cat(
+        [
+            stage.run(upstream[i : i + step], list(prompts[i : i + step]), list(seeds[i : i + step]), **sampling)
+            for i in range(0, upstream.shape[0], step)
+        ]
+    )
+
+
+@torch.no_grad()
 def compare_to_baseline(
     stage: DiffusionStage,
     target: torch.Tensor,
@@ -70,16 +89,7 @@ def compare_to_baseline(
         raise ValueError(f"batch_size must be >= 1 (or None: all clips at once), got {batch_size}")
     target = target.float().to(stage.device)
     upstream = stage.make_upstream(target)
-    n = upstream.shape[0]
-    step = batch_size or n
-    output = torch.cat(
-        [
-            stage.run(
-                upstream[i : i + step], list(prompts[i : i + step]), list(seeds[i : i + step]), **sampling
-            ).float()
-            for i in range(0, n, step)
-        ]
-    )
+    output = run_in_calls(stage, upstream, prompts, seeds, batch_size, **sampling).float()
     videos = {"input": upstream, "output": output, "baseline": stage.baseline(upstream).float()}
     videos.update({k: v.float() for k, v in stage.reference_outputs(upstream, target).items()})
     videos["ground_truth"] = target
