@@ -5,8 +5,13 @@ baseline, score the cascade, each prefix of it, the naive cascade and the real f
     python scripts/toy_loop.py                      # everything (target 30 minutes on a 2-core CPU; not yet: README)
     python scripts/toy_loop.py --skip-train         # re-score the stages trained before
     python scripts/toy_loop.py --num-samples 8 --train-overrides trainer.max_steps=20   # a quick dry run
+    python scripts/toy_loop.py --workers 1          # one job at a time, all threads each (the former schedule)
 
-Steps (each resumable: re-running picks up finished training runs and evaluation folders):
+Steps (each resumable: re-running picks up finished training runs and evaluation folders). With ``--workers N`` (default
+2 where there are 2+ cores) N jobs run at once with ``cores / N`` threads each: the four trainings as parallel jobs
+of the multirun (``hydra/launcher=submitit_local``; the keyframe stage's wall-clock budget ``trainer.max_time`` is
+then lifted, its 600 steps decide), and the stage checks beside the evaluations. On a CPU two one-thread jobs do
+more work than one two-thread job (the toy cascade runs 1.4x faster on 2 threads than on 1, not 2x).
 
 1. ``train.py -m experiment=toy,toy_interpolation,toy_pixel_sr,toy_latent_sr``: one Hydra multirun, one job per
    stage, each run in ``<out>/train/<experiment>`` (named ``toy_loop_<experiment>``).
@@ -27,6 +32,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +55,32 @@ EXPERIMENTS = {
 FPS = 16  # the cascade's output rate: keyframes at 4 fps, 3 frames inserted between each pair
 
 
-def run(cmd: list[str], log_path: Path) -> None:
-    """Run ``cmd`` from the repository root, its output teed into ``log_path``; fail loudly."""
+def default_workers() -> int:
+    """Jobs at once: 2 on a machine with 2+ cores, else 1."""
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
+def threads_per_worker(workers: int) -> int:
+    """CPU threads of each of ``workers`` jobs running at once (all cores shared out, at least one each)."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def thread_env(threads: int | None) -> dict[str, str]:
+    """This process's environment, with the torch / OpenMP / MKL thread count set where ``threads`` is given."""
+    env = os.environ.copy()
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
+def run(cmd: list[str], log_path: Path, threads: int | None = None) -> None:
+    """Run ``cmd`` from the repository root (with ``threads`` CPU threads if given), its output teed into
+    ``log_path``; fail loudly."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print("$ " + " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     with log_path.open("w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=thread_env(threads))
     print(f"  ({time.perf_counter() - t0:.0f} s, log {log_path})", flush=True)
     if proc.returncode:
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-30:])
@@ -73,9 +98,22 @@ def checkpoint(out: Path, name: str) -> Path:
     return out / "train" / EXPERIMENTS[name] / "checkpoints" / "last.ckpt"
 
 
-def train(out: Path, group: str, overrides: list[str]) -> float:
-    """Step 1: the four toy stages as one Hydra multirun (sequential jobs); returns the seconds taken."""
+def parallel_train_overrides(out: Path) -> list[str]:
+    """Overrides that run the multirun's jobs at once: each stage in its own process (Hydra's submitit launcher
+    on this machine), step-budgeted (a wall-clock budget would shrink with the jobs sharing the cores)."""
+    return [
+        "hydra/launcher=submitit_local",
+        f"hydra.launcher.submitit_folder={out}/train/.submitit/%j",
+        "hydra.launcher.timeout_min=600",
+        "++trainer.max_time=null",  # only the keyframe experiment sets one
+    ]
+
+
+def train(out: Path, group: str, overrides: list[str], workers: int = 1) -> float:
+    """Step 1: the four toy stages as one Hydra multirun (``workers`` > 1: all four jobs at once, each with
+    ``cores / workers`` threads; else one after another); returns the seconds taken."""
     t0 = time.perf_counter()
+    parallel = parallel_train_overrides(out) if workers > 1 else []
     run(
         [
             sys.executable,
@@ -86,9 +124,11 @@ def train(out: Path, group: str, overrides: list[str]) -> float:
             f"hydra.sweep.dir={out}/train",
             "hydra.sweep.subdir=${experiment_name}",  # a fixed folder per stage: a re-run resumes it
             f"logger.wandb.group={group}",
+            *parallel,
             *overrides,
         ],
         out / "logs" / "train.log",
+        threads=threads_per_worker(workers) if workers > 1 else None,
     )
     return time.perf_counter() - t0
 
@@ -172,11 +212,14 @@ def evaluate(
     num_samples: int,
     group: str,
     extra: tuple[str, ...] = (),
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Step 3: ``evaluate.py`` for one generator (:func:`evaluate_args`, then ``extra``); returns its metrics."""
+    """Step 3: ``evaluate.py`` for one generator (:func:`evaluate_args`, then ``extra``; ``threads`` CPU threads if
+    given); returns its metrics."""
     run(
         [sys.executable, "evaluate.py", *evaluate_args(out, name, generator, size, num_samples, group), *extra],
         out / "logs" / f"eval_{name}.log",
+        threads=threads,
     )
     return report_metrics(json.loads((out / "eval" / name / "report.json").read_text()))
 
@@ -256,6 +299,71 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def score_all(
+    out: Path, ckpts: dict[str, Path], num_samples: int, group: str, workers: int
+) -> tuple[dict[str, dict[str, float]], dict[str, Any], dict[str, float]]:
+    """Steps 2 and 3: the stage checks (in this process) and the evaluations (``evaluate.py`` processes).
+
+    ``workers`` > 1: the cascade, naive and real evaluations run in the background (``workers - 1`` at once) while
+    this process checks the stages, each job with ``cores / workers`` threads; the prefixes follow the cascade
+    (they are scored from its saved outputs). Returns the stage results, the scores by generator (the report's
+    order) and the seconds of the stage checks and of the whole step.
+    """
+    t0 = time.perf_counter()
+    stages = {n: load_stage(c) for n, c in ckpts.items()}
+    gens = generators(ckpts, {n: stage_output_size(stages, n) for n in STAGE_ORDER})
+    threads = threads_per_worker(workers) if workers > 1 else None
+
+    def evaluate_gen(name: str, generator: list[str] | None = None, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+        gen, size = gens[name]
+        return evaluate(out, name, generator or gen, size, num_samples, group, extra, threads=threads)
+
+    def evaluate_prefixes() -> dict[str, Any]:
+        return {
+            name: evaluate_gen(name, prefix_folder(out, name, num_samples))
+            for name in gens
+            if name.startswith("prefix_")
+        }
+
+    # The whole cascade first, saving every stage's output: the prefixes are then scored from those videos instead
+    # of being generated again (each prefix ran every stage before it once more).
+    scores: dict[str, Any] = {}
+    cascade_extra = ("save_intermediates=true",)
+    if workers > 1:
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with ThreadPoolExecutor(max_workers=workers - 1) as pool:
+                # The cascade first (the longest, and the prefixes wait for it), then naive and real.
+                background = {"cascade": pool.submit(evaluate_gen, "cascade", None, cascade_extra)}
+                background.update({name: pool.submit(evaluate_gen, name) for name in ("naive", "real")})
+                checks_t0 = time.perf_counter()
+                stage_results = score_stages(out, stages, num_samples, group)
+                checks_s = time.perf_counter() - checks_t0
+                del stages
+                scores["cascade"] = background["cascade"].result()
+                scores.update(evaluate_prefixes())  # here, beside whatever the pool still runs
+                scores.update({name: background[name].result() for name in ("naive", "real")})
+        finally:
+            torch.set_num_threads(previous_threads)
+    else:
+        checks_t0 = time.perf_counter()
+        stage_results = score_stages(out, stages, num_samples, group)
+        checks_s = time.perf_counter() - checks_t0
+        del stages
+        scores["cascade"] = evaluate_gen("cascade", None, cascade_extra)
+        scores.update(evaluate_prefixes())
+        scores.update({name: evaluate_gen(name) for name in ("naive", "real")})
+    return (
+        stage_results,
+        {name: scores[name] for name in gens},
+        {
+            "stage_checks": checks_s,
+            "scoring": time.perf_counter() - t0,
+        },
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ROOT / "logs" / "toy_loop")
@@ -263,30 +371,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--skip-train", action="store_true", help="score the stages already trained under --out")
     p.add_argument("--train-overrides", nargs="*", default=[], help="extra train.py overrides (every stage)")
     p.add_argument("--group", default=None, help="wandb group (default: toy_loop_<time>)")
+    p.add_argument("--workers", type=int, default=default_workers(), help="jobs at once, cores / workers threads each")
     args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error("--workers must be at least 1")
     out = args.out.resolve()
     group = args.group or f"toy_loop_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
     t0 = time.perf_counter()
-    train_s = 0.0 if args.skip_train else train(out, group, args.train_overrides)
+    train_s = 0.0 if args.skip_train else train(out, group, args.train_overrides, args.workers)
 
     ckpts = {n: checkpoint(out, n) for n in STAGE_ORDER}
     missing = [str(c) for c in ckpts.values() if not c.is_file()]
     if missing:
         raise SystemExit(f"missing trained stages (run without --skip-train): {missing}")
-    stages = {n: load_stage(c) for n, c in ckpts.items()}
-    stage_results = score_stages(out, stages, args.num_samples, group)
-
-    gens = generators(ckpts, {n: stage_output_size(stages, n) for n in STAGE_ORDER})
-    del stages
-    # The whole cascade first, saving every stage's output: the prefixes are then scored from those videos instead
-    # of being generated again (each prefix ran every stage before it once more).
-    gen, size = gens["cascade"]
-    scores = {"cascade": evaluate(out, "cascade", gen, size, args.num_samples, group, ("save_intermediates=true",))}
-    for name, (gen, size) in gens.items():
-        if name != "cascade":
-            saved = prefix_folder(out, name, args.num_samples) if name.startswith("prefix_") else None
-            scores[name] = evaluate(out, name, saved or gen, size, args.num_samples, group)
-    scores = {name: scores[name] for name in gens}  # the report's order
+    stage_results, scores, score_s = score_all(out, ckpts, args.num_samples, group, args.workers)
 
     cascade, naive = scores["cascade"], scores["naive"]
     report = {
@@ -303,8 +401,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "num_samples": args.num_samples,
         "wandb_group": group,
-        "seconds": {"train": train_s, "total": time.perf_counter() - t0},
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "seconds": {"train": train_s, **score_s, "total": time.perf_counter() - t0},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "workers": args.workers,
+            "threads_per_worker": threads_per_worker(args.workers) if args.workers > 1 else torch.get_num_threads(),
+        },
     }
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", markdown(report))
