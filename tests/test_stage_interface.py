@@ -167,7 +167,9 @@ def test_strength_leaving_no_step_fails_at_start_up(compose_train, tmp_path: Pat
     """A callback sampling 2 steps at strength 0.25 would fail after training: refused before any step."""
     from show1_lightning.runtime import ConfigError, validate_train_config
 
-    short = ("experiment=toy_interpolation", "stage.sampling.strength=0.25", "stage.t_min=0", "stage.t_max=300")
+    # 8 stage steps: the toy recipe's own 2 at strength 0.25 would be refused too (stage.sampling.num_steps).
+    short = ("experiment=toy_interpolation", "stage.sampling.strength=0.25", "stage.sampling.num_steps=8")
+    short = (*short, "stage.t_min=0", "stage.t_max=300")
     cfg = compose_train(tmp_path, *short, "callbacks.samples.num_steps=2", tiny=False)
     with pytest.raises(ConfigError, match=r"callbacks.samples.num_steps"):
         validate_train_config(cfg)
