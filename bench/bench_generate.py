@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from matmul_rate import matmul_gflops
 from torch.utils.flop_counter import FlopCounterMode
 
 from show1_lightning.diffusion.compile import compile_options
@@ -31,18 +32,6 @@ from show1_lightning.pipelines.cascade import STAGE_ORDER, Show1Cascade
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_RUNS = {"keyframe": "toy", "interpolation": "toy_interpolation", "pixel_sr": "toy_pixel_sr"}
 STAGE_RUNS["latent_sr"] = "toy_latent_sr"
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 3) -> float:
-    """Best fp32 matmul rate (GFLOP/s) of an n x n x n product at the current thread count."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
 
 
 def timed(fn) -> tuple[float, torch.Tensor]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matmul_rate import matmul_gflops
 from torch.utils.flop_counter import FlopCounterMode
 
 from evaluation.fvd import frechet_distance
@@ -49,12 +50,6 @@ def timed(fn: Callable[[], object]) -> tuple[float, float]:
     w0, c0 = time.perf_counter(), time.process_time()
     fn()
     return time.perf_counter() - w0, time.process_time() - c0
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    return 2 * n**3 / best_time(lambda: a @ b, repeats) / 1e9
 
 
 def main() -> None:
@@ -122,7 +117,7 @@ def main() -> None:
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         plain(x1)
     gflop = counter.get_total_flops() / 1e9
-    peak = matmul_gflops()
+    peak = matmul_gflops(repeats=10)
     best = max(r for bs, n, r, _, _ in rows if n.startswith("ours"))
     print(f"\nI3D forward: {gflop:.1f} GFLOP per {args.frames}-frame clip (FlopCounterMode: 2 x multiply-adds)")
     print(

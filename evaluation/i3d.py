@@ -517,8 +517,14 @@ def load_i3d(
     if missing or unexpected:
         raise ValueError(f"I3D weights do not match the network: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.weights_id = sha
+    model = ready_for_inference(model, fuse)
+    return model.to(device) if device is not None else model
+
+
+def ready_for_inference(model: InceptionI3d, fuse: bool = True) -> InceptionI3d:
+    """float32, eval mode, gradients off; with ``fuse`` the batch norms folded and parallel 1x1 convolutions merged
+    (same logits to float32 rounding, faster), weights channels-last."""
     if fuse:
         # Channels-last weights spare oneDNN a weight reorder on every call (CPU fast path).
         model.fuse_for_inference().to(memory_format=torch.channels_last_3d)
-    model = model.float().eval().requires_grad_(False)
-    return model.to(device) if device is not None else model
+    return model.float().eval().requires_grad_(False)
