@@ -10,8 +10,9 @@ baseline, score the cascade, each prefix of it, the naive cascade and the real f
 Steps (each resumable: re-running picks up finished training runs and evaluation folders). With ``--workers N`` (default
 2 where there are 2+ cores) N jobs run at once with ``cores / N`` threads each: the four trainings as parallel jobs
 of the multirun (``hydra/launcher=submitit_local``; the keyframe stage's wall-clock budget ``trainer.max_time`` is
-then lifted, its 600 steps decide), and the stage checks beside the evaluations. On a CPU two one-thread jobs do
-more work than one two-thread job (the toy cascade runs 1.4x faster on 2 threads than on 1, not 2x).
+then lifted, its 600 steps decide), then the stage checks and evaluations as jobs that start as soon as a worker is
+free and what they need is done (:func:`run_jobs`). On a CPU two one-thread jobs do more work than one two-thread
+job (the toy cascade runs 1.4x faster on 2 threads than on 1, not 2x).
 
 1. ``train.py -m experiment=toy,toy_interpolation,toy_pixel_sr,toy_latent_sr``: one Hydra multirun, one job per
    stage, each run in ``<out>/train/<experiment>`` (named ``toy_loop_<experiment>``).
@@ -32,7 +33,9 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -148,31 +151,79 @@ def stage_output_size(stages: dict[str, Any], name: str) -> tuple[int, int, int]
     return frames, h, w
 
 
-def score_stages(out: Path, stages: dict[str, Any], num_samples: int, group: str) -> dict[str, dict[str, float]]:
-    """Step 2: each conditional stage against its baseline on held-out clips at its output size."""
-    results: dict[str, dict[str, float]] = {}
-    for name in STAGE_ORDER[1:]:
-        stage = stages[name]
-        frames, h, w = stage_output_size(stages, name)
-        clips, prompts = toy_heldout_clips(num_samples, frames, h, w, split="test", fps=FPS)
-        seeds = list(range(len(prompts)))
+def score_stage(out: Path, stages: dict[str, Any], name: str, num_samples: int) -> dict[str, Any]:
+    """Step 2 for one conditional stage: its output and its baseline on held-out clips at its output size (PSNR),
+    and side-by-side mp4s of the first four under ``<out>/stages/<name>``."""
+    stage = stages[name]
+    frames, h, w = stage_output_size(stages, name)
+    clips, prompts = toy_heldout_clips(num_samples, frames, h, w, split="test", fps=FPS)
+    seeds = list(range(len(prompts)))
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        cmp = compare_to_baseline(stage, clips, prompts, seeds, batch_size=CALL_BATCH)
+    result = {
+        "psnr": cmp.psnr["output"],
+        "psnr_baseline": cmp.psnr["baseline"],
+        **{f"psnr_{k}": v for k, v in cmp.psnr.items() if k not in ("output", "baseline")},
+        "seconds": time.perf_counter() - t0,
+        "clips": len(prompts),
+        "size": [frames, h, w],
+    }
+    panels = cmp.side_by_side()
+    for i in range(min(4, len(prompts))):
+        write_mp4(out / "stages" / name / f"{i:02d}.mp4", to_uint8_frames(panels[i]), fps=FPS)
+    print(f"[stage] {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items() if "psnr" in k), flush=True)
+    return result
+
+
+@dataclass(frozen=True)
+class Job:
+    """One scoring job: ``run()`` once every job named in ``after`` has finished."""
+
+    name: str
+    run: Callable[[], Any]
+    after: tuple[str, ...] = ()
+
+
+def run_jobs(jobs: list[Job], workers: int) -> tuple[dict[str, Any], dict[str, float]]:
+    """Run ``jobs`` on ``workers`` threads: whenever a thread is free it takes the first job in list order whose
+    ``after`` jobs have all finished (so list the long chains first). A failure stops the rest and is raised.
+    Returns each job's result and its seconds."""
+    names = [j.name for j in jobs]
+    unknown = {a for j in jobs for a in j.after} - set(names)
+    if len(set(names)) != len(names) or unknown:
+        raise ValueError(f"jobs need unique names and known dependencies; duplicates or unknown: {unknown or names}")
+    results: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    pending = list(jobs)
+    running: dict[Future, str] = {}
+
+    def timed(job: Job) -> Any:
         t0 = time.perf_counter()
-        with torch.no_grad():
-            cmp = compare_to_baseline(stage, clips, prompts, seeds, batch_size=CALL_BATCH)
-        results[name] = {
-            "psnr": cmp.psnr["output"],
-            "psnr_baseline": cmp.psnr["baseline"],
-            **{f"psnr_{k}": v for k, v in cmp.psnr.items() if k not in ("output", "baseline")},
-            "seconds": time.perf_counter() - t0,
-            "clips": len(prompts),
-            "size": [frames, h, w],
-        }
-        panels = cmp.side_by_side()
-        for i in range(min(4, len(prompts))):
-            write_mp4(out / "stages" / name / f"{i:02d}.mp4", to_uint8_frames(panels[i]), fps=FPS)
-        print(f"[stage] {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in results[name].items() if "psnr" in k))
-    _log_wandb(out, group, "toy_loop_stages", {f"{n}/{k}": v for n, r in results.items() for k, v in r.items()})
-    return results
+        try:
+            return job.run()
+        finally:
+            seconds[job.name] = time.perf_counter() - t0
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        while pending or running:
+            for job in list(pending):
+                if len(running) >= workers:
+                    break
+                if all(a in results for a in job.after):
+                    pending.remove(job)
+                    running[pool.submit(timed, job)] = job.name
+            if not running:
+                raise RuntimeError(f"jobs waiting on each other: {[j.name for j in pending]}")
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                name = running.pop(fut)
+                if fut.exception() is not None:
+                    for other in running:
+                        other.cancel()
+                    raise fut.exception()
+                results[name] = fut.result()
+    return results, seconds
 
 
 def evaluate_args(
@@ -302,63 +353,55 @@ def markdown(report: dict[str, Any]) -> str:
 def score_all(
     out: Path, ckpts: dict[str, Path], num_samples: int, group: str, workers: int
 ) -> tuple[dict[str, dict[str, float]], dict[str, Any], dict[str, float]]:
-    """Steps 2 and 3: the stage checks (in this process) and the evaluations (``evaluate.py`` processes).
-
-    ``workers`` > 1: the cascade, naive and real evaluations run in the background (``workers - 1`` at once) while
-    this process checks the stages, each job with ``cores / workers`` threads; the prefixes follow the cascade
-    (they are scored from its saved outputs). Returns the stage results, the scores by generator (the report's
-    order) and the seconds of the stage checks and of the whole step.
+    """Steps 2 and 3 as jobs on ``workers`` threads (:func:`run_jobs`): the stage checks (in this process) and the
+    evaluations (``evaluate.py`` processes), each with ``cores / workers`` threads where ``workers`` > 1 (all
+    threads, one job at a time, where it is 1). The cascade goes first and saves every stage's output; the prefixes
+    are scored from those (after it); the rest fills in, longest first (the latent SR check, then the naive
+    cascade...). Returns the stage results, the scores by generator (the report's order) and the seconds of the
+    stage checks, of each job and of the whole step.
     """
     t0 = time.perf_counter()
     stages = {n: load_stage(c) for n, c in ckpts.items()}
     gens = generators(ckpts, {n: stage_output_size(stages, n) for n in STAGE_ORDER})
     threads = threads_per_worker(workers) if workers > 1 else None
 
-    def evaluate_gen(name: str, generator: list[str] | None = None, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    def evaluate_gen(name: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
         gen, size = gens[name]
-        return evaluate(out, name, generator or gen, size, num_samples, group, extra, threads=threads)
+        if name.startswith("prefix_"):
+            gen = prefix_folder(out, name, num_samples) or gen
+        return evaluate(out, name, gen, size, num_samples, group, extra, threads=threads)
 
-    def evaluate_prefixes() -> dict[str, Any]:
-        return {
-            name: evaluate_gen(name, prefix_folder(out, name, num_samples))
-            for name in gens
-            if name.startswith("prefix_")
-        }
+    def eval_job(name: str, *extra: str) -> Job:
+        return Job(name, lambda: evaluate_gen(name, extra), ("cascade",) if name.startswith("prefix_") else ())
 
-    # The whole cascade first, saving every stage's output: the prefixes are then scored from those videos instead
-    # of being generated again (each prefix ran every stage before it once more).
-    scores: dict[str, Any] = {}
-    cascade_extra = ("save_intermediates=true",)
-    if workers > 1:
-        previous_threads = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            with ThreadPoolExecutor(max_workers=workers - 1) as pool:
-                # The cascade first (the longest, and the prefixes wait for it), then naive and real.
-                background = {"cascade": pool.submit(evaluate_gen, "cascade", None, cascade_extra)}
-                background.update({name: pool.submit(evaluate_gen, name) for name in ("naive", "real")})
-                checks_t0 = time.perf_counter()
-                stage_results = score_stages(out, stages, num_samples, group)
-                checks_s = time.perf_counter() - checks_t0
-                del stages
-                scores["cascade"] = background["cascade"].result()
-                scores.update(evaluate_prefixes())  # here, beside whatever the pool still runs
-                scores.update({name: background[name].result() for name in ("naive", "real")})
-        finally:
-            torch.set_num_threads(previous_threads)
-    else:
-        checks_t0 = time.perf_counter()
-        stage_results = score_stages(out, stages, num_samples, group)
-        checks_s = time.perf_counter() - checks_t0
-        del stages
-        scores["cascade"] = evaluate_gen("cascade", None, cascade_extra)
-        scores.update(evaluate_prefixes())
-        scores.update({name: evaluate_gen(name) for name in ("naive", "real")})
+    def check_job(name: str) -> Job:
+        return Job("stage_" + name, lambda: score_stage(out, stages, name, num_samples))
+
+    prefixes = sorted((n for n in gens if n.startswith("prefix_")), key=len, reverse=True)  # the longest first
+    jobs = [
+        eval_job("cascade", "save_intermediates=true"),  # the longest; the prefixes wait for it
+        check_job("latent_sr"),
+        eval_job("naive"),
+        *[eval_job(n) for n in prefixes],
+        check_job("pixel_sr"),
+        eval_job("real"),
+        check_job("interpolation"),
+    ]
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)  # the stage checks' share (they run in this process)
+    try:
+        results, seconds = run_jobs(jobs, workers)
+    finally:
+        torch.set_num_threads(previous_threads)
+    stage_results = {n: results["stage_" + n] for n in STAGE_ORDER[1:]}
+    _log_wandb(out, group, "toy_loop_stages", {f"{n}/{k}": v for n, r in stage_results.items() for k, v in r.items()})
     return (
         stage_results,
-        {name: scores[name] for name in gens},
+        {name: results[name] for name in gens},
         {
-            "stage_checks": checks_s,
+            "stage_checks": sum(seconds["stage_" + n] for n in STAGE_ORDER[1:]),
+            "jobs": seconds,
             "scoring": time.perf_counter() - t0,
         },
     )

@@ -1,5 +1,6 @@
 """scripts/toy_loop.py: reading evaluate.py's report (the loop died there once, after 29 minutes of training)."""
 
+import pytest
 import toy_loop  # scripts/ is on the test path (pyproject.toml)
 
 
@@ -96,56 +97,99 @@ def _fake_scoring(monkeypatch, calls: list) -> None:
     import time
 
     def fake_evaluate(out, name, generator, size, num_samples, group, extra=(), threads=None):
-        calls.append(("eval_start", name, threading.current_thread().name, threads, extra))
+        calls.append(("start", name, threading.current_thread().name, threads, extra))
         time.sleep(0.05 if name != "cascade" else 0.3)
-        calls.append(("eval_end", name))
+        calls.append(("end", name))
         return {"fvd": 1.0, "color_adherence": 1.0, "motion_adherence": 1.0}
 
-    def fake_checks(out, stages, num_samples, group):
+    def fake_check(out, stages, name, num_samples):
         import torch
 
-        calls.append(("checks_start", threading.current_thread().name, torch.get_num_threads()))
+        calls.append(("start", "stage_" + name, threading.current_thread().name, torch.get_num_threads(), ()))
         time.sleep(0.1)
-        calls.append(("checks_end",))
-        return {"interpolation": {"psnr": 2.0, "psnr_baseline": 1.0}}
+        calls.append(("end", "stage_" + name))
+        return {"psnr": 2.0, "psnr_baseline": 1.0, "seconds": 0.1}
 
     size = (29, 64, 96)
     monkeypatch.setattr(toy_loop, "load_stage", lambda path: path)
     monkeypatch.setattr(toy_loop, "stage_output_size", lambda stages, name: size)
     monkeypatch.setattr(toy_loop, "evaluate", fake_evaluate)
-    monkeypatch.setattr(toy_loop, "score_stages", fake_checks)
+    monkeypatch.setattr(toy_loop, "score_stage", fake_check)
+    monkeypatch.setattr(toy_loop, "_log_wandb", lambda *a, **k: None)
 
 
-def test_scoring_runs_evaluations_beside_the_stage_checks_and_prefixes_after_the_cascade(
-    tmp_path, monkeypatch
-) -> None:
+def _max_running(calls: list) -> int:
+    running = peak = 0
+    for c in calls:
+        running += 1 if c[0] == "start" else -1
+        peak = max(peak, running)
+    return peak
+
+
+def test_scoring_runs_two_jobs_at_once_cascade_first_prefixes_after_it(tmp_path, monkeypatch) -> None:
     calls: list = []
     _fake_scoring(monkeypatch, calls)
     monkeypatch.setattr(toy_loop.os, "cpu_count", lambda: 4)
     ckpts = {n: tmp_path / f"{n}.ckpt" for n in toy_loop.STAGE_ORDER}
     stages, scores, seconds = toy_loop.score_all(tmp_path, ckpts, 4, "g", workers=2)
     assert list(scores) == list(toy_loop.generators(ckpts, {n: (29, 64, 96) for n in ckpts}))  # the report's order
-    starts = [c for c in calls if c[0] == "eval_start"]
-    # The cascade starts first, in the background, while this process checks the stages with its share of threads.
-    assert starts[0][1] == "cascade" and starts[0][2] != "MainThread" and starts[0][4] == ("save_intermediates=true",)
-    checks = next(c for c in calls if c[0] == "checks_start")
-    assert checks[1] == "MainThread" and checks[2] == 2
-    assert calls.index(checks) < calls.index(("eval_end", "cascade"))  # overlapped
+    assert list(stages) == list(toy_loop.STAGE_ORDER[1:])
+    starts = [c for c in calls if c[0] == "start"]
+    # The cascade first (saving its stages' outputs), the latent SR check (the next longest) beside it.
+    assert starts[0][1] == "cascade" and starts[0][4] == ("save_intermediates=true",)
+    assert starts[1][1] == "stage_latent_sr" and calls.index(starts[1]) < calls.index(("end", "cascade"))
     # Every prefix starts after the cascade ended (it is scored from the cascade's saved outputs).
-    end_cascade = calls.index(("eval_end", "cascade"))
+    end_cascade = calls.index(("end", "cascade"))
     assert all(calls.index(c) > end_cascade for c in starts if c[1].startswith("prefix_"))
-    assert {c[3] for c in starts} == {2}  # every evaluation with cores / workers threads
-    assert seconds["stage_checks"] > 0 and seconds["scoring"] >= seconds["stage_checks"]
+    assert {c[3] for c in starts} == {2}  # every job with cores / workers threads (stage checks: torch's setting)
+    assert _max_running(calls) == 2
+    assert {c[1] for c in starts} == set(seconds["jobs"]) and len(starts) == len(seconds["jobs"])
+    assert seconds["stage_checks"] > 0 and seconds["scoring"] >= 0.3
 
 
 def test_one_worker_scores_one_thing_at_a_time_with_all_threads(tmp_path, monkeypatch) -> None:
+    import torch
+
     calls: list = []
     _fake_scoring(monkeypatch, calls)
     ckpts = {n: tmp_path / f"{n}.ckpt" for n in toy_loop.STAGE_ORDER}
     toy_loop.score_all(tmp_path, ckpts, 4, "g", workers=1)
-    assert calls[0][0] == "checks_start" and calls[1] == ("checks_end",)
-    names = [c[1] for c in calls if c[0] == "eval_start"]
-    assert names[0] == "cascade" and names[-2:] == ["naive", "real"]
-    assert all(c[2] == "MainThread" and c[3] is None for c in calls if c[0] == "eval_start")
-    # strictly one after another
-    assert all(calls[i][0] == "eval_start" and calls[i + 1][0] == "eval_end" for i in range(2, len(calls), 2))
+    starts = [c for c in calls if c[0] == "start"]
+    assert starts[0][1] == "cascade" and _max_running(calls) == 1
+    evals = [c for c in starts if not c[1].startswith("stage_")]
+    assert all(c[3] is None for c in evals)  # evaluate.py with torch's default threads
+    assert all(c[3] == torch.get_num_threads() for c in starts if c[1].startswith("stage_"))
+
+
+def test_run_jobs_order_dependencies_and_failures() -> None:
+    import threading
+    import time
+
+    lock = threading.Lock()
+    log: list = []
+
+    def job(name: str, after: tuple[str, ...] = (), sleep: float = 0.05, fail: bool = False):
+        def run():
+            with lock:
+                log.append(("start", name))
+            time.sleep(sleep)
+            if fail:
+                raise RuntimeError(f"{name} broke")
+            with lock:
+                log.append(("end", name))
+            return name.upper()
+
+        return toy_loop.Job(name, run, after)
+
+    jobs = [job("a", sleep=0.2), job("b"), job("c", after=("a",)), job("d"), job("e")]
+    results, seconds = toy_loop.run_jobs(jobs, workers=2)
+    assert results == {n: n.upper() for n in "abcde"} and set(seconds) == set("abcde")
+    starts = [n for kind, n in log if kind == "start"]
+    assert starts[:2] == ["a", "b"]  # list order decides while nothing waits
+    assert log.index(("start", "c")) > log.index(("end", "a"))  # c waits for a, d and e go on meanwhile
+    assert log.index(("start", "d")) < log.index(("end", "a"))
+    assert _max_running([(k, n) for k, n in log]) <= 2
+    with pytest.raises(RuntimeError, match="b broke"):
+        toy_loop.run_jobs([job("a"), job("b", fail=True), job("c", after=("b",))], workers=1)
+    with pytest.raises(ValueError, match="unknown"):
+        toy_loop.run_jobs([job("a", after=("z",))], workers=1)
