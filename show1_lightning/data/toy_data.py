@@ -66,7 +66,7 @@ TOY_MOTIONS: tuple[str, ...] = ("left", "right", "up", "down")
 TOY_WIDTH, TOY_HEIGHT, TOY_FRAMES, TOY_FPS = 128, 80, 32, 16
 # Std of a per-frame global brightness offset (0-255 scale), drawn independently for every frame. 0 since version 4:
 # up to version 3 it was 2.0, and that unpredictable flicker was 78% of the linear blend's error on the frames an
-# interpolation stage inserts, so no interpolator could show what it learned (README, toy loop).
+# interpolation stage inserts, so no interpolator could show what it learned (docs/toy_loop.md).
 TOY_FLICKER = 0.0
 # Range of the shape's travel over a clip, as a fraction of the free extent along its motion axis.
 TOY_TRAVEL = (0.35, 0.55)

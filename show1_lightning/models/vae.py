@@ -54,7 +54,7 @@ class PixelSkipAutoencoderKL(AutoencoderKL):
     the encoder adds, and the decoder adds the bilinear upsampling of those three channels to its output. So
     the networks only learn the detail a low-res copy lacks: a tiny model fitted for a few CPU minutes
     reconstructs toy frames far better than bicubic upsampling from the latent size, which a plain tiny
-    ``AutoencoderKL`` does not reach (README, toy loop). Saved and loaded like any diffusers model
+    ``AutoencoderKL`` does not reach (docs/toy_loop.md). Saved and loaded like any diffusers model
     (``_class_name`` in ``config.json``; :meth:`VideoVAE.from_pretrained` picks this class from it).
     Tiled encoding/decoding is not supported (it would bypass the pixel path).
     """

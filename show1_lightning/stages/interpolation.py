@@ -33,7 +33,7 @@ class InterpolationStage(DiffusionStage):
         residual: learn the window minus the linear blend of its given frames (the blend is added back after
             sampling) instead of the window itself. Our option, not Show-1's (False): a small model then only has
             to learn what the blend gets wrong (motion instead of cross-fading), which it does within a few hundred
-            CPU steps where the plain target stays noisy (README, toy loop).
+            CPU steps where the plain target stays noisy (docs/toy_loop.md).
         **kwargs: the shared diffusion settings (see ``DiffusionStage``).
     """
 

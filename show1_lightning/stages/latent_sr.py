@@ -49,7 +49,7 @@ class LatentSRStage(DiffusionStage):
             output, 160 x 256); validation makes that input from the ground truth (``make_upstream``).
         residual: learn, in latent space, the clip's latents minus those of its resized input (the baseline:
             ``make_upstream`` then ``resize_to_output``), added back before decoding, instead of the latents
-            themselves. Our option, not Show-1's (False); training then encodes both (README, toy loop).
+            themselves. Our option, not Show-1's (False); training then encodes both (docs/toy_loop.md).
         condition_on_input: concatenate the latents of the resized input to the noisy latents (the UNet then takes
             twice ``sample_channels``), as the pixel SR stage concatenates its upsampled input. Our option, not
             Show-1's (False: its sr2 UNet sees the input only through the SDEdit start). Without it a ``residual``
