@@ -187,12 +187,15 @@ class Job:
 
 def run_jobs(jobs: list[Job], workers: int) -> tuple[dict[str, Any], dict[str, float]]:
     """Run ``jobs`` on ``workers`` threads: whenever a thread is free it takes the first job in list order whose
-    ``after`` jobs have all finished (so list the long chains first). A failure stops the rest and is raised.
+    ``after`` jobs have all finished (so list the long chains first). A failure is raised once the jobs running
+    beside it have ended; nothing new starts after it.
     Returns each job's result and its seconds."""
     names = [j.name for j in jobs]
-    unknown = {a for j in jobs for a in j.after} - set(names)
-    if len(set(names)) != len(names) or unknown:
-        raise ValueError(f"jobs need unique names and known dependencies; duplicates or unknown: {unknown or names}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"job names must be unique, got {names}")
+    unknown = sorted({a for j in jobs for a in j.after} - set(names))
+    if unknown:
+        raise ValueError(f"jobs wait for unknown jobs: {unknown}")
     results: dict[str, Any] = {}
     seconds: dict[str, float] = {}
     pending = list(jobs)
@@ -219,9 +222,7 @@ def run_jobs(jobs: list[Job], workers: int) -> tuple[dict[str, Any], dict[str, f
             for fut in done:
                 name = running.pop(fut)
                 if fut.exception() is not None:
-                    for other in running:
-                        other.cancel()
-                    raise fut.exception()
+                    raise fut.exception()  # no new job starts; those running finish first (the pool waits)
                 results[name] = fut.result()
     return results, seconds
 

@@ -191,5 +191,11 @@ def test_run_jobs_order_dependencies_and_failures() -> None:
     assert _max_running([(k, n) for k, n in log]) <= 2
     with pytest.raises(RuntimeError, match="b broke"):
         toy_loop.run_jobs([job("a"), job("b", fail=True), job("c", after=("b",))], workers=1)
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(ValueError, match="unknown jobs: \\['z'\\]"):
         toy_loop.run_jobs([job("a", after=("z",))], workers=1)
+    with pytest.raises(ValueError, match="unique"):
+        toy_loop.run_jobs([job("a"), job("a")], workers=1)
+    log.clear()
+    with pytest.raises(RuntimeError, match="a broke"):
+        toy_loop.run_jobs([job("a", fail=True), job("b", sleep=0.2), job("c")], workers=2)
+    assert ("end", "b") in log and ("start", "c") not in log  # b finished beside it, c never started
