@@ -276,11 +276,12 @@ def evaluate(
     return report_metrics(json.loads((out / "eval" / name / "report.json").read_text()))
 
 
-def prefix_folder(out: Path, label: str, num_samples: int) -> list[str] | None:
-    """``generator=folder`` overrides that score prefix ``label`` from the outputs the whole cascade's evaluation
-    saved of its last stage (``save_intermediates``; the same seeds, so the same videos as running the prefix
-    again); None when that evaluation did not save all of them (e.g. it resumed videos made before)."""
-    last = label.removeprefix("prefix_").split("+")[-1]
+def saved_folder(out: Path, label: str, num_samples: int) -> list[str] | None:
+    """``generator=folder`` overrides that score ``label`` (a prefix, or ``naive``) from the videos the whole
+    cascade's evaluation saved (``save_intermediates``: a prefix's last stage; ``generator.baseline_branch``: the
+    naive cascade of the same keyframes). The same seeds, so the same videos as generating them again; None when
+    that evaluation did not save all of them (e.g. it resumed videos made before)."""
+    last = "naive" if label == "naive" else label.removeprefix("prefix_").split("+")[-1]
     folder = out / "eval" / "cascade" / "intermediates" / last
     if not (folder / "manifest.jsonl").is_file() or not all(
         (folder / video_filename(i)).is_file() for i in range(num_samples)
@@ -356,9 +357,9 @@ def score_all(
 ) -> tuple[dict[str, dict[str, float]], dict[str, Any], dict[str, float]]:
     """Steps 2 and 3 as jobs on ``workers`` threads (:func:`run_jobs`): the stage checks (in this process) and the
     evaluations (``evaluate.py`` processes), each with ``cores / workers`` threads where ``workers`` > 1 (all
-    threads, one job at a time, where it is 1). The cascade goes first and saves every stage's output; the prefixes
-    are scored from those (after it); the rest fills in, longest first (the latent SR check, then the naive
-    cascade...). Returns the stage results, the scores by generator (the report's order) and the seconds of the
+    threads, one job at a time, where it is 1). The cascade goes first and saves every stage's output and the naive
+    cascade of its keyframes (``generator.baseline_branch``); the prefixes and the naive cascade are scored from those
+    (after it); the stage checks and the real floor fill in beside it, longest first. Returns the stage results, the scores by generator (the report's order) and the seconds of the
     stage checks, of each job and of the whole step.
     """
     t0 = time.perf_counter()
@@ -368,19 +369,21 @@ def score_all(
 
     def evaluate_gen(name: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
         gen, size = gens[name]
-        if name.startswith("prefix_"):
-            gen = prefix_folder(out, name, num_samples) or gen
+        if name in from_cascade:
+            gen = saved_folder(out, name, num_samples) or gen
         return evaluate(out, name, gen, size, num_samples, group, extra, threads=threads)
 
     def eval_job(name: str, *extra: str) -> Job:
-        return Job(name, lambda: evaluate_gen(name, extra), ("cascade",) if name.startswith("prefix_") else ())
+        return Job(name, lambda: evaluate_gen(name, extra), ("cascade",) if name in from_cascade else ())
 
     def check_job(name: str) -> Job:
         return Job("stage_" + name, lambda: score_stage(out, stages, name, num_samples))
 
     prefixes = sorted((n for n in gens if n.startswith("prefix_")), key=len, reverse=True)  # the longest first
+    from_cascade = {*prefixes, "naive"}  # scored from the videos the cascade's evaluation saves
     jobs = [
-        eval_job("cascade", "save_intermediates=true"),  # the longest; the prefixes wait for it
+        # the longest; it saves every stage's output and the naive cascade of its keyframes, which the others score
+        eval_job("cascade", "save_intermediates=true", "generator.baseline_branch=true"),
         check_job("latent_sr"),
         eval_job("naive"),
         *[eval_job(n) for n in prefixes],

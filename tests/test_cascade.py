@@ -91,6 +91,28 @@ def test_naive_cascade_hands_on_baselines(toy_stages):
         Show1Cascade(toy_stages["keyframe"], device="cpu", baseline_stages=["keyframe"])
 
 
+def test_baseline_branch_is_the_naive_cascade_of_the_same_keyframes(toy_stages):
+    """baseline_branch: beside the learned cascade, the naive one from the same keyframes, equal to running the naive
+    cascade (baseline_stages) on its own; the generator hands it on as the ``naive`` intermediate."""
+    from show1_lightning.pipelines.generator import CascadeGenerator
+
+    later = ["interpolation", "pixel_sr", "latent_sr"]
+    both = Show1Cascade(**toy_stages, device="cpu", sampling=TWO_STEPS, baseline_branch=True)
+    result = both(["a red circle moving left", "a blue square moving up"], [3, 4])
+    naive = Show1Cascade(**toy_stages, device="cpu", sampling=TWO_STEPS, baseline_stages=later)
+    alone = naive(["a red circle moving left", "a blue square moving up"], [3, 4])
+    assert torch.equal(alone.intermediates["keyframe"], result.intermediates["keyframe"])
+    assert result.baseline_video is not None and torch.equal(result.baseline_video, alone.video)
+    assert Show1Cascade(**toy_stages, device="cpu", sampling=TWO_STEPS)(["a red circle"], [3]).baseline_video is None
+    with pytest.raises(ValueError, match="baseline_branch"):
+        Show1Cascade(toy_stages["keyframe"], device="cpu", baseline_branch=True)
+    gen = CascadeGenerator.__new__(CascadeGenerator)  # the stages above, without loading them from paths
+    gen.cascade, gen.last_intermediates = both, {}
+    video = gen.generate(["a red circle moving left"], [3])
+    assert gen.intermediate_names == ["keyframe", "interpolation", "pixel_sr", "naive"]
+    assert gen.last_intermediates["naive"].shape == video.shape
+
+
 def test_cascade_prefix_and_order_checks(toy_stages):
     two = Show1Cascade(toy_stages["keyframe"], toy_stages["interpolation"], device="cpu", sampling=TWO_STEPS)
     assert two(["a blue square moving up"], [0]).video.shape == (1, 3, 29, 8, 16)

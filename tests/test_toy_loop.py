@@ -55,19 +55,33 @@ def test_prefixes_are_scored_from_the_cascade_outputs_only_when_all_were_saved(t
     folder = tmp_path / "eval" / "cascade" / "intermediates" / "interpolation"
     folder.mkdir(parents=True)
     label = "prefix_keyframe+interpolation"
-    assert toy_loop.prefix_folder(tmp_path, label, 2) is None  # nothing saved (e.g. a resumed evaluation)
+    assert toy_loop.saved_folder(tmp_path, label, 2) is None  # nothing saved (e.g. a resumed evaluation)
     (folder / "manifest.jsonl").write_text("")
     (folder / "000000.mp4").write_bytes(b"")
-    assert toy_loop.prefix_folder(tmp_path, label, 2) is None  # one of two
+    assert toy_loop.saved_folder(tmp_path, label, 2) is None  # one of two
     (folder / "000001.mp4").write_bytes(b"")
-    gen = toy_loop.prefix_folder(tmp_path, label, 2)
+    gen = toy_loop.saved_folder(tmp_path, label, 2)
     assert gen == ["generator=folder", f"generator.root={folder}", f"generator.name={label}", "generator.fps=16"]
     with initialize_config_dir(config_dir=str(toy_loop.ROOT / "conf"), version_base=None):
         cfg = compose("eval", overrides=toy_loop.evaluate_args(tmp_path, label, gen, (29, 16, 24), 2, "g"))
     assert cfg.generator.root == str(folder) and cfg.generator.fps == 16
     with initialize_config_dir(config_dir=str(toy_loop.ROOT / "conf"), version_base=None):
-        cfg = compose("eval", overrides=["save_intermediates=true"])
-    assert cfg.save_intermediates is True
+        cfg = compose(
+            "eval", overrides=["save_intermediates=true", "generator=cascade", "generator.baseline_branch=true"]
+        )
+    assert cfg.save_intermediates is True and cfg.generator.baseline_branch is True
+    # The naive cascade: from the branch the cascade's evaluation saved beside its stages.
+    naive = tmp_path / "eval" / "cascade" / "intermediates" / "naive"
+    naive.mkdir()
+    assert toy_loop.saved_folder(tmp_path, "naive", 1) is None
+    (naive / "manifest.jsonl").write_text("")
+    (naive / "000000.mp4").write_bytes(b"")
+    assert toy_loop.saved_folder(tmp_path, "naive", 1) == [
+        "generator=folder",
+        f"generator.root={naive}",
+        "generator.name=naive",
+        "generator.fps=16",
+    ]
 
 
 def test_parallel_training_composes_as_one_multirun_of_local_jobs(tmp_path) -> None:
@@ -136,11 +150,11 @@ def test_scoring_runs_two_jobs_at_once_cascade_first_prefixes_after_it(tmp_path,
     assert list(stages) == list(toy_loop.STAGE_ORDER[1:])
     starts = [c for c in calls if c[0] == "start"]
     # The cascade first (saving its stages' outputs), the latent SR check (the next longest) beside it.
-    assert starts[0][1] == "cascade" and starts[0][4] == ("save_intermediates=true",)
+    assert starts[0][1] == "cascade" and starts[0][4] == ("save_intermediates=true", "generator.baseline_branch=true")
     assert starts[1][1] == "stage_latent_sr" and calls.index(starts[1]) < calls.index(("end", "cascade"))
-    # Every prefix starts after the cascade ended (it is scored from the cascade's saved outputs).
+    # Every prefix and the naive cascade start after the cascade ended (scored from the cascade's saved outputs).
     end_cascade = calls.index(("end", "cascade"))
-    assert all(calls.index(c) > end_cascade for c in starts if c[1].startswith("prefix_"))
+    assert all(calls.index(c) > end_cascade for c in starts if c[1].startswith("prefix_") or c[1] == "naive")
     assert {c[3] for c in starts} == {2}  # every job with cores / workers threads (stage checks: torch's setting)
     assert _max_running(calls) == 2
     assert {c[1] for c in starts} == set(seconds["jobs"]) and len(starts) == len(seconds["jobs"])

@@ -98,6 +98,8 @@ class CascadeResult:
     video: torch.Tensor
     intermediates: dict[str, torch.Tensor] = field(default_factory=dict)
     reports: list[StageReport] = field(default_factory=list)
+    #: with ``baseline_branch``: the naive cascade's video from the same keyframes (B x 3 x T x H x W in [-1, 1])
+    baseline_video: torch.Tensor | None = None
 
 
 class Show1Cascade:
@@ -118,6 +120,8 @@ class Show1Cascade:
             bicubic) instead of sampling: e.g. all but the keyframe stage give the naive cascade of the toy loop.
         lora: per stage, LoRA folders added to its UNet with a scale, e.g.
             ``{"keyframe": [{"path": "logs/.../export", "scale": 0.8}]}`` (``diffusion.lora.apply_loras``).
+        baseline_branch: also hand the keyframes through every later stage's baseline (the naive cascade) and return
+            that video as ``baseline_video``: the naive cascade of the same keyframes without sampling them again.
     """
 
     def __init__(
@@ -135,6 +139,7 @@ class Show1Cascade:
         strict_sizes: bool = False,
         baseline_stages: Sequence[str] = (),
         lora: dict[str, Sequence[Any]] | None = None,
+        baseline_branch: bool = False,
     ) -> None:
         from show1_lightning.diffusion.lora import apply_loras
         from show1_lightning.pipelines.released import ReleasedCascade, load_cascade_stage, resolve_t5
@@ -175,6 +180,9 @@ class Show1Cascade:
         bad = [n for n in self.baseline_stages if n not in self.stages or n == "keyframe"]
         if bad:
             raise ValueError(f"baseline_stages must name stages of this cascade after the keyframe stage; got {bad}")
+        self.baseline_branch = bool(baseline_branch)
+        if self.baseline_branch and len(self.stages) < 2:
+            raise ValueError("baseline_branch needs stages after the keyframe stage")
         # Stage-to-stage sizes and sampling values, now rather than minutes into the first batch.
         self.size_notes = check_cascade(self.stages, self.effective_sampling, strict_sizes)
 
@@ -188,9 +196,11 @@ class Show1Cascade:
         out.update(self.sampling.get(name, {}))
         return out
 
-    def _run(self, name: str, prompts: Sequence[str], seeds: Sequence[int], x: torch.Tensor | None) -> torch.Tensor:
+    def _run(
+        self, name: str, prompts: Sequence[str], seeds: Sequence[int], x: torch.Tensor | None, baseline: bool = False
+    ) -> torch.Tensor:
         stage = self.stages[name]
-        if name in self.baseline_stages:
+        if baseline or name in self.baseline_stages:
             assert x is not None
             return stage.baseline(x.to(self.device))
         kw = self.sampling.get(name, {})
@@ -225,6 +235,15 @@ class Show1Cascade:
                 torch.cuda.empty_cache()
         assert x is not None
         result.video = x.clamp(-1, 1).cpu()
+        if self.baseline_branch:
+            y = result.intermediates["keyframe"]
+            for name, stage in list(self.stages.items())[1:]:  # as a cascade with every later stage as baseline
+                stage.to(self.device)  # the latent SR baseline is a VAE round trip
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                    y = self._run(name, prompts, seeds, y, baseline=True)
+                y = self.released.hand_on(name, y)
+                stage.to("cpu")
+            result.baseline_video = y.clamp(-1, 1).cpu()
         return result
 
 

@@ -25,6 +25,8 @@ class CascadeGenerator:
         device, precision, sampling, behaviour, t5, if_ii_l, strict_sizes, baseline_stages: see ``Show1Cascade``
             (``baseline_stages=[interpolation, pixel_sr, latent_sr]``: the naive cascade, conf/generator/naive.yaml).
         lora: per stage, LoRA folders on top of its weights, ``{keyframe: [{path: ..., scale: 0.8}]}`` (``Show1Cascade``).
+        baseline_branch: also make the naive cascade's video from the same keyframes (``Show1Cascade``); it is
+            handed on with the intermediates as ``naive`` (evaluate.py ``save_intermediates``: ``intermediates/naive/``).
     """
 
     def __init__(
@@ -44,6 +46,7 @@ class CascadeGenerator:
         strict_sizes: bool = False,
         baseline_stages: Sequence[str] = (),
         lora: dict[str, Sequence[Any]] | None = None,
+        baseline_branch: bool = False,
     ) -> None:
         self.sources = {
             "keyframe": keyframe,
@@ -65,6 +68,7 @@ class CascadeGenerator:
             strict_sizes=strict_sizes,
             baseline_stages=baseline_stages,
             lora=lora,
+            baseline_branch=baseline_branch,
         )
         self.fps = float(fps)
         #: output of every stage but the last in the last ``generate`` call (evaluate.py ``save_intermediates``)
@@ -87,15 +91,19 @@ class CascadeGenerator:
             "behaviour": self.cascade.released.describe(),
             "size_notes": self.cascade.size_notes,
             "baseline_stages": list(self.cascade.baseline_stages),
+            "baseline_branch": self.cascade.baseline_branch,
             "lora": {k: [e if isinstance(e, str) else dict(e) for e in v] for k, v in self.cascade.lora.items()},
         }
 
     @property
     def intermediate_names(self) -> list[str]:
-        """The stages whose outputs ``last_intermediates`` holds: all but the last (a prefix of STAGE_ORDER)."""
-        return [n for n in STAGE_ORDER if n in self.cascade.stages][:-1]
+        """What ``last_intermediates`` holds: the outputs of all stages but the last (a prefix of STAGE_ORDER), then
+        ``naive`` with ``baseline_branch``."""
+        names = [n for n in STAGE_ORDER if n in self.cascade.stages][:-1]
+        return names + (["naive"] if self.cascade.baseline_branch else [])
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
         result = self.cascade(list(prompts), list(seeds))
-        self.last_intermediates = {n: result.intermediates[n] for n in self.intermediate_names}
+        outputs = {**result.intermediates, "naive": result.baseline_video}
+        self.last_intermediates = {n: outputs[n] for n in self.intermediate_names}
         return result.video
