@@ -216,3 +216,35 @@ def test_bench_stage_batch_compares_call_sizes_on_one_stage() -> None:
     rows = compare_call_sizes(st, clip(4, 5, 8, 16), ["a", "b", "c", "d"], [1, 4, 2])
     assert [r[0] for r in rows] == [4, 2, 1] and rows[0][2] == 1.0 and rows[0][3] == 0.0
     assert all(r[1] > 0 and r[2] > 0 and r[3] < 1e-4 for r in rows)
+
+
+def _frame_correlation(x: torch.Tensor) -> float:
+    """Mean correlation between consecutive frames of B x C x T x H x W noise."""
+    a, b = x[:, :, :-1].flatten(), x[:, :, 1:].flatten()
+    return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+
+def test_frame_correlated_noise_in_training_and_sampling() -> None:
+    """``noise_frame_correlation=rho``: the training noise and the sampler's starting noise share rho of their
+    variance between frames (unit variance kept); 0 is exactly the independent draw of before."""
+    from show1_lightning.diffusion.sampling import seeded_noise
+
+    plain = seeded_noise((3, 6, 16, 32), [4, 5])
+    assert torch.equal(seeded_noise((3, 6, 16, 32), [4, 5], frame_correlation=0.0), plain)
+    mixed = seeded_noise((3, 6, 16, 32), [4, 5], frame_correlation=0.9)
+    assert _frame_correlation(plain) < 0.1 < 0.8 < _frame_correlation(mixed)
+    assert 0.8 < float(mixed.std()) < 1.2
+    assert torch.equal(seeded_noise((3, 6, 16, 32), [5], frame_correlation=0.9)[0], mixed[1])  # per seed
+
+    hr = clip(2, 3, 16, 32)
+    for rho, corr_range in ((0.0, (-0.1, 0.1)), (0.9, (0.8, 1.0))):
+        stage = make_pixel_sr(residual=True, sampling=BOUNDED, noise_frame_correlation=rho)
+        seen: list[torch.Tensor] = []
+        stage.unet.register_forward_pre_hook(lambda m, args: seen.append(args[0][:, :3].detach().clone()))
+        stage.diffusion_step({"video": hr, "caption": ["a", "b"]}, timesteps=torch.tensor([999, 999]))
+        assert corr_range[0] < _frame_correlation(seen[-1]) < corr_range[1]  # x_t at t = 999 is the noise
+        seen.clear()
+        stage.run(stage.make_upstream(hr), ["a", "b"], [1, 2])
+        assert corr_range[0] < _frame_correlation(seen[0]) < corr_range[1]  # the sampler's first input
+    with pytest.raises(ValueError, match="frame noise correlation"):
+        make_pixel_sr(noise_frame_correlation=1.0)

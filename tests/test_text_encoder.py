@@ -121,3 +121,25 @@ def test_bad_arguments(tmp_path: Path) -> None:
         enc.encode("not a list")
     with pytest.raises(ValueError):
         enc.encode([])
+
+
+def test_word_tokenizer_gives_a_word_one_token() -> None:
+    """``tiny_tokenizer="word"``: one id per word (hash, no vocabulary file), then EOS and padding; a change of one
+    word changes one token, where bytes shift every later token when the word's length changes."""
+    from show1_lightning.models.word_tokenizer import WordHashTokenizer
+
+    tok = WordHashTokenizer()
+    out = tok(["a red circle moving left", "A blue circle moving left."], max_length=8)
+    ids, mask = out["input_ids"], out["attention_mask"]
+    assert ids.shape == (2, 8) and mask.sum(1).tolist() == [6, 7]  # 5 words + EOS; "." is a token
+    assert ids[0, 5] == tok.eos_token_id and ids[0, 6:].eq(tok.pad_token_id).all()
+    assert (ids[0, :5] != ids[1, :5]).tolist() == [False, True, False, False, False]  # case-insensitive words
+    assert tok(["one two three"], max_length=3)["input_ids"][0].tolist()[-1] == tok.eos_token_id  # truncated
+    enc = TextEncoder(kind="t5", max_length=16, tiny_dim=32, tiny_layers=1, tiny_tokenizer="word")
+    emb, mask = enc.encode(["a red circle moving left", "a red circle moving right"])
+    assert emb.shape == (2, 16, 32) and mask.sum(1).tolist() == [6, 6]
+    assert enc.identity != TextEncoder(kind="t5", max_length=16, tiny_dim=32, tiny_layers=1).identity
+    clip = TextEncoder(kind="clip", max_length=16, tiny_dim=32, tiny_layers=1, tiny_tokenizer="word")
+    assert clip.encode(["a cat"])[0].shape == (1, 16, 32)
+    with pytest.raises(ValueError, match="tiny_tokenizer"):
+        TextEncoder(kind="t5", tiny_tokenizer="bpe")

@@ -31,6 +31,7 @@ from show1_lightning.diffusion.lora import (
     is_lora_key,
 )
 from show1_lightning.diffusion.objectives import (
+    correlate_frames,
     diffusion_loss,
     log_snr_time_table,
     min_snr_weights,
@@ -111,6 +112,9 @@ class DiffusionStage(L.LightningModule):
             and sampling (:func:`show1_lightning.diffusion.objectives.shift_noise_schedule`); 1 = as configured.
         compile: ``torch.compile`` the UNet in place (``configure_model``, and before sampling outside a Trainer):
             false, true, or torch.compile arguments (``show1_lightning.diffusion.compile``); state_dict keys unchanged.
+        noise_frame_correlation: share this fraction of the noise's variance between the frames of a sample, in
+            training and in the starting noise of sampling (:func:`show1_lightning.diffusion.objectives.correlate_frames`;
+            PYoCo's mixed noise prior); 0 = independent frames, as released.
         frame_convs: run the UNet's frames-only ``Conv3d`` layers (temporal convolutions) as ``Conv2d``
             (``show1_lightning.models.frame_conv``): the same weights and sums, several times faster on a CPU.
     """
@@ -142,6 +146,7 @@ class DiffusionStage(L.LightningModule):
         residual_scale: float = 1.0,
         noise_schedule_shift: float = 1.0,
         time_input: str = "timestep",
+        noise_frame_correlation: float = 0.0,
     ) -> None:
         super().__init__()
         if not residual_scale > 0:
@@ -160,6 +165,8 @@ class DiffusionStage(L.LightningModule):
             raise ValueError(f"stage.time_input must be 'timestep' or 'log_snr', got {time_input!r}")
         # log_snr: the UNet is told the noise level (log_snr_time_table), not the step; the released models: steps.
         self._time_table = log_snr_time_table(self.noise_scheduler) if time_input == "log_snr" else None
+        correlate_frames(torch.zeros(()), torch.zeros(()), noise_frame_correlation)  # refuse a bad value now
+        self.noise_frame_correlation = float(noise_frame_correlation)
         self.optimizer_factory = optimizer
         # Kept out of the module tree: frozen, possibly huge, never in checkpoints or DDP.
         self._frozen: dict[str, Any] = {"text_encoder": text_encoder}
@@ -360,10 +367,15 @@ class DiffusionStage(L.LightningModule):
             emb, mask, _ = drop_captions(emb, mask, *self.null_text(), self.caption_dropout, generator)
         b = x0.shape[0]
         t = timesteps if timesteps is not None else sample_timesteps(b, self.t_min, self.t_max, x0.device, generator)
+        rho = self.noise_frame_correlation
+        shared_shape = (*x0.shape[:2], 1, *x0.shape[3:])
         if generator is None:
             noise = torch.randn_like(x0)
+            shared = torch.randn(shared_shape, dtype=x0.dtype, device=x0.device) if rho else None
         else:
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+            shared = torch.randn(shared_shape, generator=generator, dtype=x0.dtype).to(x0.device) if rho else None
+        noise = correlate_frames(noise, shared, rho)
         x_t = self.noise_scheduler.add_noise(x0, noise, t)
         pred = self.predict(x_t, t, emb, mask, cond)
         weights = min_snr_weights(self.noise_scheduler, t, self.snr_gamma, self.snr_floor) if self.snr_gamma else None
@@ -621,7 +633,7 @@ class DiffusionStage(L.LightningModule):
         emb, mask = text if text is not None else self.encode_text(prompts)
         null_emb, null_mask = self.negative_text(negative_prompt)
         cond = cond or StageCondition()
-        noise = seeded_noise(shape, seeds, self.device)
+        noise = seeded_noise(shape, seeds, self.device, self.noise_frame_correlation)
         compile_in_place(self.unet, self.compile_spec)  # sampling outside a Trainer (cascade, generate.py)
         was_training = self.unet.training
         self.unet.eval()

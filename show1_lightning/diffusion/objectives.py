@@ -74,6 +74,20 @@ def sample_timesteps(
     return t.to(device)
 
 
+def correlate_frames(noise: torch.Tensor, shared: torch.Tensor, rho: float) -> torch.Tensor:
+    """``sqrt(rho) * shared + sqrt(1 - rho) * noise``: video noise whose frames share a fraction ``rho`` of their variance.
+
+    ``noise`` is ``... x T x H x W`` with independent frames, ``shared`` the same with ``T = 1`` (broadcast over the
+    frames); the result is still unit-variance Gaussian per pixel, with correlation ``rho`` between any two frames
+    (the "mixed noise" prior of PYoCo, Ge et al. 2023, for video diffusion). 0 returns ``noise`` unchanged.
+    """
+    if not 0.0 <= rho < 1.0:
+        raise ValueError(f"frame noise correlation must be in [0, 1), got {rho}")
+    if rho == 0.0:
+        return noise
+    return rho**0.5 * shared + (1.0 - rho) ** 0.5 * noise
+
+
 def training_target(
     scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
 ) -> torch.Tensor:

@@ -12,6 +12,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from tqdm.auto import tqdm
 
 from show1_lightning.diffusion.guidance import guided_prediction
+from show1_lightning.diffusion.objectives import correlate_frames
 
 # model_fn(x_t, t, text_emb, text_mask) -> prediction with the sample's channel count.
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -27,13 +28,24 @@ def make_sampler(noise_scheduler: DDPMScheduler, **overrides) -> SchedulerMixin:
     return DPMSolverMultistepScheduler.from_config(noise_scheduler.config, **overrides)
 
 
-def seeded_noise(shape: Sequence[int], seeds: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
+def seeded_noise(
+    shape: Sequence[int], seeds: Sequence[int], device: torch.device | str = "cpu", frame_correlation: float = 0.0
+) -> torch.Tensor:
     """Gaussian noise of shape (len(seeds), *shape), sample i drawn from its own seed.
 
     A sample's noise depends only on its seed, not on the batch it is generated in, so results do
-    not change with batch size or the number of processes.
+    not change with batch size or the number of processes. ``frame_correlation`` (rho, for ``C x T x H x W``
+    samples) mixes every frame's noise with one noise image drawn next from the same seed and shared by all
+    frames (:func:`~show1_lightning.diffusion.objectives.correlate_frames`); 0 gives exactly the plain draw.
     """
-    out = [torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+    out = []
+    for s in seeds:
+        g = torch.Generator("cpu").manual_seed(int(s))
+        noise = torch.randn(tuple(shape), generator=g)
+        if frame_correlation:
+            shared = torch.randn((*shape[:-3], 1, *shape[-2:]), generator=g)
+            noise = correlate_frames(noise, shared, frame_correlation)
+        out.append(noise)
     return torch.stack(out).to(device)
 
 

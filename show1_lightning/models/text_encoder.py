@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from show1_lightning.models.word_tokenizer import WordHashTokenizer
 from show1_lightning.precision import to_dtype
 
 __all__ = ["TextEncoder"]
@@ -44,6 +45,9 @@ class TextEncoder(nn.Module):
         max_length: tokens per caption (padded/truncated), 77 in Show-1.
         seed: seed of the tiny default's random weights.
         tiny_dim / tiny_layers: size of the tiny default.
+        tiny_tokenizer: the tiny default's tokenizer: "byte" (``ByT5Tokenizer``, a token per character) or "word"
+            (:class:`~show1_lightning.models.word_tokenizer.WordHashTokenizer`, a token per word, as real
+            tokenizers give common words).
         use_attention_mask: pass the padding mask to the model (default: True for T5 as DeepFloyd IF
             and Show-1 do, False for CLIP as the zeroscope/ModelScope pipelines do).
         torch_dtype: dtype to load pretrained weights in (e.g. torch.bfloat16 for T5-XXL).
@@ -57,6 +61,7 @@ class TextEncoder(nn.Module):
         seed: int = 0,
         tiny_dim: int = 64,
         tiny_layers: int = 2,
+        tiny_tokenizer: str = "byte",
         use_attention_mask: bool | None = None,
         torch_dtype: torch.dtype | str | None = None,
     ) -> None:
@@ -73,8 +78,11 @@ class TextEncoder(nn.Module):
             self.model, self.tokenizer = self._load(kind, Path(pretrained_path), torch_dtype)
             self.source = os.path.normpath(os.path.abspath(pretrained_path))
         else:
-            self.model, self.tokenizer = self._tiny(kind, self.max_length, seed, tiny_dim, tiny_layers)
-            self.source = f"tiny-seed-{seed}-d{tiny_dim}-l{tiny_layers}"
+            if tiny_tokenizer not in ("byte", "word"):
+                raise ValueError(f"tiny_tokenizer must be 'byte' or 'word', got {tiny_tokenizer!r}")
+            self.model, self.tokenizer = self._tiny(kind, self.max_length, seed, tiny_dim, tiny_layers, tiny_tokenizer)
+            words = "-words" if tiny_tokenizer == "word" else ""  # byte: the identity older caches were made with
+            self.source = f"tiny-seed-{seed}-d{tiny_dim}-l{tiny_layers}{words}"
         self.model.requires_grad_(False)
         self.model.eval()
 
@@ -93,10 +101,12 @@ class TextEncoder(nn.Module):
         return model, tokenizer
 
     @staticmethod
-    def _tiny(kind: str, max_length: int, seed: int, dim: int, layers: int) -> tuple[nn.Module, object]:
+    def _tiny(
+        kind: str, max_length: int, seed: int, dim: int, layers: int, tokenizer_kind: str = "byte"
+    ) -> tuple[nn.Module, object]:
         from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-        tokenizer = ByT5Tokenizer()
+        tokenizer = ByT5Tokenizer() if tokenizer_kind == "byte" else WordHashTokenizer()
         heads = max(1, dim // 16)
         with torch.random.fork_rng(devices=[]):  # same weights in every process, global RNG untouched
             torch.manual_seed(seed)
