@@ -248,3 +248,38 @@ def test_frame_correlated_noise_in_training_and_sampling() -> None:
         assert corr_range[0] < _frame_correlation(seen[0]) < corr_range[1]  # the sampler's first input
     with pytest.raises(ValueError, match="frame noise correlation"):
         make_pixel_sr(noise_frame_correlation=1.0)
+
+
+def test_frame_difference_loss_weighs_what_changes_between_frames() -> None:
+    """The frame-difference loss ignores an error shared by all frames and sees one that moves; the stage adds
+    ``frame_difference_loss_weight`` times it to the plain loss (0: the plain loss, unchanged)."""
+    from show1_lightning.diffusion.objectives import diffusion_loss, frame_difference_loss, training_target
+
+    target = torch.zeros(2, 3, 4, 8, 8)
+    still = target + torch.randn(2, 3, 1, 8, 8)  # the same error in every frame
+    assert frame_difference_loss(still, target) == 0 and diffusion_loss(still, target) > 0
+    moving = target.clone()
+    moving[:, :, 1, 2, 2] = 1.0  # a dot in one frame only: per clip and channel two differences of 1 in 3*8*8
+    torch.testing.assert_close(frame_difference_loss(moving, target), torch.tensor(2 / (3 * 8 * 8)))
+    with pytest.raises(ValueError, match="T >= 2"):
+        frame_difference_loss(torch.zeros(2, 3, 1, 8, 8), torch.zeros(2, 3, 1, 8, 8))
+
+    stage = make_pixel_sr(residual=True, sampling=BOUNDED, snr_gamma=5.0, snr_floor=1.0)
+    stage.eval()
+    outputs: list[torch.Tensor] = []
+    stage.unet.register_forward_hook(lambda m, args, out: outputs.append(out.sample[:, :3].detach().clone()))
+    batch, t = {"video": clip(2, 3, 16, 32), "caption": ["a", "b"]}, torch.tensor([900, 100])
+    losses = {}
+    for w in (0.0, 2.0):
+        stage.frame_difference_loss_weight = w
+        losses[w], _ = stage.diffusion_step(batch, generator=torch.Generator().manual_seed(3), timesteps=t)
+    x0, _ = stage.training_inputs(batch)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
+    target = training_target(stage.noise_scheduler, x0, noise, t)
+    from show1_lightning.diffusion.objectives import min_snr_weights
+
+    weights = min_snr_weights(stage.noise_scheduler, t, 5.0, 1.0)
+    torch.testing.assert_close(losses[0.0], diffusion_loss(outputs[0], target, weights))
+    torch.testing.assert_close(losses[2.0] - losses[0.0], 2.0 * frame_difference_loss(outputs[1], target, weights))
+    with pytest.raises(ValueError, match="frame_difference_loss_weight"):
+        make_pixel_sr(frame_difference_loss_weight=-1.0)

@@ -33,6 +33,7 @@ from show1_lightning.diffusion.lora import (
 from show1_lightning.diffusion.objectives import (
     correlate_frames,
     diffusion_loss,
+    frame_difference_loss,
     log_snr_time_table,
     min_snr_weights,
     sample_timesteps,
@@ -115,6 +116,9 @@ class DiffusionStage(L.LightningModule):
         noise_frame_correlation: share this fraction of the noise's variance between the frames of a sample, in
             training and in the starting noise of sampling (:func:`show1_lightning.diffusion.objectives.correlate_frames`;
             PYoCo's mixed noise prior); 0 = independent frames, as released.
+        frame_difference_loss_weight: add this multiple of the loss on the frame-to-frame differences of prediction
+            and target (:func:`show1_lightning.diffusion.objectives.frame_difference_loss`: the motion's share of
+            the error); 0 = the plain loss, as released.
         frame_convs: run the UNet's frames-only ``Conv3d`` layers (temporal convolutions) as ``Conv2d``
             (``show1_lightning.models.frame_conv``): the same weights and sums, several times faster on a CPU.
     """
@@ -147,6 +151,7 @@ class DiffusionStage(L.LightningModule):
         noise_schedule_shift: float = 1.0,
         time_input: str = "timestep",
         noise_frame_correlation: float = 0.0,
+        frame_difference_loss_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if not residual_scale > 0:
@@ -167,6 +172,9 @@ class DiffusionStage(L.LightningModule):
         self._time_table = log_snr_time_table(self.noise_scheduler) if time_input == "log_snr" else None
         correlate_frames(torch.zeros(()), torch.zeros(()), noise_frame_correlation)  # refuse a bad value now
         self.noise_frame_correlation = float(noise_frame_correlation)
+        if frame_difference_loss_weight < 0:
+            raise ValueError(f"stage.frame_difference_loss_weight must be >= 0, got {frame_difference_loss_weight}")
+        self.frame_difference_loss_weight = float(frame_difference_loss_weight)
         self.optimizer_factory = optimizer
         # Kept out of the module tree: frozen, possibly huge, never in checkpoints or DDP.
         self._frozen: dict[str, Any] = {"text_encoder": text_encoder}
@@ -379,7 +387,11 @@ class DiffusionStage(L.LightningModule):
         x_t = self.noise_scheduler.add_noise(x0, noise, t)
         pred = self.predict(x_t, t, emb, mask, cond)
         weights = min_snr_weights(self.noise_scheduler, t, self.snr_gamma, self.snr_floor) if self.snr_gamma else None
-        return diffusion_loss(pred, training_target(self.noise_scheduler, x0, noise, t), weights), t
+        target = training_target(self.noise_scheduler, x0, noise, t)
+        loss = diffusion_loss(pred, target, weights)
+        if self.frame_difference_loss_weight:
+            loss = loss + self.frame_difference_loss_weight * frame_difference_loss(pred, target, weights)
+        return loss, t
 
     @staticmethod
     def _batch_skips(batch: dict) -> torch.Tensor | None:

@@ -151,3 +151,19 @@ def diffusion_loss(
         return F.mse_loss(prediction.float(), target.float())
     per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
     return (per_sample * weights.to(per_sample.device)).mean()
+
+
+def frame_difference_loss(
+    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`diffusion_loss` of the frame-to-frame differences of ``B x C x T x H x W`` prediction and target.
+
+    An error that is the same in every frame (the background, the shape's colour) cancels in the differences; what
+    remains is where the frames change: the motion. Added to the plain loss it gives motion errors a weight of their
+    own, where the plain per-pixel loss lets a video's appearance outweigh its motion (VideoJAM, Chefer et al. 2025,
+    makes the same observation and adds a motion target).
+    """
+    if prediction.ndim != 5 or prediction.shape[2] < 2:
+        raise ValueError(f"frame differences need B x C x T x H x W with T >= 2, got {tuple(prediction.shape)}")
+    return diffusion_loss(prediction.diff(dim=2), target.diff(dim=2), weights)
+
