@@ -166,4 +166,3 @@ def frame_difference_loss(
     if prediction.ndim != 5 or prediction.shape[2] < 2:
         raise ValueError(f"frame differences need B x C x T x H x W with T >= 2, got {tuple(prediction.shape)}")
     return diffusion_loss(prediction.diff(dim=2), target.diff(dim=2), weights)
-
