@@ -9,7 +9,7 @@ import hydra
 import numpy as np
 import pytest
 import torch
-from numerics import DIFFERENT, REORDER, max_rel_diff
+from numerics import REORDER, max_rel_diff
 
 import train
 from evaluation.train_callbacks import FolderHeldout, ToyHeldout, TrainingFVD, stretch_to_clip_length
@@ -58,7 +58,10 @@ def test_fvd_of_a_stage_with_cached_real_statistics(compose_train, tmp_path):
             p.mul_(0.5)
     stage.ema = None  # sample with the changed weights
     c = second.evaluate(stage)
-    assert max_rel_diff(torch.tensor(c), torch.tensor(a)) > DIFFERENT
+    # Two-clip FVDs of untrained stages are dominated by the real statistics' trace (~1e4), so two different
+    # untrained UNets differ by well under 1% (0.7%, even for a UNet that predicts zero); the same weights
+    # reproduce within REORDER, so a tenfold margin over it tells "other samples" from "the same samples".
+    assert max_rel_diff(torch.tensor(c), torch.tensor(a)) > 10 * REORDER
 
 
 def test_fvd_during_training_feeds_callback_metrics_checkpoint_and_optimized_metric(compose_train, tmp_path):

@@ -43,6 +43,7 @@ from torch import nn
 from show1_lightning.diffusion.module import DiffusionStage
 from show1_lightning.models.text_encoder import TextEncoder
 from show1_lightning.models.vae import VideoVAE
+from show1_lightning.models.word_tokenizer import WordHashTokenizer
 from show1_lightning.pipelines.cascade import STAGE_ORDER, Show1Cascade
 from show1_lightning.precision import to_dtype
 from show1_lightning.stages.loading import check_stage_config
@@ -244,7 +245,9 @@ class Show1Pipeline(DiffusionPipeline):
                     raise ValueError(f"{name}: more than {len(TEXT_SLOTS)} distinct text encoders in one cascade")
                 slots[key] = TEXT_SLOTS[len(slots)]
                 components[slots[key][0]] = te.model
-                components[slots[key][1]] = te.tokenizer
+                # The word tokenizer of the tiny encoders has no files: the entry below rebuilds it (no component).
+                word = isinstance(te.tokenizer, WordHashTokenizer)
+                components[slots[key][1]] = None if word else te.tokenizer
             stored = {k: v for k, v in copy.deepcopy(config).items() if k not in _COMPONENT_KEYS}
             te_cfg = dict(config.get("text_encoder") or {})
             entry: dict[str, Any] = {
@@ -258,6 +261,8 @@ class Show1Pipeline(DiffusionPipeline):
                     "torch_dtype": te_cfg.get("torch_dtype", getattr(te, "torch_dtype", None)),
                 },
             }
+            if isinstance(te.tokenizer, WordHashTokenizer):
+                entry["text_encoder"]["word_tokenizer_vocab_size"] = te.tokenizer.vocab_size
             components[f"{name}_unet"] = _ema_unet(stage)
             components[f"{name}_scheduler"] = stage.noise_scheduler  # saved for reference (see _COMPONENT_KEYS)
             if name == "latent_sr":
@@ -284,6 +289,8 @@ class Show1Pipeline(DiffusionPipeline):
         t = entry["text_encoder"]
         model = getattr(self, t["component"])
         tokenizer = getattr(self, t["component"].replace("text_encoder", "tokenizer"))
+        if t.get("word_tokenizer_vocab_size"):
+            tokenizer = WordHashTokenizer(int(t["word_tokenizer_vocab_size"]))
         if t.get("torch_dtype"):
             model = model.to(to_dtype(str(t["torch_dtype"]), what="text encoder torch_dtype"))
         te = _LoadedTextEncoder(
