@@ -31,6 +31,7 @@ from show1_lightning.diffusion.lora import (
     is_lora_key,
 )
 from show1_lightning.diffusion.objectives import (
+    check_frame_correlation,
     correlate_frames,
     diffusion_loss,
     frame_difference_loss,
@@ -170,7 +171,7 @@ class DiffusionStage(L.LightningModule):
             raise ValueError(f"stage.time_input must be 'timestep' or 'log_snr', got {time_input!r}")
         # log_snr: the UNet is told the noise level (log_snr_time_table), not the step; the released models: steps.
         self._time_table = log_snr_time_table(self.noise_scheduler) if time_input == "log_snr" else None
-        correlate_frames(torch.zeros(()), torch.zeros(()), noise_frame_correlation)  # refuse a bad value now
+        check_frame_correlation(noise_frame_correlation)
         self.noise_frame_correlation = float(noise_frame_correlation)
         if frame_difference_loss_weight < 0:
             raise ValueError(f"stage.frame_difference_loss_weight must be >= 0, got {frame_difference_loss_weight}")

@@ -74,6 +74,12 @@ def sample_timesteps(
     return t.to(device)
 
 
+def check_frame_correlation(rho: float) -> None:
+    """Refuse a frame noise correlation outside [0, 1) (1 would give every frame the same noise)."""
+    if not 0.0 <= rho < 1.0:
+        raise ValueError(f"frame noise correlation must be in [0, 1), got {rho}")
+
+
 def correlate_frames(noise: torch.Tensor, shared: torch.Tensor, rho: float) -> torch.Tensor:
     """``sqrt(rho) * shared + sqrt(1 - rho) * noise``: video noise whose frames share a fraction ``rho`` of their variance.
 
@@ -81,8 +87,7 @@ def correlate_frames(noise: torch.Tensor, shared: torch.Tensor, rho: float) -> t
     frames); the result is still unit-variance Gaussian per pixel, with correlation ``rho`` between any two frames
     (the "mixed noise" prior of PYoCo, Ge et al. 2023, for video diffusion). 0 returns ``noise`` unchanged.
     """
-    if not 0.0 <= rho < 1.0:
-        raise ValueError(f"frame noise correlation must be in [0, 1), got {rho}")
+    check_frame_correlation(rho)
     if rho == 0.0:
         return noise
     return rho**0.5 * shared + (1.0 - rho) ** 0.5 * noise
