@@ -70,6 +70,9 @@ TOY_WIDTH, TOY_HEIGHT, TOY_FRAMES, TOY_FPS = 128, 80, 32, 16
 TOY_FLICKER = 0.0
 # Range of the shape's travel over a clip, as a fraction of the free extent along its motion axis.
 TOY_TRAVEL = (0.35, 0.55)
+# Range of the shape's radius, as a fraction of the frame's shorter side: large, so that the colour stays visible
+# at the keyframe stage's 24x16.
+TOY_RADIUS = (0.2, 0.275)
 
 _MOTION_DIR = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 _PROMPT_RE = re.compile(
@@ -173,7 +176,7 @@ def make_toy_clip(
         raise ValueError(f"unknown motion {motion!r}; expected one of {TOY_MOTIONS}")
     rng = np.random.default_rng(seed)
     bg = _background(rng, height, width)
-    r = rng.uniform(0.2, 0.275) * min(height, width)  # large: the colour stays visible at the keyframe stage's 32x20
+    r = rng.uniform(*TOY_RADIUS) * min(height, width)
     ddx, ddy = _MOTION_DIR[motion]
     extent = width if ddx else height
     dist = rng.uniform(*TOY_TRAVEL) * (extent - 2 * r - 4)  # travel along the motion axis
