@@ -14,6 +14,12 @@ from numerics import assert_close_rel
 from test_stage_interpolation import make_stage as make_interpolation
 from test_stage_pixel_sr import make_stage as make_pixel_sr
 
+from show1_lightning.diffusion.objectives import (
+    diffusion_loss,
+    frame_difference_loss,
+    min_snr_weights,
+    training_target,
+)
 from show1_lightning.stages.loading import load_stage
 from show1_lightning.stages.validation import compare_to_baseline, video_psnr
 
@@ -253,8 +259,6 @@ def test_frame_correlated_noise_in_training_and_sampling() -> None:
 def test_frame_difference_loss_weighs_what_changes_between_frames() -> None:
     """The frame-difference loss ignores an error shared by all frames and sees one that moves; the stage adds
     ``frame_difference_loss_weight`` times it to the plain loss (0: the plain loss, unchanged)."""
-    from show1_lightning.diffusion.objectives import diffusion_loss, frame_difference_loss, training_target
-
     target = torch.zeros(2, 3, 4, 8, 8)
     still = target + torch.randn(2, 3, 1, 8, 8)  # the same error in every frame
     assert frame_difference_loss(still, target) == 0 and diffusion_loss(still, target) > 0
@@ -276,8 +280,6 @@ def test_frame_difference_loss_weighs_what_changes_between_frames() -> None:
     x0, _ = stage.training_inputs(batch)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
     target = training_target(stage.noise_scheduler, x0, noise, t)
-    from show1_lightning.diffusion.objectives import min_snr_weights
-
     weights = min_snr_weights(stage.noise_scheduler, t, 5.0, 1.0)
     torch.testing.assert_close(losses[0.0], diffusion_loss(outputs[0], target, weights))
     torch.testing.assert_close(losses[2.0] - losses[0.0], 2.0 * frame_difference_loss(outputs[1], target, weights))

@@ -240,13 +240,13 @@ class Show1Pipeline(DiffusionPipeline):
                     "a pipeline needs one to encode prompts"
                 )
             key = _text_key(te)
+            # The word tokenizer of the tiny encoders has no files: the entry below rebuilds it (no component).
+            word = isinstance(te.tokenizer, WordHashTokenizer)
             if key not in slots:
                 if len(slots) == len(TEXT_SLOTS):
                     raise ValueError(f"{name}: more than {len(TEXT_SLOTS)} distinct text encoders in one cascade")
                 slots[key] = TEXT_SLOTS[len(slots)]
                 components[slots[key][0]] = te.model
-                # The word tokenizer of the tiny encoders has no files: the entry below rebuilds it (no component).
-                word = isinstance(te.tokenizer, WordHashTokenizer)
                 components[slots[key][1]] = None if word else te.tokenizer
             stored = {k: v for k, v in copy.deepcopy(config).items() if k not in _COMPONENT_KEYS}
             te_cfg = dict(config.get("text_encoder") or {})
@@ -261,7 +261,7 @@ class Show1Pipeline(DiffusionPipeline):
                     "torch_dtype": te_cfg.get("torch_dtype", getattr(te, "torch_dtype", None)),
                 },
             }
-            if isinstance(te.tokenizer, WordHashTokenizer):
+            if word:
                 entry["text_encoder"]["word_tokenizer_vocab_size"] = te.tokenizer.vocab_size
             components[f"{name}_unet"] = _ema_unet(stage)
             components[f"{name}_scheduler"] = stage.noise_scheduler  # saved for reference (see _COMPONENT_KEYS)
