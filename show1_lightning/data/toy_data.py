@@ -44,6 +44,7 @@ __all__ = [
     "parse_toy_prompt",
     "dominant_color",
     "color_adherence",
+    "motion_displacement",
     "motion_direction",
     "motion_adherence",
 ]
@@ -409,15 +410,13 @@ def _saturated_centroid(rgb: torch.Tensor) -> tuple[float, float] | None:
     return float((keep * xs).sum() / total), float((keep * ys).sum() / total)
 
 
-def motion_direction(video: torch.Tensor, min_displacement: float = 0.02) -> str | None:
-    """The direction (``left``/``right``/``up``/``down``) the saturated shape of a ``3 x T x H x W`` video in
-    [-1, 1] moves, or None.
+def motion_displacement(video: torch.Tensor) -> tuple[float, float] | None:
+    """How far the saturated shape of a ``3 x T x H x W`` video in [-1, 1] moves: ``(dx, dy)`` as fractions of the
+    frame's width and height (x to the right, y down), or None.
 
-    The centroid of the saturated pixels (the rule of :func:`dominant_color`) over the first quarter of the
-    frames is compared with the one over the last quarter (quarters: robust to a flickering frame); the axis
-    of the larger displacement and its sign give the direction. None when either quarter has no saturated
-    shape, or when the displacement is below ``min_displacement`` of the frame side along its axis (a
-    static video does not move in any direction).
+    The centroid of the saturated pixels (the rule of :func:`dominant_color`) over the first quarter of the frames
+    is compared with the one over the last quarter (quarters: robust to a flickering frame). None when the video
+    has fewer than two frames or either quarter has no saturated shape.
     """
     if video.ndim != 4 or video.shape[0] != 3:
         raise ValueError(f"expected a 3 x T x H x W video, got shape {tuple(video.shape)}")
@@ -429,7 +428,21 @@ def motion_direction(video: torch.Tensor, min_displacement: float = 0.02) -> str
     first, last = _saturated_centroid(rgb[:, :q]), _saturated_centroid(rgb[:, t - q :])
     if first is None or last is None:
         return None
-    dx, dy = (last[0] - first[0]) / w, (last[1] - first[1]) / h  # as fractions of the frame side
+    return (last[0] - first[0]) / w, (last[1] - first[1]) / h
+
+
+def motion_direction(video: torch.Tensor, min_displacement: float = 0.02) -> str | None:
+    """The direction (``left``/``right``/``up``/``down``) the saturated shape of a ``3 x T x H x W`` video in
+    [-1, 1] moves, or None.
+
+    From :func:`motion_displacement`: the axis of the larger displacement and its sign give the direction. None
+    when there is no displacement to measure, or when it is below ``min_displacement`` of the frame side along
+    its axis (a static video does not move in any direction).
+    """
+    moved = motion_displacement(video)
+    if moved is None:
+        return None
+    dx, dy = moved
     if max(abs(dx), abs(dy)) < min_displacement:
         return None
     if abs(dx) >= abs(dy):
