@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -114,7 +115,7 @@ def direction_swap(
     )
 
 
-def stage_generator(stage: torch.nn.Module, **sampling) -> Callable[[list[str], list[int]], torch.Tensor]:
+def stage_generator(stage: Any, **sampling: Any) -> Callable[[list[str], list[int]], torch.Tensor]:
     """A keyframe stage's ``generate`` with fixed sampling options, under ``torch.no_grad``."""
 
     def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
