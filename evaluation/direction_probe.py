@@ -21,7 +21,7 @@ from show1_lightning.data.toy_data import (
     TOY_COLORS,
     TOY_MOTIONS,
     TOY_SHAPES,
-    motion_direction,
+    displacement_direction,
     motion_displacement,
     toy_caption,
 )
@@ -97,10 +97,10 @@ def direction_swap(
             raise ValueError(f"generate returned shape {tuple(videos.shape)} for {len(prompts)} prompts")
         row = []
         for word, video in zip(TOY_MOTIONS, videos):
-            moved = motion_displacement(video)
+            moved = motion_displacement(video)  # once per video: the direction follows from it
             if moved is not None:
                 moves[word].append(moved)
-            row.append(motion_direction(video))
+            row.append(displacement_direction(moved))
         measured.append(row)
     hits = sum(m == w for row in measured for m, w in zip(row, TOY_MOTIONS))
     mean = {

@@ -45,6 +45,7 @@ __all__ = [
     "dominant_color",
     "color_adherence",
     "motion_displacement",
+    "displacement_direction",
     "motion_direction",
     "motion_adherence",
 ]
@@ -439,7 +440,11 @@ def motion_direction(video: torch.Tensor, min_displacement: float = 0.02) -> str
     when there is no displacement to measure, or when it is below ``min_displacement`` of the frame side along
     its axis (a static video does not move in any direction).
     """
-    moved = motion_displacement(video)
+    return displacement_direction(motion_displacement(video), min_displacement)
+
+
+def displacement_direction(moved: tuple[float, float] | None, min_displacement: float = 0.02) -> str | None:
+    """The direction of a :func:`motion_displacement` (None stays None; below ``min_displacement``: None)."""
     if moved is None:
         return None
     dx, dy = moved
