@@ -491,6 +491,32 @@ def test_frame_embeddings_start_as_the_released_model_and_tie_the_time_embedding
         _build({**TINY_BASE, "frame_embeddings": "sinusoidal"})
 
 
+def test_text_frame_embeddings_start_as_the_released_model_and_give_the_caption_a_say_per_frame():
+    """``frame_embeddings="text"`` adds, besides the per-frame vector, a per-frame linear map of the pooled caption
+    embedding (zero at the start): the model starts as the released one; the map gets a gradient at once (rows of
+    the frames present only); once it is non-zero, two captions change identical input frames differently per frame."""
+    plain = _build(TINY_BASE)
+    model = _build({**TINY_BASE, "frame_embeddings": "text"})
+    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == ["frame_embedding.weight", "frame_text_down.weight", "frame_text_up"] and not unexpected
+    kw = _inputs(TINY_BASE, frames=4)
+    kw["sample"] = kw["sample"][:1, :, :1].expand(2, -1, 4, -1, -1).contiguous()  # two clips, one still frame
+    kw["timestep"] = torch.tensor([500, 500])
+    with torch.no_grad():
+        assert torch.equal(model(**kw).sample, plain(**kw).sample)
+    model(**kw).sample.square().mean().backward()
+    assert model.frame_text_up.grad[:4].abs().sum() > 0
+    assert model.frame_text_up.grad[4:].abs().sum() == 0
+    with torch.no_grad():
+        model.frame_text_up.normal_()
+        out, ref = model(**kw).sample, plain(**kw).sample
+    # per-frame change against the released model, relative to the first frame's: differs between the two captions
+    change = (out - ref) - (out - ref)[:, :, :1]
+    assert (change[0] - change[1]).abs().max().item() > 1e-3 * out.abs().max().item()
+    with pytest.raises(ValueError, match="pooled-text"):
+        _build({**TINY_BASE, "frame_embeddings": "text", "addition_embed_type": None})
+
+
 @pytest.mark.parametrize(
     "bad, match",
     [

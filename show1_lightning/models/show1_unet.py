@@ -83,6 +83,11 @@ def _mask_to_bias(mask: torch.Tensor | None, batch: int, num_frames: int, dtype:
     return bias.unsqueeze(1).repeat_interleave(num_frames, dim=0)
 
 
+# Rank of the caption-to-frame map of ``frame_embeddings='text'`` (the pooled text is projected to this many
+# numbers, and each frame maps them onto the time embedding).
+FRAME_TEXT_RANK = 16
+
+
 class Show1UNet3DConditionModel(ModelMixin, ConfigMixin):
     """Show-1 pixel UNet (show-1-base / -interpolation / -sr1): DeepFloyd IF's UNet inflated to video.
 
@@ -245,14 +250,27 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin):
             self.add_embedding = None
 
         self.time_embed_act = get_activation(time_embedding_act_fn) if time_embedding_act_fn else None
-        if frame_embeddings not in (None, "learned"):
-            raise ValueError(f"frame_embeddings must be null or 'learned', got {frame_embeddings!r}")
+        if frame_embeddings not in (None, "learned", "text"):
+            raise ValueError(f"frame_embeddings must be null, 'learned' or 'text', got {frame_embeddings!r}")
         # Ours, off as released: a learned per-frame vector added to the time embedding (zero at the start), so the
         # resnets' scale-shift sees time, pooled text and frame position together and can tie the text to a frame.
         blocks_temb = time_embed_dim * 2 if class_embeddings_concat else time_embed_dim
         self.frame_embedding = nn.Embedding(MAX_FRAMES, blocks_temb) if frame_embeddings else None
         if self.frame_embedding is not None:
             nn.init.zeros_(self.frame_embedding.weight)
+        # "text" adds a per-frame linear map of the pooled text embedding (low rank, zero at the start): the caption
+        # gets a say per frame. With "learned" alone text and frame meet only through a sum and an activation, so
+        # a caption-dependent, frame-dependent signal (which way the shape moves) gets no first-order gradient:
+        # the batch's directions cancel in the frame vectors' gradient (docs/toy_loop.md).
+        self.frame_text_down: nn.Linear | None = None
+        self.frame_text_up: nn.Parameter | None = None
+        if frame_embeddings == "text":
+            if self.add_embedding is None:
+                raise ValueError(
+                    "frame_embeddings='text' needs the pooled-text embedding (addition_embed_type='text')"
+                )
+            self.frame_text_down = nn.Linear(time_embed_dim, FRAME_TEXT_RANK, bias=False)
+            self.frame_text_up = nn.Parameter(torch.zeros(MAX_FRAMES, FRAME_TEXT_RANK, blocks_temb))
 
         def block_cfg(i: int, only_cross_flag: bool) -> BlockConfig:
             return BlockConfig(
@@ -390,14 +408,19 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin):
         elif class_labels is not None:
             raise ValueError("class_labels given but this model has no class embedding")
 
+        text_emb = None
         if self.add_embedding is not None:
-            emb = emb + self.add_embedding(encoder_hidden_states)
+            text_emb = self.add_embedding(encoder_hidden_states)
+            emb = emb + text_emb
         emb = emb.repeat_interleave(num_frames, dim=0)  # (batch * frames, C); the activation below is elementwise
         if self.frame_embedding is not None:
             if num_frames > MAX_FRAMES:
                 raise ValueError(f"{num_frames} frames, more than the frame embedding's {MAX_FRAMES}")
             frames = torch.arange(num_frames, device=emb.device)
             emb = emb + self.frame_embedding(frames).to(emb.dtype).repeat(batch, 1)
+        if self.frame_text_up is not None:
+            per_frame = torch.einsum("br,frc->bfc", self.frame_text_down(text_emb), self.frame_text_up[:num_frames])
+            emb = emb + per_frame.reshape(batch * num_frames, -1).to(emb.dtype)
         if self.time_embed_act is not None:
             emb = self.time_embed_act(emb)
         if self.encoder_hid_proj is not None:
