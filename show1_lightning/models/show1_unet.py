@@ -261,7 +261,8 @@ class Show1UNet3DConditionModel(ModelMixin, ConfigMixin):
         # "text" adds a per-frame linear map of the pooled text embedding (low rank, zero at the start): the caption
         # gets a say per frame. With "learned" alone text and frame meet only through a sum and an activation, so
         # a caption-dependent, frame-dependent signal (which way the shape moves) gets no first-order gradient:
-        # the batch's directions cancel in the frame vectors' gradient (docs/toy_loop.md).
+        # the batch's directions cancel in the frame vectors' gradient. (On the toy data it did not make the
+        # direction word used either: docs/toy_loop.md.)
         self.frame_text_down: nn.Linear | None = None
         self.frame_text_up: nn.Parameter | None = None
         if frame_embeddings == "text":
