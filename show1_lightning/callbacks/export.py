@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from show1_lightning.fileio import replace_dir, temp_sibling_dir
+from show1_lightning.stages.loading import STAGE_EXTRAS_NAME
 
 
 def export_stage(
@@ -42,6 +43,11 @@ def export_stage(
     try:
         unet.save_pretrained(tmp / "unet", safe_serialization=True)
         pl_module.noise_scheduler.save_pretrained(tmp / "scheduler")
+        extras = stage_extras(pl_module)
+        if extras:
+            from safetensors.torch import save_file
+
+            save_file(extras, str(tmp / STAGE_EXTRAS_NAME))
         if getattr(pl_module, "stage_config", None):
             (tmp / "stage.json").write_text(json.dumps(pl_module.stage_config, indent=2))
         replace_dir(tmp, out_dir)
@@ -49,6 +55,11 @@ def export_stage(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def stage_extras(pl_module: nn.Module) -> dict:
+    """CPU copies of the stage's state outside its UNet (e.g. ``planner.*``); empty for most stages."""
+    return {k: v.detach().cpu().contiguous() for k, v in pl_module.state_dict().items() if not k.startswith("unet.")}
 
 
 def _unet_copy(pl_module: L.LightningModule, use_ema: bool) -> nn.Module:

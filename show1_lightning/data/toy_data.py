@@ -411,6 +411,27 @@ def _saturated_centroid(rgb: torch.Tensor) -> tuple[float, float] | None:
     return float((keep * xs).sum() / total), float((keep * ys).sum() / total)
 
 
+def frame_centroids(videos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-frame centroid of the saturated pixels (the rule of :func:`dominant_color`) of ``B x 3 x T x H x W``
+    videos in [-1, 1]: ``(B, T, 2)`` (x, y) as fractions of ``(W - 1, H - 1)`` (0: left / top pixel, 1: right /
+    bottom) and a ``(B, T)`` mask of the frames that have a shape (at least 0.2% of their pixels saturated).
+    Frames without one get the frame's centre."""
+    if videos.ndim != 5 or videos.shape[1] != 3:
+        raise ValueError(f"expected B x 3 x T x H x W videos, got shape {tuple(videos.shape)}")
+    h, w = videos.shape[-2:]
+    rgb = (videos.detach().float().clamp(-1, 1) + 1.0) / 2.0
+    keep = _saturated(rgb.transpose(0, 1)).float()  # B x T x H x W
+    total = keep.sum(dim=(-2, -1))
+    valid = total >= _MIN_SATURATED_FRACTION * h * w
+    ys = torch.linspace(0.0, 1.0, h, device=keep.device)[:, None]
+    xs = torch.linspace(0.0, 1.0, w, device=keep.device)[None, :]
+    denom = total.clamp_min(1.0)
+    cx = (keep * xs).sum(dim=(-2, -1)) / denom
+    cy = (keep * ys).sum(dim=(-2, -1)) / denom
+    centre = torch.full_like(cx, 0.5)
+    return torch.stack([torch.where(valid, cx, centre), torch.where(valid, cy, centre)], dim=-1), valid
+
+
 def motion_displacement(video: torch.Tensor) -> tuple[float, float] | None:
     """How far the saturated shape of a ``3 x T x H x W`` video in [-1, 1] moves: ``(dx, dy)`` as fractions of the
     frame's width and height (x to the right, y down), or None.

@@ -230,6 +230,11 @@ class DiffusionStage(L.LightningModule):
         """C x T x H x W of one generated sample."""
         raise NotImplementedError
 
+    def auxiliary_loss(self, x0: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """A loss added to the diffusion loss for the stage's own trainable parts besides the UNet (the keyframe
+        stage's layout planner), from the clean target and the captions' embeddings; None: none."""
+        return None
+
     # ------------------------------------------------------------------ the stage interface
     # One call for every stage (the cascade is a loop over it, validation and evaluation use it too):
     #   video = stage.run(upstream, prompts, seeds, **sampling)
@@ -372,6 +377,7 @@ class DiffusionStage(L.LightningModule):
         """Loss of one batch; returns (loss, timesteps used)."""
         x0, cond = self.training_inputs(batch)
         emb, mask = self.batch_text(batch)
+        aux = self.auxiliary_loss(x0, emb, mask)  # on the captions as given, before caption dropout
         if self.training and self.caption_dropout > 0:
             emb, mask, _ = drop_captions(emb, mask, *self.null_text(), self.caption_dropout, generator)
         b = x0.shape[0]
@@ -392,6 +398,15 @@ class DiffusionStage(L.LightningModule):
         loss = diffusion_loss(pred, target, weights)
         if self.frame_difference_loss_weight:
             loss = loss + self.frame_difference_loss_weight * frame_difference_loss(pred, target, weights)
+        if aux is not None:
+            if self._trainer is not None:
+                self.log(
+                    f"{'train' if self.training else 'val'}/aux_loss",
+                    aux.detach(),
+                    batch_size=b,
+                    sync_dist=not self.training,
+                )
+            loss = loss + aux
         return loss, t
 
     @staticmethod
@@ -502,7 +517,9 @@ class DiffusionStage(L.LightningModule):
             self.ema.to(self.device)
 
     def configure_optimizers(self) -> dict:
-        params = [p for p in self.unet.parameters() if p.requires_grad]
+        # The UNet's and any other trainable part of the stage (e.g. a layout planner); frozen encoders live
+        # outside the module tree, LoRA freezes the UNet's base.
+        params = [p for p in self.parameters() if p.requires_grad]
         opt = self.optimizer_factory(params=params)
         cfg = dict(self.lr_scheduler_cfg)
         name = cfg.pop("name", "constant_with_warmup")

@@ -233,6 +233,12 @@ class Show1Pipeline(DiffusionPipeline):
                     f"{name}: the stage has no stored config (stage_config); released Hub folders are loaded by "
                     "Show1Cascade directly and cannot be exported here yet"
                 )
+            extras = [k for k in stage.state_dict() if not k.startswith("unet.")]
+            if extras:
+                raise ValueError(
+                    f"{name}: the stage has trained parts besides its UNet ({extras[0]}, ...: a layout planner), "
+                    "which this pipeline's components cannot hold yet; use the export folders with Show1Cascade"
+                )
             te = stage.text_encoder
             if not isinstance(te, TextEncoder):
                 raise ValueError(

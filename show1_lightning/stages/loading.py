@@ -108,8 +108,32 @@ def _load_stage(source: Path, map_location: str | torch.device) -> DiffusionStag
     build = {**config, "ema": {**dict(config.get("ema") or {}), "enabled": False}}
     stage = instantiate_stage_config(build, spec)  # refuses _target_s outside the allow-list
     stage.unet.load_state_dict(load_file(str(weights), device=str(map_location)))
+    _load_stage_extras(stage, source, map_location)
     stage.stage_config = config
     return stage.eval()
+
+
+#: the export file of a stage's trainable parts besides the UNet (the keyframe stage's layout planner).
+STAGE_EXTRAS_NAME = "stage_extras.safetensors"
+
+
+def _load_stage_extras(stage: DiffusionStage, source: Path, map_location: str | torch.device) -> None:
+    """The export's state outside the UNet (``stage_extras.safetensors``: a layout planner), exactly what the
+    stage has there: a missing file or key is an error, not a silently random part."""
+    expected = {k for k in stage.state_dict() if not k.startswith("unet.")}
+    path = source / STAGE_EXTRAS_NAME
+    if not expected:
+        return
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{source}: the stage has {sorted(expected)[:3]}... besides its UNet but no {path.name}"
+        )
+    from safetensors.torch import load_file
+
+    extras = load_file(str(path), device=str(map_location))
+    if set(extras) != expected:
+        raise KeyError(f"{path}: holds {sorted(extras)}, the stage expects {sorted(expected)}")
+    stage.load_state_dict(extras, strict=False)  # the UNet's keys, loaded above, are the only ones left out
 
 
 def _load_lora_export(source: Path) -> DiffusionStage:
