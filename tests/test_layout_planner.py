@@ -3,6 +3,7 @@ learned text-to-layout planner, and the stage trained, exported and reloaded thr
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ from show1_lightning.stages.loading import load_stage, load_stage_from_checkpoin
 
 torch.set_num_threads(1)
 
-LAYOUT = ["+stage.layout.text_dim=${text_dim}", "+stage.layout.sigma=0.15", "+model.in_channels=4"]
+# The default experiment (conf/experiment/toy.yaml) has the layout on; as released: no layout, 3 input channels.
+RELEASED = ["stage.layout=null", "model.in_channels=3"]
 
 
 def _video(frames: np.ndarray) -> torch.Tensor:
@@ -81,7 +83,8 @@ def test_planner_learns_each_captions_direction_and_the_spread_of_its_start() ->
 
 
 def test_layout_stage_trains_its_planner_exports_and_reloads_it(compose_train, tmp_path: Path) -> None:
-    cfg = compose_train(tmp_path, *LAYOUT)
+    cfg = compose_train(tmp_path)
+    assert cfg.stage.layout.sigma == 0.15 and cfg.model.in_channels == 4
     metrics = train.train(cfg)
     assert "train/aux_loss" in metrics and "val/aux_loss" in metrics
     stage = load_stage_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
@@ -98,17 +101,33 @@ def test_layout_stage_trains_its_planner_exports_and_reloads_it(compose_train, t
         load_stage(tmp_path / "export")
     from show1_lightning.pipelines.diffusers_pipeline import Show1Pipeline
 
-    with pytest.raises(ValueError, match="layout planner"):
-        Show1Pipeline.from_stages(stage)
+    pipe = Show1Pipeline.from_stages(stage)
+    pipe.save_pretrained(tmp_path / "pipe")
+    again = Show1Pipeline.from_pretrained(tmp_path / "pipe")
+    for (name, p), q in zip(
+        stage.planner.state_dict().items(), again.stages["keyframe"].planner.state_dict().values()
+    ):
+        assert torch.equal(p, q), name
+    want = stage.run(None, ["a red circle moving left"], [3], num_steps=2)
+    got = again.stages["keyframe"].run(None, ["a red circle moving left"], [3], num_steps=2)
+    assert torch.allclose(want, got, atol=1e-5)
 
 
-def test_layout_config_errors_name_the_key(compose_train, tmp_path: Path) -> None:
+def test_layout_config_errors_name_the_key_and_the_released_structure_still_trains(
+    compose_train, tmp_path: Path
+) -> None:
     import hydra
     import hydra.errors
 
-    cfg = compose_train(tmp_path, "+stage.layout.text_dim=${text_dim}")  # the UNet still takes 3 channels
+    cfg = compose_train(tmp_path, "model.in_channels=3")  # a layout but a UNet taking 3 channels
     with pytest.raises((ValueError, hydra.errors.InstantiationException), match="in_channels=3"):
         hydra.utils.instantiate(cfg.stage)
-    cfg = compose_train(tmp_path, *LAYOUT, "+stage.layout.sigmaa=1")
+    cfg = compose_train(tmp_path, "+stage.layout.sigmaa=1")
     with pytest.raises((ValueError, hydra.errors.InstantiationException), match="sigmaa"):
         hydra.utils.instantiate(cfg.stage)
+    cfg = compose_train(tmp_path, *RELEASED)
+    metrics = train.train(cfg)
+    assert "train/aux_loss" not in metrics and math.isfinite(metrics["train/loss"])
+    stage = load_stage_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert stage.planner is None and stage.unet.config.in_channels == 3
+    assert not (tmp_path / "export" / "stage_extras.safetensors").exists()

@@ -142,7 +142,7 @@ def test_unet_channel_mismatch_is_reported(compose_train, tmp_path):
     import hydra
     import hydra.errors
 
-    cfg = compose_train(tmp_path, "+model.in_channels=7")  # the tiny Show-1 UNet builds with 7 inputs
+    cfg = compose_train(tmp_path, "model.in_channels=7")  # the tiny Show-1 UNet builds with 7 inputs
     with pytest.raises((ValueError, hydra.errors.InstantiationException), match="in_channels=7"):
         hydra.utils.instantiate(cfg.stage)
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 
@@ -42,15 +44,17 @@ def pooled_text(emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (emb * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
-class LayoutPlanner(nn.Module):
+class LayoutPlanner(ModelMixin, ConfigMixin):
     """Caption -> the object's centre in each of ``num_frames`` frames.
 
     Predicts a mean trajectory (``T x 2``, fractions of the frame) and the standard deviation of a whole-clip
     offset (where along its path the object starts varies from clip to clip); :meth:`sample` adds one such
     offset per seed, so different seeds start the object in different places and every one moves the
-    caption's way.
+    caption's way. A diffusers model (``save_pretrained`` / ``from_pretrained``): the Show-1 pipeline keeps it as
+    its ``keyframe_layout_planner`` component.
     """
 
+    @register_to_config
     def __init__(self, text_dim: int, num_frames: int, hidden: int = 128, margin: float = 0.1) -> None:
         super().__init__()
         self.num_frames, self.margin = num_frames, float(margin)

@@ -155,6 +155,7 @@ class Show1Pipeline(DiffusionPipeline):
     _optional_components = [
         *(f"{s}_{c}" for s in STAGE_ORDER for c in ("unet", "scheduler")),
         "latent_sr_vae",
+        "keyframe_layout_planner",
         *(n for pair in TEXT_SLOTS for n in pair),
     ]
 
@@ -174,9 +175,11 @@ class Show1Pipeline(DiffusionPipeline):
         text_encoder_2: nn.Module | None = None,
         tokenizer_2: Any = None,
         show1_stages: dict[str, dict] | None = None,
+        keyframe_layout_planner: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.register_modules(
+            keyframe_layout_planner=keyframe_layout_planner,
             keyframe_unet=keyframe_unet,
             keyframe_scheduler=keyframe_scheduler,
             interpolation_unet=interpolation_unet,
@@ -233,12 +236,14 @@ class Show1Pipeline(DiffusionPipeline):
                     f"{name}: the stage has no stored config (stage_config); released Hub folders are loaded by "
                     "Show1Cascade directly and cannot be exported here yet"
                 )
-            extras = [k for k in stage.state_dict() if not k.startswith("unet.")]
+            planner = getattr(stage, "planner", None)
+            extras = [k for k in stage.state_dict() if not k.startswith(("unet.", "planner."))]
             if extras:
                 raise ValueError(
-                    f"{name}: the stage has trained parts besides its UNet ({extras[0]}, ...: a layout planner), "
-                    "which this pipeline's components cannot hold yet; use the export folders with Show1Cascade"
+                    f"{name}: the stage has trained parts besides its UNet that a pipeline cannot hold: {extras}"
                 )
+            if planner is not None:
+                components[f"{name}_layout_planner"] = copy.deepcopy(planner).to("cpu").eval()
             te = stage.text_encoder
             if not isinstance(te, TextEncoder):
                 raise ValueError(
@@ -311,6 +316,11 @@ class Show1Pipeline(DiffusionPipeline):
         stage = hydra.utils.instantiate(config, **parts, _convert_="all")
         if not isinstance(stage, DiffusionStage):
             raise TypeError(f"show1_stages.{name} built a {type(stage).__name__}, not a stage")
+        if getattr(stage, "planner", None) is not None:  # the stage's layout planner: the component's weights
+            planner = getattr(self, f"{name}_layout_planner", None)
+            if planner is None:
+                raise ValueError(f"show1_stages.{name} has a layout but the pipeline no {name}_layout_planner")
+            stage.planner = planner
         stage.stage_config = {**config, **{k: None for k in parts}}
         stage.ema = None  # the components hold the EMA weights already
         return stage.eval()
