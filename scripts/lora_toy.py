@@ -2,7 +2,8 @@
 
     OMP_NUM_THREADS=1 python scripts/lora_toy.py [--steps 120] [--rank 16]
 
-The toy keyframe stage (``experiment=toy``, trained by scripts/toy_loop.py) knows six colours. This script adds a
+The toy keyframe stage of the released structure (``python train.py run_name=toy_released stage.layout=null
+model.in_channels=3``: ``experiment=toy`` without its layout planner, which LoRA does not adapt) knows six colours. This script adds a
 seventh, ``orange`` (hue ~24 degrees, between red and yellow), renders fine-tuning shards of the toy world with it
 (half orange clips, half the six known colours as replay), and fine-tunes the stage for the same steps, batch and
 learning rate twice: (a) a LoRA adapter on the attention projections (``stage.lora``), starting from the stage's
@@ -107,6 +108,9 @@ def fine_tune(name: str, out: Path, shards: dict[str, list[str]], args: argparse
         shutil.rmtree(run_dir)
     overrides = [
         "experiment=toy",
+        # LoRA adapts the UNet of a released-structure stage: no layout planner (stage.layout refuses LoRA)
+        "stage.layout=null",
+        "model.in_channels=3",
         f"run_name=lora_toy_{name}",
         f"trainer.max_steps={args.steps}",
         "trainer.limit_val_batches=0",
@@ -157,7 +161,8 @@ def dir_bytes(path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", type=Path, default=ROOT / "logs/toy_loop/train/toy/checkpoints/last.ckpt")
+    # a keyframe stage of the released structure: python train.py run_name=toy_released stage.layout=null model.in_channels=3
+    ap.add_argument("--base", type=Path, default=ROOT / "logs/train/runs/toy_released/checkpoints/last.ckpt")
     ap.add_argument("--base-export", type=Path, default=None, help="default: <base run>/export")
     ap.add_argument("--out", type=Path, default=ROOT / "logs/lora_toy")
     ap.add_argument("--steps", type=int, default=120)

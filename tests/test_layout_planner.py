@@ -125,6 +125,9 @@ def test_layout_config_errors_name_the_key_and_the_released_structure_still_trai
     cfg = compose_train(tmp_path, "+stage.layout.sigmaa=1")
     with pytest.raises((ValueError, hydra.errors.InstantiationException), match="sigmaa"):
         hydra.utils.instantiate(cfg.stage)
+    cfg = compose_train(tmp_path, "stage.lora.rank=4")
+    with pytest.raises((ValueError, hydra.errors.InstantiationException), match="stage.lora with stage.layout"):
+        hydra.utils.instantiate(cfg.stage)
     cfg = compose_train(tmp_path, *RELEASED)
     metrics = train.train(cfg)
     assert "train/aux_loss" not in metrics and math.isfinite(metrics["train/loss"])

@@ -27,7 +27,8 @@ from show1_lightning.diffusion.lora import (
 from show1_lightning.pipelines.generator import CascadeGenerator
 from show1_lightning.stages.loading import build_stage, load_stage, safe_torch_load
 
-SMALL = ("stage.height=8", "stage.width=16")
+# LoRA adapts a UNet (released weights): the released structure, without the toy experiment's layout planner.
+SMALL = ("stage.height=8", "stage.width=16", "stage.layout=null", "model.in_channels=3")
 PROMPTS, SEEDS = ["a red circle moving left", "a blue square moving up"], [3, 4]
 
 

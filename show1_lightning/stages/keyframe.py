@@ -32,6 +32,11 @@ class KeyframeStage(DiffusionStage):
             unknown = set(layout) - {"text_dim", "sigma", "hidden"}
             if unknown or "text_dim" not in layout:
                 raise ValueError(f"stage.layout takes text_dim (required), sigma and hidden; got {sorted(layout)}")
+            if (kwargs.get("lora") or {}).get("rank"):
+                raise ValueError(
+                    "stage.lora with stage.layout: LoRA adapts and exports the UNet only, the layout planner's "
+                    "weights would not be loaded from lora.init_from (set stage.layout=null model.in_channels=3)"
+                )
             self.condition_channels = 1  # before the base class checks model.in_channels
         super().__init__(**kwargs)
         self.num_frames, self.height, self.width = num_frames, height, width
