@@ -2,7 +2,7 @@
 baseline, score the cascade, each prefix of it, the naive cascade and the real floor with evaluate.py, and write
 ``<out>/report.json`` and ``<out>/report.md``; every run (training, stage check, evaluation) in one wandb group.
 
-    python scripts/toy_loop.py                      # everything (2-core CPU: 28-30 minutes on a fresh clone; README)
+    python scripts/toy_loop.py                      # everything (2-core AVX-512 CPU: 28-30 minutes on a fresh clone; AVX2-only: longer; README)
     python scripts/toy_loop.py --skip-train         # re-score the stages trained before
     python scripts/toy_loop.py --num-samples 8 --train-overrides trainer.max_steps=20   # a quick dry run
     python scripts/toy_loop.py --workers 1          # one job at a time, all threads each (the former schedule)
